@@ -1,0 +1,107 @@
+"""The slow half of a pool: starting, probing and waiting on workers, in helper threads.
+
+Everything here blocks (a container start takes seconds, ``wait`` blocks for a session's
+whole length), so none of it runs in a pool's mailbox. Results go back as messages. If the
+pool died meanwhile (the supervisor restarts it, and the new one adopts what it finds),
+the message is dropped, except that a worker started for a dead pool is stopped again, as
+the new pool could not have seen it: no orphans.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.request
+from concurrent.futures import Executor
+import pykka
+
+from actors.messages import LeaseUnused, WorkerExited, WorkerReady, WorkerStarted, WorkerStartFailed
+from runtime.backends.base import WorkerBackend, WorkerHandle, WorkerSpec
+
+logger = logging.getLogger("autonomite.pool")
+
+PROBE_INTERVAL_S = 0.05
+
+
+def _tell(ref: pykka.ActorRef, message: object) -> bool:
+    try:
+        ref.tell(message)
+        return True
+    except pykka.ActorDeadError:
+        return False
+
+
+def start_worker(
+    executor: Executor, backend: WorkerBackend, spec: WorkerSpec, pool: pykka.ActorRef, ready_timeout_s: float
+) -> None:
+    def run() -> None:
+        try:
+            handle = backend.start(spec)
+        except Exception as e:  # noqa: BLE001 - any backend failure is a failed start
+            _tell(pool, WorkerStartFailed(spec.worker_id, str(e)))
+            return
+        if not _tell(pool, WorkerStarted(spec.worker_id, handle)):
+            backend.stop(handle)
+            return
+        _follow(backend, handle, pool, ready_timeout_s)
+
+    executor.submit(run)
+
+
+def adopt_worker(
+    executor: Executor, backend: WorkerBackend, handle: WorkerHandle, pool: pykka.ActorRef, ready_timeout_s: float
+) -> None:
+    executor.submit(_follow, backend, handle, pool, ready_timeout_s)
+
+
+def stop_worker(executor: Executor, backend: WorkerBackend, handle: WorkerHandle) -> None:
+    executor.submit(backend.stop, handle)
+
+
+def _follow(backend: WorkerBackend, handle: WorkerHandle, pool: pykka.ActorRef, ready_timeout_s: float) -> None:
+    """Wait for the worker's exit in a thread of its own; meanwhile probe it until ready."""
+    exited = threading.Event()
+
+    def wait_for_exit() -> None:
+        code = backend.wait(handle)
+        exited.set()
+        _tell(pool, WorkerExited(handle.worker_id, code))
+
+    threading.Thread(target=wait_for_exit, name=f"wait-{handle.worker_id}", daemon=True).start()
+    deadline = time.monotonic() + ready_timeout_s
+    while not exited.is_set():
+        status = read_status(handle.status_port)
+        if status and status.get("registered"):
+            _tell(pool, WorkerReady(handle.worker_id, busy=status.get("state") != "idle"))
+            return
+        if time.monotonic() > deadline:
+            _tell(pool, WorkerStartFailed(handle.worker_id, f"not registered within {ready_timeout_s:g} s"))
+            return
+        exited.wait(PROBE_INTERVAL_S)
+
+
+def check_job_arrived(executor: Executor, port: int, worker_id: str, pool: pykka.ActorRef) -> None:
+    def run() -> None:
+        status = read_status(port)
+        if status is not None and status.get("job_id") is None:
+            _tell(pool, LeaseUnused(worker_id))
+
+    executor.submit(run)
+
+
+def read_status(port: int, timeout: float = 1.0) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=timeout) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):
+        return None
+
+
+def after(seconds: float, actor: pykka.ActorRef, message: object) -> threading.Timer:
+    """Send ``message`` to ``actor`` once, ``seconds`` from now."""
+    timer = threading.Timer(seconds, _tell, (actor, message))
+    timer.daemon = True
+    timer.start()
+    return timer

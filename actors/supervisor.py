@@ -1,0 +1,187 @@
+"""An OTP-style supervisor for pykka actors, which have no supervision of their own.
+
+Children are described by plain data (:class:`ChildSpec`): how to start one, whether to
+restart it, how long to give it to stop. The strategy is one_for_one: a crashed child is
+restarted alone. More than ``max_restarts`` restarts within ``within_s`` seconds means
+something is persistently wrong, so the supervisor stops everything, last started first,
+and reports the failure upward: the process exits non-zero instead of looping or hanging.
+
+pykka tells an actor about an unhandled exception only for messages sent with ``tell``
+(``ask`` returns it to the caller), so children subclass :class:`Supervised`, which turns
+that hook, and a failing ``on_start``, into a :class:`ChildFailed` message.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import pykka
+
+from actors.messages import ChildFailed, Drain, ShutdownAll, StartChild, StopChild
+
+logger = logging.getLogger("autonomite.supervisor")
+
+
+class Restart(enum.Enum):
+    PERMANENT = "permanent"  # always restarted
+    TRANSIENT = "transient"  # restarted only after a crash
+    TEMPORARY = "temporary"  # never restarted
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    id: str
+    start: Callable[..., pykka.ActorRef]  # called with supervisor= and child_id=
+    restart: Restart = Restart.PERMANENT
+    shutdown_timeout_s: float = 15.0
+
+
+class Directory:
+    """The current ref of every running child, by id: OTP's registered names.
+
+    A restarted child has a new ref; actors that talk to it look it up here each time
+    instead of holding a ref that may be dead.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._refs: dict[str, pykka.ActorRef] = {}
+
+    def get(self, child_id: str) -> pykka.ActorRef | None:
+        with self._lock:
+            return self._refs.get(child_id)
+
+    def with_prefix(self, prefix: str) -> dict[str, pykka.ActorRef]:
+        with self._lock:
+            return {k[len(prefix) :]: v for k, v in self._refs.items() if k.startswith(prefix)}
+
+    def _set(self, child_id: str, ref: pykka.ActorRef | None) -> None:
+        with self._lock:
+            if ref is None:
+                self._refs.pop(child_id, None)
+            else:
+                self._refs[child_id] = ref
+
+
+class Supervised(pykka.ThreadingActor):
+    """Base class for supervised children: reports its own crash to the supervisor."""
+
+    def __init__(self, supervisor: pykka.ActorRef | None = None, child_id: str = "") -> None:
+        super().__init__()
+        self.supervisor = supervisor
+        self.child_id = child_id
+
+    def on_start(self) -> None:
+        try:
+            self.setup()
+        except Exception as e:
+            self._report(e)
+            raise
+
+    def setup(self) -> None:
+        """Override instead of ``on_start``: a failure here is reported like a crash."""
+
+    def on_failure(self, exc_type, exc_value, tb) -> None:  # noqa: ANN001
+        self._report(exc_value)
+
+    def _report(self, error: BaseException | None) -> None:
+        if self.supervisor is not None:
+            try:
+                self.supervisor.tell(ChildFailed(self.child_id, f"{type(error).__name__}: {error}"))
+            except pykka.ActorDeadError:
+                pass
+
+
+class Supervisor(pykka.ThreadingActor):
+    def __init__(
+        self,
+        directory: Directory,
+        max_restarts: int,
+        within_s: float,
+        on_give_up: Callable[[str], None],
+        on_restart: Callable[[str], None] = lambda child_id: None,
+    ) -> None:
+        super().__init__()
+        self.directory = directory
+        self.max_restarts = max_restarts
+        self.within_s = within_s
+        self.on_give_up = on_give_up
+        self.on_restart = on_restart
+        self.specs: dict[str, ChildSpec] = {}  # insertion order is start order
+        self.restarts: collections.deque[float] = collections.deque()
+        self.gave_up = False
+
+    def on_receive(self, message: object) -> object:
+        match message:
+            case StartChild(spec):
+                return self._start_child(spec)
+            case StopChild(child_id, graceful):
+                return self._stop_child(child_id, graceful)
+            case ChildFailed(child_id, error):
+                return self._child_failed(child_id, error)
+            case ShutdownAll():
+                return self._shutdown_all()
+        raise TypeError(f"supervisor: unexpected message {type(message).__name__}")
+
+    def _start_child(self, spec: ChildSpec) -> pykka.ActorRef:
+        ref = spec.start(supervisor=self.actor_ref, child_id=spec.id)
+        self.specs[spec.id] = spec
+        self.directory._set(spec.id, ref)
+        return ref
+
+    def _stop_child(self, child_id: str, graceful: bool) -> None:
+        spec = self.specs.pop(child_id, None)
+        ref = self.directory.get(child_id)
+        self.directory._set(child_id, None)
+        if spec is None or ref is None:
+            return
+        if graceful:
+            ref.tell(Drain())  # the child stops itself once its work is done
+        else:
+            ref.stop(block=True, timeout=spec.shutdown_timeout_s)
+
+    def _child_failed(self, child_id: str, error: str) -> None:
+        spec = self.specs.get(child_id)
+        if spec is None or self.gave_up:
+            return  # removed on purpose, or we are already going down
+        if spec.restart is Restart.TEMPORARY:
+            logger.warning("child %s crashed (%s); temporary, not restarted", child_id, error)
+            del self.specs[child_id]
+            self.directory._set(child_id, None)
+            return
+        now = time.monotonic()
+        self.restarts.append(now)
+        while self.restarts and now - self.restarts[0] > self.within_s:
+            self.restarts.popleft()
+        if len(self.restarts) > self.max_restarts:
+            self.gave_up = True
+            reason = (
+                f"supervisor: restart intensity exceeded ({len(self.restarts)} restarts within "
+                f"{self.within_s:g} s, limit {self.max_restarts}); last crash: child {child_id}: {error}"
+            )
+            logger.critical(reason)
+            self._shutdown_all()
+            self.on_give_up(reason)
+            return
+        logger.warning("child %s crashed (%s); restarting", child_id, error)
+        self.on_restart(child_id)
+        self.directory._set(child_id, spec.start(supervisor=self.actor_ref, child_id=child_id))
+
+    def _shutdown_all(self) -> None:
+        for child_id in reversed(list(self.specs)):
+            spec = self.specs.pop(child_id)
+            ref = self.directory.get(child_id)
+            self.directory._set(child_id, None)
+            if ref is None:
+                continue
+            try:
+                if not ref.stop(block=True, timeout=spec.shutdown_timeout_s):
+                    logger.info("child %s was already stopped", child_id)
+            except pykka.Timeout:
+                logger.error("child %s did not stop within %g s", child_id, spec.shutdown_timeout_s)

@@ -1,0 +1,1 @@
+"""The program that runs inside one warm worker (a livekit-agents AgentServer)."""

@@ -1,0 +1,174 @@
+"""The program inside one warm worker: register with LiveKit, serve one session, exit.
+
+A worker belongs to one client and knows only that client's credentials and agent
+catalog, all read from its environment (livekit-agents writes credentials into
+``os.environ`` anyway, which is why one worker is one OS process). It registers under a
+name unique to it, so a dispatch to that name reaches exactly this worker.
+
+It serves a small status endpoint on its own port, because the runtime must know when
+the worker is *registered* (LiveKit drops dispatches to names nobody registered) and the
+health server built into livekit-agents does not say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+
+from aiohttp import web
+
+logger = logging.getLogger("autonomite.agent")
+
+DRAIN_TIMEOUT_S = 8  # a stopped worker lets its session wrap up this long, then goes
+
+
+@dataclass
+class WorkerConfig:
+    worker_id: str
+    client_id: str
+    agent_name: str
+    status_port: int
+    catalog: list[dict]
+
+    @classmethod
+    def from_env(cls) -> "WorkerConfig":
+        return cls(
+            worker_id=os.environ["AUTONOMITE_WORKER_ID"],
+            client_id=os.environ["AUTONOMITE_CLIENT_ID"],
+            agent_name=os.environ["AUTONOMITE_AGENT_NAME"],
+            status_port=int(os.environ["AUTONOMITE_STATUS_PORT"]),
+            catalog=json.loads(os.environ.get("AUTONOMITE_CATALOG", "[]")),
+        )
+
+
+class WorkerState:
+    """What the runtime reads from ``GET /status``: starting -> idle -> busy -> draining."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.state = "starting"
+        self.accepted_job: str | None = None
+
+    def as_json(self) -> dict:
+        return {
+            "worker_id": self.config.worker_id,
+            "client_id": self.config.client_id,
+            "agent_name": self.config.agent_name,
+            "state": self.state,
+            "registered": self.state != "starting",
+            "job_id": self.accepted_job,
+        }
+
+
+async def _serve_status(state: WorkerState) -> web.AppRunner:
+    async def status(_: web.Request) -> web.Response:
+        return web.json_response(state.as_json())
+
+    app = web.Application()
+    app.router.add_get("/status", status)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", state.config.status_port).start()
+    return runner
+
+
+async def run_worker(config: WorkerConfig) -> int:
+    from livekit.agents import AgentServer, JobContext, JobExecutorType, JobRequest
+
+    from agent.session import run_session
+
+    state = WorkerState(config)
+    loop = asyncio.get_running_loop()
+    session_over = asyncio.Event()
+    stop_requested = asyncio.Event()
+
+    server = AgentServer(
+        # One job per worker, so a thread is isolation enough, and it is already warm.
+        job_executor_type=JobExecutorType.THREAD,
+        num_idle_processes=1,
+        host="127.0.0.1",
+        port=0,  # the built-in health server; ours is the status port
+        load_threshold=float("inf"),
+    )
+
+    async def on_request(req: JobRequest) -> None:
+        # A second dispatch to this name (a crashed lease book, a retried request) must
+        # never put a second end user into the same worker.
+        if state.accepted_job is not None:
+            logger.warning("rejecting job %s: this worker already served %s", req.id, state.accepted_job)
+            await req.reject()
+            return
+        state.accepted_job = req.id
+        state.state = "busy"
+        await req.accept(identity=f"agent-{config.worker_id}")
+
+    @server.rtc_session(agent_name=config.agent_name, on_request=on_request)
+    async def entry(ctx: JobContext) -> None:
+        async def on_shutdown(reason: str) -> None:
+            # Shutdown callbacks run on the job's loop; the event belongs to ours.
+            loop.call_soon_threadsafe(session_over.set)
+
+        ctx.add_shutdown_callback(on_shutdown)
+        await run_session(ctx, config.catalog)
+
+    server.on("worker_registered", lambda *_: _mark_idle(state))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+
+    status_runner = await _serve_status(state)
+    run_task = asyncio.create_task(server.run(devmode=False))
+    waiters = [asyncio.create_task(e.wait()) for e in (session_over, stop_requested)]
+    done, _ = await asyncio.wait([run_task, *waiters], return_when=asyncio.FIRST_COMPLETED)
+
+    exit_code = 0
+    if run_task in done:
+        exc = run_task.exception()
+        logger.error("worker stopped unexpectedly: %s", exc)
+        exit_code = 1
+    else:
+        state.state = "draining"
+        if stop_requested.is_set():
+            _exit_hard_after(DRAIN_TIMEOUT_S + 5)  # whoever stopped us may not be there to kill us
+        try:
+            await server.drain(timeout=DRAIN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            logger.warning("session did not end within %d s of the drain; closing anyway", DRAIN_TIMEOUT_S)
+    await server.aclose()
+    for t in waiters:
+        t.cancel()
+    await status_runner.cleanup()
+    logger.info("worker %s exits with %d", config.worker_id, exit_code)
+    return exit_code
+
+
+def _exit_hard_after(seconds: float) -> None:
+    def exit_now() -> None:
+        logger.error("worker did not close within %g s of SIGTERM; exiting hard", seconds)
+        os._exit(3)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True
+    timer.start()
+
+
+def _mark_idle(state: WorkerState) -> None:
+    if state.state == "starting":
+        state.state = "idle"
+        logger.info("registered as %s", state.config.agent_name)
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+    config = WorkerConfig.from_env()
+    sys.exit(asyncio.run(run_worker(config)))

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The two commands a new user needs, each setting up whatever is missing first:
+#   ./run.sh demo   start the runtime on config/clients.example.yaml with local livekit-servers
+#   ./run.sh test   run the whole test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+
+log() { printf '\033[1m[run.sh]\033[0m %s\n' "$*" >&2; }
+
+setup_python() {
+    if [ ! -x .venv/bin/python ]; then
+        log "creating .venv"
+        python3 -m venv .venv
+    fi
+    if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+        log "installing Python packages"
+        .venv/bin/pip install -q --upgrade pip
+        .venv/bin/pip install -q -e '.[test]'
+        touch .venv/.installed
+    fi
+}
+
+setup_livekit() {
+    log "livekit-server: $(.venv/bin/python -c 'from runtime.devserver import ensure_binary; print(ensure_binary())')"
+}
+
+apt_install() {  # apt_install COMMAND PACKAGE
+    command -v "$1" >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" != 0 ]; then
+        log "$1 is missing and this is not root: install Debian's $2 package"
+        return 1
+    fi
+    log "installing Debian's $2 (for $1)"
+    if [ ! -f /var/lib/apt/.autonomite-updated ]; then
+        apt-get update -qq && touch /var/lib/apt/.autonomite-updated
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >/dev/null
+}
+
+demo_env() {
+    # Demo-only credentials; a real deployment sets its own in the environment.
+    export AUTONOMITE_ADMIN_TOKEN="${AUTONOMITE_ADMIN_TOKEN:-demo-admin-token-change-me}"
+    export ACME_API_TOKEN="${ACME_API_TOKEN:-demo-acme-token-change-me}"
+    export ACME_LK_KEY="${ACME_LK_KEY:-acmekey}"
+    export ACME_LK_SECRET="${ACME_LK_SECRET:-demo-acme-livekit-secret-change-me}"
+    export GLOBEX_API_TOKEN="${GLOBEX_API_TOKEN:-demo-globex-token-change-me}"
+    export GLOBEX_LK_KEY="${GLOBEX_LK_KEY:-globexkey}"
+    export GLOBEX_LK_SECRET="${GLOBEX_LK_SECRET:-demo-globex-livekit-secret-change-me}"
+}
+
+case "${1:-}" in
+    demo)
+        setup_python
+        setup_livekit
+        demo_env
+        exec .venv/bin/autonomite serve --config config/clients.example.yaml --with-livekit
+        ;;
+    test)
+        shift
+        setup_python
+        setup_livekit
+        apt_install promtool prometheus
+        exec .venv/bin/python -m pytest "$@"
+        ;;
+    *)
+        echo "usage: ./run.sh demo | ./run.sh test [pytest args]" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,1 @@
+"""The Autonomite runtime process: settings, gateway, metrics, worker backends, LiveKit adapter."""

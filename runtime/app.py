@@ -1,0 +1,168 @@
+"""The Runtime: builds the actor tree from settings, reloads it, and takes it down.
+
+Children, started in this order and stopped in the reverse one:
+``pool:<client>`` for each client, then ``scaler``, then ``dispatch``. Pool specs read the
+client's settings when they (re)start, so a pool restarted after a reload uses the new
+settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from actors import ChildSpec, Directory, DispatchActor, PoolActor, Restart, ScalerActor, Supervisor, pool_id
+from actors.messages import Reconfigure, ShutdownAll, StartChild, StopChild
+from runtime.backends import ProcessBackend, WorkerBackend
+from runtime.livekit import LiveKitClient
+from runtime.metrics import Metrics
+from runtime.settings import ClientSettings, ConfigError, Settings, load_settings
+
+logger = logging.getLogger("autonomite.runtime")
+
+
+@dataclass(frozen=True)
+class ReloadSummary:
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+
+    def as_json(self) -> dict:
+        return {"added": self.added, "removed": self.removed, "changed": self.changed}
+
+
+def make_backend(settings: Settings) -> WorkerBackend:
+    if settings.runtime.backend == "docker":
+        from runtime.backends.docker import DockerBackend  # imported only when used
+
+        return DockerBackend()
+    return ProcessBackend(log_dir=settings.runtime.workers.log_dir)
+
+
+class Runtime:
+    def __init__(self, settings: Settings, config_path: Path | None = None, backend: WorkerBackend | None = None) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.metrics = Metrics()
+        self.directory = Directory()
+        self.backend = backend or make_backend(settings)
+        self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="worker-io")
+        self.livekit = LiveKitClient()
+        self.failure: str | None = None
+        self.failed = threading.Event()
+        self._failure_callbacks: list[Callable[[str], None]] = []
+        self._reload_lock = threading.Lock()
+        sup = settings.runtime.supervisor
+        self.supervisor = Supervisor.start(
+            self.directory,
+            max_restarts=sup.max_restarts,
+            within_s=sup.within_s,
+            on_give_up=self._give_up,
+            on_restart=lambda child_id: self.metrics.actor_restarts.labels(child_id.split(":")[0]).inc(),
+        )
+
+    # -- the tree ------------------------------------------------------------------------
+
+    def start(self) -> "Runtime":
+        for client in self.settings.clients:
+            self.supervisor.ask(StartChild(self._pool_spec(client.id)))
+        self.supervisor.ask(StartChild(self._scaler_spec()))
+        self.supervisor.ask(StartChild(self._dispatch_spec()))
+        logger.info("runtime started with %d clients on the %s backend", len(self.settings.clients), self.backend.name)
+        return self
+
+    def _pool_spec(self, client_id: str) -> ChildSpec:
+        def start(**child):  # noqa: ANN003, ANN202
+            client = self.settings.client(client_id)
+            return PoolActor.start(
+                client, self.backend, self.settings.runtime.workers, self.metrics, self.executor, **child
+            )
+
+        return ChildSpec(pool_id(client_id), start, Restart.PERMANENT, self.settings.runtime.supervisor.shutdown_timeout_s)
+
+    def _scaler_spec(self) -> ChildSpec:
+        def start(**child):  # noqa: ANN003, ANN202
+            return ScalerActor.start(self.directory, self.settings.runtime.scaler, self.metrics, **child)
+
+        return ChildSpec("scaler", start)
+
+    def _dispatch_spec(self) -> ChildSpec:
+        def start(**child):  # noqa: ANN003, ANN202
+            return DispatchActor.start(self.directory, self.livekit, self.metrics, **child)
+
+        return ChildSpec("dispatch", start)
+
+    # -- reload --------------------------------------------------------------------------
+
+    def reload(self) -> ReloadSummary:
+        """Re-read the config file; raise ConfigError and change nothing if it is bad."""
+        if self.config_path is None:
+            raise ConfigError("no config file to reload from")
+        with self._reload_lock:
+            new = load_settings(self.config_path)
+            return self.apply(new)
+
+    def apply(self, new: Settings) -> ReloadSummary:
+        if new.runtime != self.settings.runtime:
+            raise ConfigError(f"{self.config_path}: runtime: this section changes only with a restart")
+        old_clients = {c.id: c for c in self.settings.clients}
+        new_clients = {c.id: c for c in new.clients}
+        summary = ReloadSummary(
+            added=sorted(new_clients.keys() - old_clients.keys()),
+            removed=sorted(old_clients.keys() - new_clients.keys()),
+            changed=sorted(cid for cid in new_clients.keys() & old_clients.keys() if new_clients[cid] != old_clients[cid]),
+        )
+        self.settings = new  # before any (re)start, so new pools read the new settings
+        for cid in summary.removed:
+            self.supervisor.ask(StopChild(pool_id(cid), graceful=True))
+        for cid in summary.added:
+            self.supervisor.ask(StartChild(self._pool_spec(cid)))
+        for cid in summary.changed:
+            self._tell_pool(cid, Reconfigure(new_clients[cid]))
+        logger.info("reloaded: %s", summary.as_json())
+        return summary
+
+    def _tell_pool(self, client_id: str, message: object) -> None:
+        ref = self.directory.get(pool_id(client_id))
+        if ref is not None:
+            ref.tell(message)
+
+    # -- failure and shutdown ------------------------------------------------------------
+
+    def client_by_token(self, token: str) -> ClientSettings | None:
+        from runtime.secrets import same_secret
+
+        found = None
+        for client in self.settings.clients:  # no early exit: timing says nothing about which
+            if same_secret(token, client.api_token.get_secret_value()):
+                found = client
+        return found
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """``callback(reason)`` runs, in the supervisor's thread, if the supervisor gives up."""
+        self._failure_callbacks.append(callback)
+        if self.failure is not None:
+            callback(self.failure)
+
+    def _give_up(self, reason: str) -> None:
+        self.failure = reason
+        self.failed.set()
+        for callback in self._failure_callbacks:
+            callback(reason)
+
+    def stop(self) -> None:
+        try:
+            self.supervisor.ask(ShutdownAll(), timeout=120)
+            self.supervisor.stop()
+        except Exception as e:  # noqa: BLE001 - the supervisor may be gone already
+            logger.debug("supervisor already stopped: %s", e)
+        for handle in self.backend.list():  # anything a crashed pool could not take down
+            self.backend.stop(handle)
+        self.livekit.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.backend.close()
+        logger.info("runtime stopped")

@@ -1,0 +1,144 @@
+"""``autonomite``: serve the runtime, or check a config file.
+
+    autonomite serve --config FILE [--with-livekit]
+    autonomite check-config FILE
+
+``--with-livekit`` is for the demo and local development: it starts a real livekit-server
+on loopback for each LiveKit URL in the config, with the keys of the clients that use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from aiohttp import web
+
+
+from runtime.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from runtime.app import Runtime
+
+logger = logging.getLogger("autonomite")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="autonomite", description="Warm-pool runtime for LiveKit voice agents")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_p = sub.add_parser("serve", help="run the runtime and its gateway")
+    serve_p.add_argument("--config", required=True, type=Path)
+    serve_p.add_argument("--with-livekit", action="store_true", help="start a local livekit-server per LiveKit URL")
+    check_p = sub.add_parser("check-config", help="validate a config file and print its clients")
+    check_p.add_argument("file", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.file)
+    return serve(args.config, args.with_livekit)
+
+
+def check_config(path: Path) -> int:
+    try:
+        settings = load_settings(path)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 1
+    rt = settings.runtime
+    print(f"{path}: ok")
+    print(f"runtime: backend={rt.backend} gateway={rt.gateway.host}:{rt.gateway.port} admin_token=sha256:{_fp(rt.admin_token)}")
+    for c in settings.clients:
+        print(
+            f"client {c.id} ({c.name}): livekit={c.livekit.url} key=sha256:{_fp(c.livekit.api_key)} "
+            f"secret=sha256:{_fp(c.livekit.api_secret)} token=sha256:{_fp(c.api_token)} "
+            f"pool=min_idle {c.pool.min_idle}, max_size {c.pool.max_size} agents={','.join(a.name for a in c.agents)}"
+        )
+    return 0
+
+
+def _fp(secret) -> str:  # noqa: ANN001
+    from runtime.secrets import fingerprint
+
+    return fingerprint(secret.get_secret_value())
+
+
+def serve(config_path: Path, with_livekit: bool) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as e:
+        logger.error("config error: %s", e)
+        return 1
+    from runtime.app import Runtime
+
+    servers = start_local_livekit(settings) if with_livekit else []
+    runtime = Runtime(settings, config_path)
+    try:
+        runtime.start()
+        asyncio.run(_serve_http(runtime))
+    finally:
+        # A second SIGTERM or Ctrl-C must not cut the shutdown short and strand workers.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: logger.warning("already shutting down; please wait"))
+        runtime.stop()
+        for s in servers:
+            s.stop()
+    if runtime.failure:
+        logger.critical("exiting: %s", runtime.failure)
+        return 1
+    return 0
+
+
+async def _serve_http(runtime: "Runtime") -> None:
+    from runtime.gateway import create_app
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, _reload_logged, runtime))
+    # The supervisor gives up in its own thread; wake the loop from there.
+    runtime.on_failure(lambda reason: loop.call_soon_threadsafe(stop.set))
+    gw = runtime.settings.runtime.gateway
+    runner = web.AppRunner(create_app(runtime), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, gw.host, gw.port).start()
+    logger.info("gateway listening on http://%s:%d", gw.host, gw.port)
+    await stop.wait()
+    logger.info("shutting down")
+    await runner.cleanup()
+
+
+def _reload_logged(runtime: "Runtime") -> None:
+    try:
+        runtime.reload()
+    except ConfigError as e:
+        logger.error("reload on SIGHUP refused, nothing changed: %s", e)
+
+
+def start_local_livekit(settings: Settings) -> list:
+    from runtime.devserver import LiveKitServer
+
+    by_url: dict[str, dict[str, str]] = {}
+    for c in settings.clients:
+        keys = by_url.setdefault(c.livekit.url, {})
+        keys[c.livekit.api_key.get_secret_value()] = c.livekit.api_secret.get_secret_value()
+    servers = []
+    for url, keys in by_url.items():
+        parsed = urlparse(url)
+        if parsed.hostname not in ("127.0.0.1", "localhost") or not parsed.port:
+            logger.warning("--with-livekit: %s is not a loopback URL with a port; not starting a server for it", url)
+            continue
+        servers.append(LiveKitServer(keys, port=parsed.port).start())
+        logger.info("started livekit-server on %s", url)
+    return servers
+
+
+if __name__ == "__main__":
+    sys.exit(main())

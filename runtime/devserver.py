@@ -1,0 +1,139 @@
+"""A real livekit-server on loopback, for the demo, the tests and the benchmarks.
+
+The binary is built once with ``go install`` at a pinned version and cached in the
+git-ignored ``.cache/`` folder (Go's own build cache makes a rebuild on the same machine
+quick). Production points the runtime at a LiveKit deployment instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from runtime._proc import die_with_parent
+
+LIVEKIT_VERSION = "v1.13.5"
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+CACHE_DIR = PROJECT_DIR / ".cache" / "livekit-server" / LIVEKIT_VERSION
+
+
+def ensure_binary() -> Path:
+    """Path to a livekit-server binary, building it with ``go install`` when missing."""
+    override = os.environ.get("AUTONOMITE_LIVEKIT_SERVER")
+    if override:
+        return Path(override)
+    binary = CACHE_DIR / "server"
+    if binary.exists():
+        return binary
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [go, "install", f"github.com/livekit/livekit-server/cmd/server@{LIVEKIT_VERSION}"],
+        env={**os.environ, "GOBIN": str(CACHE_DIR)},
+        check=True,
+    )
+    return binary
+
+
+def free_port(count: int = 1) -> int:
+    """A loopback TCP port such that ``count`` consecutive ports are free right now."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count > 65535:
+            continue
+        if all(_port_free(base + i) for i in range(1, count)):
+            return base
+    raise RuntimeError("no free port range found on 127.0.0.1")
+
+
+def _port_free(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+class LiveKitServer:
+    """One livekit-server process bound to 127.0.0.1, with its own ports and keys."""
+
+    def __init__(
+        self,
+        keys: dict[str, str],
+        port: int | None = None,
+        log_path: Path | None = None,
+        webhook_urls: list[str] | None = None,
+    ) -> None:
+        self.keys = keys
+        self.port = port or free_port(3)
+        self.log_path = log_path
+        self.webhook_urls = webhook_urls or []
+        self._proc: subprocess.Popen | None = None
+        self._config_dir = tempfile.TemporaryDirectory(prefix="livekit-")
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "LiveKitServer":
+        config = {
+            "port": self.port,
+            "bind_addresses": ["127.0.0.1"],
+            # tcp_port 0 turns off the ICE TCP listener, which would bind every interface.
+            "rtc": {"tcp_port": 0, "udp_port": self.port + 2, "node_ip": "127.0.0.1", "use_external_ip": False},
+            "keys": self.keys,
+        }
+        if self.webhook_urls:
+            first_key = next(iter(self.keys))
+            config["webhook"] = {"api_key": first_key, "urls": self.webhook_urls}
+        config_path = Path(self._config_dir.name) / "livekit.yaml"
+        config_path.write_text(yaml.safe_dump(config))  # keys live in a private temp file, not argv
+        config_path.chmod(0o600)
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self._proc = subprocess.Popen(
+            [str(ensure_binary()), "--dev", "--config", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"livekit-server exited with {self._proc.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"livekit-server on port {self.port} not ready within {timeout} s")
+
+    def stop(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._config_dir.cleanup()
+
+    def __enter__(self) -> "LiveKitServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,63 @@
+"""Prometheus metrics: one registry per runtime, so tests can run several side by side.
+
+Labels are client ids, states, outcomes and causes: never a token, key or email.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+WORKER_STATES = ("starting", "idle", "leased", "draining")
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.workers = Gauge("autonomite_pool_workers", "Workers by state.", ["client", "state"], registry=r)
+        self.utilization = Gauge("autonomite_pool_utilization", "Leased / live workers.", ["client"], registry=r)
+        self.min_idle = Gauge("autonomite_pool_min_idle", "Configured minimum idle workers.", ["client"], registry=r)
+        self.max_size = Gauge("autonomite_pool_max_size", "Configured maximum workers.", ["client"], registry=r)
+        self.target = Gauge("autonomite_pool_target", "Live workers the pool aims for.", ["client"], registry=r)
+        self.backoff = Gauge(
+            "autonomite_pool_start_backoff_seconds", "Delay before the next worker start after failures.",
+            ["client"], registry=r,
+        )
+        self.triggers = Counter("autonomite_triggers", "Triggers by outcome.", ["client", "outcome"], registry=r)
+        self.scale_events = Counter(
+            "autonomite_scale_events", "Resizes sent by the scaler.", ["client", "direction"], registry=r
+        )
+        self.worker_exits = Counter("autonomite_worker_exits", "Worker exits by cause.", ["client", "cause"], registry=r)
+        self.worker_start_failures = Counter(
+            "autonomite_worker_start_failures", "Workers that never became ready.", ["client"], registry=r
+        )
+        self.actor_restarts = Counter("autonomite_actor_restarts", "Actors restarted by the supervisor.", ["actor"], registry=r)
+        self.dispatch_latency = Histogram(
+            "autonomite_dispatch_latency_seconds", "Trigger received to LiveKit dispatch created.", ["client"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.start_to_ready = Histogram(
+            "autonomite_worker_start_to_ready_seconds", "Worker start to registered with LiveKit.", ["client"],
+            buckets=(0.5, 1, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 60),
+            registry=r,
+        )
+
+    def forget_client(self, client_id: str) -> None:
+        """A removed client's gauges go away instead of freezing at their last value."""
+        for state in WORKER_STATES:
+            _remove(self.workers, client_id, state)
+        for gauge in (self.utilization, self.min_idle, self.max_size, self.target, self.backoff):
+            _remove(gauge, client_id)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _remove(metric: Gauge, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass

@@ -1,0 +1,229 @@
+"""Configuration: pydantic models for the runtime and its clients, loaded from YAML.
+
+The YAML shape is the public interface of the product, so the models forbid unknown
+keys (a typo must not silently fall back to a default) and every error names the file,
+the field path and the reason. ``${VAR}`` placeholders are filled from the environment
+before validation; secrets are held as ``SecretStr`` so a stray ``repr`` never shows them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from runtime.secrets import fingerprint
+
+_ID = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# ``${VAR}`` is not valid YAML inside a flow mapping ({url: ..., api_key: ${KEY}}), the shape
+# the config uses; so placeholders become this marker before parsing and are filled after.
+_MARKER = re.compile(r"⟪([A-Za-z_][A-Za-z0-9_]*)⟫")
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message names file, field and reason."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+
+
+class ScalerSettings(_Model):
+    interval_s: float = Field(1.0, gt=0, le=3600)
+    high_water: float = Field(0.8, gt=0, le=1)
+    low_water: float = Field(0.3, ge=0, lt=1)
+    scale_down_after_s: float = Field(30.0, ge=0)
+    step: int = Field(1, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _waters_ordered(self) -> "ScalerSettings":
+        if self.low_water >= self.high_water:
+            raise ValueError("low_water must be below high_water")
+        return self
+
+
+class SupervisorSettings(_Model):
+    max_restarts: int = Field(3, ge=0)
+    within_s: float = Field(10.0, gt=0)
+    shutdown_timeout_s: float = Field(15.0, gt=0)
+
+
+class WorkerSettings(_Model):
+    """How workers are started, whatever the backend."""
+
+    ready_timeout_s: float = Field(60.0, gt=0)
+    lease_timeout_s: float = Field(60.0, gt=0)  # a leased worker with no job by then is retired
+    log_dir: Path = Path("logs/workers")
+    image: str = "autonomite-agent:latest"
+
+
+class RuntimeSettings(_Model):
+    backend: Literal["process", "docker"] = "process"
+    gateway: GatewaySettings = GatewaySettings()
+    admin_token: SecretStr
+    scaler: ScalerSettings = ScalerSettings()
+    supervisor: SupervisorSettings = SupervisorSettings()
+    workers: WorkerSettings = WorkerSettings()
+    fault_injection: bool = False
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token_long_enough(cls, v: SecretStr) -> SecretStr:
+        if len(v.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return v
+
+
+class LiveKitSettings(_Model):
+    url: str = Field(pattern=r"^(ws|wss|http|https)://[^\s/]+(/.*)?$")
+    api_key: SecretStr
+    api_secret: SecretStr
+
+    @field_validator("api_key", "api_secret")
+    @classmethod
+    def _not_empty(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value().strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @property
+    def http_url(self) -> str:
+        """The URL the server API speaks on (LiveKit accepts both schemes on one port)."""
+        return self.url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+
+    @property
+    def fingerprint(self) -> str:
+        """Which key pair is in use, without revealing it."""
+        return fingerprint(self.api_key.get_secret_value() + ":" + self.api_secret.get_secret_value())
+
+
+class PoolSettings(_Model):
+    min_idle: int = Field(1, ge=0, le=100)
+    max_size: int = Field(4, ge=1, le=100)
+    cpu: float = Field(1.0, gt=0, le=64)
+    memory_mb: int = Field(1024, ge=64)
+
+    @model_validator(mode="after")
+    def _min_fits_max(self) -> "PoolSettings":
+        if self.min_idle > self.max_size:
+            raise ValueError(f"min_idle ({self.min_idle}) must not exceed max_size ({self.max_size})")
+        return self
+
+
+class AgentSettings(_Model):
+    name: str = Field(pattern=_ID)
+    system_prompt: str = Field(min_length=1, max_length=20_000)
+    enable_rag: bool = False
+    voice_id: str = Field("alloy", min_length=1, max_length=100)
+
+
+class ClientSettings(_Model):
+    id: str = Field(pattern=_ID)
+    name: str = Field(min_length=1, max_length=200)
+    api_token: SecretStr
+    livekit: LiveKitSettings
+    pool: PoolSettings = PoolSettings()
+    agents: list[AgentSettings] = Field(min_length=1)
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_long_enough(cls, v: SecretStr) -> SecretStr:
+        if len(v.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return v
+
+    @field_validator("agents")
+    @classmethod
+    def _unique_agent_names(cls, agents: list[AgentSettings]) -> list[AgentSettings]:
+        _reject_duplicates([a.name for a in agents], "agent name")
+        return agents
+
+    def agent(self, name: str) -> AgentSettings | None:
+        return next((a for a in self.agents if a.name == name), None)
+
+
+class Settings(_Model):
+    runtime: RuntimeSettings
+    clients: list[ClientSettings] = Field(default_factory=list)
+
+    @field_validator("clients")
+    @classmethod
+    def _unique_clients(cls, clients: list[ClientSettings]) -> list[ClientSettings]:
+        _reject_duplicates([c.id for c in clients], "client id")
+        tokens = [c.api_token.get_secret_value() for c in clients]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("two clients share one api_token; each client needs its own")
+        return clients
+
+    def client(self, client_id: str) -> ClientSettings | None:
+        return next((c for c in self.clients if c.id == client_id), None)
+
+
+def _reject_duplicates(values: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for v in values:
+        if v in seen:
+            raise ValueError(f"duplicate {what} {v!r}")
+        seen.add(v)
+
+
+# -- loading -------------------------------------------------------------------------------
+
+
+def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, expand and validate a config file, or raise ConfigError saying exactly why not."""
+    path = Path(path)
+    env = os.environ if environ is None else environ
+    try:
+        text = _PLACEHOLDER.sub(lambda m: f"⟪{m.group(1)}⟫", path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(text)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read file: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with 'runtime' and 'clients'")
+    expanded = _expand(raw, env, path, ())
+    try:
+        return Settings.model_validate(expanded)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = _dotted(first["loc"]) or "(top level)"
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        # The message never echoes the input value: it may be a secret.
+        raise ConfigError(f"{path}: {where}: {first['msg']}{more}") from None
+
+
+def _expand(node: Any, env: Mapping[str, str], path: Path, loc: tuple) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand(v, env, path, loc + (k,)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, env, path, loc + (i,)) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def substitute(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in env:
+                raise ConfigError(f"{path}: {_dotted(loc)}: environment variable {name} is not set")
+            return env[name]
+
+        return _MARKER.sub(substitute, node)
+    return node
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
