@@ -1,0 +1,92 @@
+"""A trigger end to end: real gateway, real actors, real worker processes, real livekit-servers."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+from tests.support import Client, metric_value, pid_alive, wait_until
+
+
+def test_trigger_dispatches_on_the_clients_own_server_and_the_pool_refills(run_serve, lk_a, lk_b):
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=3)
+    beta = Client("beta", lk_b, min_idle=1, max_size=2)
+    serve = run_serve([alpha, beta])
+
+    r = serve.trigger(alpha, "room-e2e", user_email="dana@example.com", context={"name": "Dana"})
+    assert r.status == 200, r.body
+    assert set(r.body) >= {"dispatch_id", "room_name", "worker_id", "livekit_url", "participant_token"}
+    assert r.body["livekit_url"] == lk_a.url
+    worker_id = r.body["worker_id"]
+
+    # The dispatch exists on alpha's server, for the leased worker's own agent name...
+    # (the server also lists the room's default dispatch, with an empty agent name)
+    dispatches = [d for d in lk_a.dispatches("room-e2e") if d.agent_name]
+    assert [d.agent_name for d in dispatches] == [f"alpha--{worker_id}"]
+    metadata = json.loads(dispatches[0].metadata)
+    assert metadata["client_name"] == "Alpha Inc" and metadata["user_email"] == "dana@example.com"
+    assert metadata["is_preview"] is False and metadata["has_conversation_history"] is False
+    # ...and nothing reached beta's server.
+    assert lk_b.participants("room-e2e") == []
+
+    # The leased worker really joins the room.
+    wait_until(lambda: lk_a.active_agents("room-e2e"), 30, "the agent to be active in the room")
+    assert serve.pool("alpha")["leased"] == 1
+
+    # The room ends, the worker exits, and the pool is back at min_idle.
+    lk_a.delete_room("room-e2e")
+    wait_until(lambda: worker_id not in {w["id"] for w in serve.pool("alpha")["workers"]}, 30, "the worker to exit")
+    wait_until(lambda: serve.pool("alpha")["idle"] == 1 and serve.pool("alpha")["leased"] == 0, 60, "refill")
+    assert metric_value(serve.metrics(), "autonomite_worker_exits_total", client="alpha", cause="session_end") == 1
+    assert metric_value(serve.metrics(), "autonomite_triggers_total", client="alpha", outcome="dispatched") == 1
+
+
+def test_workers_hold_only_their_own_clients_credentials(run_serve, lk_a, lk_b):
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=1)
+    beta = Client("beta", lk_b, min_idle=1, max_size=1)
+    serve = run_serve([alpha, beta])
+    for client, own, other in ((alpha, lk_a, lk_b), (beta, lk_b, lk_a)):
+        for worker in serve.pool(client.id)["workers"]:
+            environ = open(f"/proc/{worker['ref']}/environ", "rb").read().decode()
+            assert own.secret in environ
+            assert other.secret not in environ
+            assert alpha.token not in environ and beta.token not in environ  # gateway tokens stay in the runtime
+            assert serve.admin not in environ
+
+
+def test_concurrent_triggers_never_lease_a_worker_twice(run_serve, lk_a):
+    alpha = Client("alpha", lk_a, min_idle=2, max_size=3)
+    serve = run_serve([alpha])
+    rooms = [f"room-burst-{i}" for i in range(12)]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        responses = list(pool.map(lambda room: serve.trigger(alpha, room), rooms))
+
+    ok = [r for r in responses if r.status == 200]
+    refused = [r for r in responses if r.status != 200]
+    assert ok, "at least the warm workers must be leased"
+    worker_ids = [r.body["worker_id"] for r in ok]
+    assert len(worker_ids) == len(set(worker_ids)), f"a worker was leased twice: {worker_ids}"
+    assert all(r.status == 503 and r.headers.get("Retry-After") for r in refused)
+    assert all(r.body["error"] == "no_idle_worker" for r in refused)
+    assert len(ok) <= 3
+
+    for r in ok:
+        wait_until(lambda: lk_a.active_agents(r.body["room_name"]), 30, f"agent in {r.body['room_name']}")
+        lk_a.delete_room(r.body["room_name"])
+    wait_until(lambda: serve.pool("alpha")["leased"] == 0, 60, "every lease to end with its session")
+    text = serve.metrics()
+    assert metric_value(text, "autonomite_worker_exits_total", client="alpha", cause="session_end") == len(ok)
+    assert metric_value(text, "autonomite_triggers_total", client="alpha", outcome="no_idle_worker") == len(refused)
+
+
+def test_sigterm_leaves_no_worker_behind(run_serve, lk_a):
+    alpha = Client("alpha", lk_a, min_idle=2, max_size=3)
+    serve = run_serve([alpha])
+    r = serve.trigger(alpha, "room-sigterm")
+    assert r.status == 200
+    wait_until(lambda: lk_a.active_agents("room-sigterm"), 30, "the agent in the room")
+    pids = [int(w["ref"]) for w in serve.pool("alpha")["workers"] if w["ref"]]
+    assert len(pids) >= 2
+    assert serve.stop() == 0
+    assert [p for p in pids if pid_alive(p)] == []
+    assert "runtime stopped" in serve.log()

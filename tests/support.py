@@ -1,0 +1,258 @@
+"""Test helpers: real servers and a real ``autonomite serve`` process, driven over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from livekit import api
+
+from runtime.devserver import LiveKitServer, free_port
+
+# Every secret a test makes is recorded here; conftest scans all logs for them at the end.
+ISSUED_SECRETS: list[str] = []
+
+
+def new_secret(prefix: str) -> str:
+    value = f"{prefix}-{secrets.token_hex(16)}"
+    ISSUED_SECRETS.append(value)
+    return value
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+@dataclass
+class LiveKitProject:
+    """One client's LiveKit: a real server with its own key pair."""
+
+    server: LiveKitServer
+    key: str
+    secret: str
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def call(self, fn: Callable[[api.LiveKitAPI], Any]) -> Any:
+        async def run() -> Any:
+            async with api.LiveKitAPI(self.url.replace("ws://", "http://"), self.key, self.secret) as lk:
+                return await fn(lk)
+
+        return asyncio.run(run())
+
+    def participants(self, room: str) -> list:
+        async def list_(lk: api.LiveKitAPI) -> list:
+            rooms = await lk.room.list_rooms(api.ListRoomsRequest(names=[room]))
+            if not rooms.rooms:
+                return []
+            return list((await lk.room.list_participants(api.ListParticipantsRequest(room=room))).participants)
+
+        return self.call(list_)
+
+    def active_agents(self, room: str) -> list:
+        return [
+            p
+            for p in self.participants(room)
+            if p.kind == api.ParticipantInfo.Kind.AGENT and p.state == api.ParticipantInfo.State.ACTIVE
+        ]
+
+    def dispatches(self, room: str) -> list:
+        async def list_(lk: api.LiveKitAPI) -> list:
+            return list(await lk.agent_dispatch.list_dispatch(room))
+
+        return self.call(list_)
+
+    def delete_room(self, room: str) -> None:
+        self.call(lambda lk: lk.room.delete_room(api.DeleteRoomRequest(room=room)))
+
+
+def start_livekit(log_dir: Path, name: str) -> LiveKitProject:
+    key, secret = f"{name}key", new_secret(f"{name}-lk-secret")
+    server = LiveKitServer({key: secret}, log_path=log_dir / f"livekit-{name}.log").start()
+    return LiveKitProject(server, key, secret)
+
+
+@dataclass
+class Client:
+    id: str
+    project: LiveKitProject
+    token: str = ""
+    min_idle: int = 1
+    max_size: int = 3
+    agents: list[dict] = field(default_factory=lambda: [{"name": "support", "system_prompt": "You are helpful."}])
+
+    def __post_init__(self) -> None:
+        self.token = self.token or new_secret(f"{self.id}-token")
+
+
+def write_config(path: Path, clients: list[Client], **runtime: Any) -> dict[str, str]:
+    """Write a config that reads every secret from ``${VAR}``; return that environment."""
+    env = {"TEST_ADMIN_TOKEN": runtime.pop("admin_token", None) or new_secret("admin")}
+    entries = []
+    for c in clients:
+        up = c.id.upper()
+        env[f"{up}_TOKEN"], env[f"{up}_LK_SECRET"] = c.token, c.project.secret
+        entries.append(
+            {
+                "id": c.id,
+                "name": f"{c.id.title()} Inc",
+                "api_token": f"${{{up}_TOKEN}}",
+                "livekit": {"url": c.project.url, "api_key": c.project.key, "api_secret": f"${{{up}_LK_SECRET}}"},
+                "pool": {"min_idle": c.min_idle, "max_size": c.max_size},
+                "agents": c.agents,
+            }
+        )
+    settings = {
+        "runtime": {
+            "backend": "process",
+            "gateway": {"host": "127.0.0.1", "port": free_port()},
+            "admin_token": "${TEST_ADMIN_TOKEN}",
+            "scaler": {"interval_s": 0.2, "high_water": 0.8, "low_water": 0.3, "scale_down_after_s": 30},
+            "workers": {"log_dir": str(path.parent / "workers")},
+            **runtime,
+        },
+        "clients": entries,
+    }
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return env
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict
+    body: Any
+
+
+class Serve:
+    """``autonomite serve`` as a real subprocess, as a user runs it."""
+
+    def __init__(self, config: Path, env: dict[str, str], log_path: Path) -> None:
+        self.config, self.env, self.log_path = config, env, log_path
+        settings = yaml.safe_load(config.read_text())
+        self.port = settings["runtime"]["gateway"]["port"]
+        self.admin = env["TEST_ADMIN_TOKEN"]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, ready_timeout: float = 90.0, wait_ready: bool = True) -> "Serve":
+        full_env = {**os.environ, **self.env}
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli", "serve", "--config", str(self.config)],
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_until(lambda: self._up(), 30, "the gateway to listen")
+        if wait_ready:
+            wait_until(lambda: self.get("/readyz").status == 200, ready_timeout, "every pool to reach min_idle")
+        return self
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+        try:
+            return self.get("/healthz").status == 200
+        except OSError:
+            return False
+
+    def request(self, method: str, path: str, body: Any = None, token: str | None = None, raw: bytes | None = None,
+                headers: dict | None = None) -> Response:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                status, hdrs, payload = r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            status, hdrs, payload = e.code, dict(e.headers), e.read()
+        try:
+            parsed = json.loads(payload) if payload else None
+        except ValueError:
+            parsed = payload.decode(errors="replace")
+        return Response(status, hdrs, parsed)
+
+    def get(self, path: str, token: str | None = None) -> Response:
+        return self.request("GET", path, token=token)
+
+    def trigger(self, client: Client, room: str, agent: str = "support", **extra: Any) -> Response:
+        body = {"client_id": client.id, "agent": agent, "room_name": room, **extra}
+        return self.request("POST", "/api/v1/trigger", body, token=client.token)
+
+    def stats(self) -> dict:
+        r = self.get("/api/v1/containers/pool/stats", token=self.admin)
+        assert r.status == 200, r
+        return r.body["clients"]
+
+    def pool(self, client_id: str) -> dict:
+        return self.stats().get(client_id, {})
+
+    def metrics(self) -> str:
+        return self.get("/metrics").body
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._log.close()
+        return code
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text, 0 if absent."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        sample, _, value = line.rpartition(" ")
+        head, _, rest = sample.partition("{")
+        if head != name:
+            continue
+        got = ",".join(sorted(p for p in rest.rstrip("}").split(",") if p))
+        if got == want:
+            return float(value)
+    return 0.0
