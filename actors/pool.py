@@ -70,6 +70,7 @@ class _Worker:
     ready_at: float = 0.0
     retire_cause: str | None = None  # why the pool stopped it, for the exit metric
     lease_no: int = 0
+    adopting: bool = False  # found running at start; its state is not known yet
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.id, self.state, self.agent_name, self.handle.ref if self.handle else "")
@@ -111,7 +112,7 @@ class PoolActor(Supervised):
         self.config_fp = config_fingerprint(self.client)
         for handle in self.backend.list(self.client.id):
             w = _Worker(handle.worker_id, handle.agent_name, handle.status_port, handle.credentials_fp, handle=handle)
-            w.started_at = time.monotonic()
+            w.started_at, w.adopting = time.monotonic(), True
             self.workers[w.id] = w
             _watch.adopt_worker(self.executor, self.backend, handle, self.actor_ref, self.settings.ready_timeout_s)
         if self.workers:
@@ -234,6 +235,7 @@ class PoolActor(Supervised):
             return
         self.failures = 0
         worker.ready_at = time.monotonic()
+        worker.adopting = False
         if busy:
             worker.state = "leased"  # adopted mid-session: it exits when its session ends
             return
@@ -300,8 +302,10 @@ class PoolActor(Supervised):
             else:
                 for _ in range(desired - len(live)):
                     self._spawn()
-        elif len(live) > desired:
-            # Starting workers first (not useful yet), then the most recently ready idle ones.
+        elif len(live) > desired and not any(w.adopting for w in live):
+            # (While an adopted worker's state is unknown it may be mid-session, which would
+            # raise ``desired``: shrink only once every probe has answered.)
+            # Starting workers go first (not useful yet), then the most recently ready idle ones.
             spare = sorted(
                 (w for w in live if w.state != "leased"), key=lambda w: (w.state != "starting", -w.ready_at)
             )
