@@ -351,6 +351,7 @@ class PoolActor(Supervised):
             "AUTONOMITE_CLIENT_ID": self.client.id,
             "AUTONOMITE_AGENT_NAME": worker.agent_name,
             "AUTONOMITE_STATUS_PORT": str(worker.status_port),
+            "AUTONOMITE_USER_JOIN_TIMEOUT_S": str(self.settings.user_join_timeout_s),
             "AUTONOMITE_CATALOG": json.dumps([a.model_dump() for a in self.client.agents]),
         }
 

@@ -20,7 +20,10 @@ async def ask(send: Callable[[Reply], None], timeout: float) -> Any:
     future: asyncio.Future[Any] = loop.create_future()
 
     def reply(value: Any) -> None:
-        loop.call_soon_threadsafe(_resolve, future, value)
+        try:
+            loop.call_soon_threadsafe(_resolve, future, value)
+        except RuntimeError:
+            pass  # the loop has closed (shutdown): nobody is waiting for this answer
 
     send(reply)
     return await asyncio.wait_for(future, timeout)

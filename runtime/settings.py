@@ -64,6 +64,7 @@ class WorkerSettings(_Model):
 
     ready_timeout_s: float = Field(60.0, gt=0)
     lease_timeout_s: float = Field(60.0, gt=0)  # a leased worker with no job by then is retired
+    user_join_timeout_s: float = Field(120.0, gt=0)  # a session whose user never joins ends then
     log_dir: Path = Path("logs/workers")
     image: str = "autonomite-agent:latest"
 

@@ -90,3 +90,34 @@ def test_sigterm_leaves_no_worker_behind(run_serve, lk_a):
     assert serve.stop() == 0
     assert [p for p in pids if pid_alive(p)] == []
     assert "runtime stopped" in serve.log()
+
+
+def test_end_user_joins_with_the_token_and_leaving_ends_the_session(run_serve, lk_a):
+    import asyncio
+
+    from livekit import rtc
+
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=2)
+    serve = run_serve([alpha])
+    r = serve.trigger(alpha, "room-user", user_email="dana@example.com")
+    assert r.status == 200
+    worker_id = r.body["worker_id"]
+
+    async def visit() -> list[str]:
+        room = rtc.Room()
+        await room.connect(r.body["livekit_url"], r.body["participant_token"])
+        try:
+            deadline = asyncio.get_running_loop().time() + 30
+            while not any(p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT for p in room.remote_participants.values()):
+                assert asyncio.get_running_loop().time() < deadline, "the agent never showed up"
+                await asyncio.sleep(0.05)
+            return [room.local_participant.identity, *[p.identity for p in room.remote_participants.values()]]
+        finally:
+            await room.disconnect()
+
+    identities = asyncio.run(visit())
+    assert identities[0] == r.body["participant_identity"]
+    assert f"agent-{worker_id}" in identities
+    # The user left: the session ends and the worker exits, although the room was never deleted.
+    wait_until(lambda: worker_id not in {w["id"] for w in serve.pool("alpha")["workers"]}, 30, "the worker to exit")
+    assert metric_value(serve.metrics(), "autonomite_worker_exits_total", client="alpha", cause="session_end") == 1

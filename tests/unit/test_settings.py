@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runtime.settings import ConfigError, load_settings
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "clients.example.yaml"
+ENV = {
+    "AUTONOMITE_ADMIN_TOKEN": "admin-token-0123456789",
+    "ACME_API_TOKEN": "acme-token-0123456789",
+    "ACME_LK_KEY": "acmekey",
+    "ACME_LK_SECRET": "acme-secret-which-must-not-leak",
+    "GLOBEX_API_TOKEN": "globex-token-0123456789",
+    "GLOBEX_LK_KEY": "globexkey",
+    "GLOBEX_LK_SECRET": "globex-secret-which-must-not-leak",
+}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "clients.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_example_config_loads_with_its_documented_shape():
+    settings = load_settings(EXAMPLE, ENV)
+    assert [c.id for c in settings.clients] == ["acme", "globex"]
+    acme = settings.client("acme")
+    assert acme.livekit.api_secret.get_secret_value() == ENV["ACME_LK_SECRET"]
+    assert acme.pool.min_idle == 2 and acme.pool.max_size == 8
+    assert settings.runtime.scaler.high_water == 0.8
+    assert ENV["ACME_LK_SECRET"] not in repr(settings)
+
+
+def test_a_missing_variable_names_the_file_the_field_and_the_variable(tmp_path):
+    env = {k: v for k, v in ENV.items() if k != "GLOBEX_LK_SECRET"}
+    with pytest.raises(ConfigError) as e:
+        load_settings(EXAMPLE, env)
+    assert str(e.value) == f"{EXAMPLE}: clients[1].livekit.api_secret: environment variable GLOBEX_LK_SECRET is not set"
+
+
+@pytest.mark.parametrize(
+    "change,field,reason",
+    [
+        (("min_idle: 2, max_size: 8", "min_idle: 9, max_size: 8"), "clients[0].pool", "must not exceed max_size"),
+        (("backend: process", "backend: kubernetes"), "runtime.backend", "'process' or 'docker'"),
+        (("id: globex", "id: acme"), "clients", "duplicate client id 'acme'"),
+        (("url: ws://127.0.0.1:7880", "url: 127.0.0.1:7880"), "clients[0].livekit.url", "should match pattern"),
+        (("        voice_id: alloy", "        voice_id: alloy\n        colour: red"), "clients[0].agents[0].colour", "Extra inputs"),
+        (("high_water: 0.8", "high_water: 0.2"), "runtime.scaler", "low_water must be below high_water"),
+    ],
+)
+def test_invalid_fields_are_rejected_with_path_and_reason(tmp_path, change, field, reason):
+    text = EXAMPLE.read_text()
+    assert change[0] in text
+    path = write(tmp_path, text.replace(change[0], change[1], 1))
+    with pytest.raises(ConfigError) as e:
+        load_settings(path, ENV)
+    message = str(e.value)
+    assert message.startswith(f"{path}: {field}: "), message
+    assert reason in message
+
+
+def test_errors_never_echo_a_secret(tmp_path):
+    env = {**ENV, "ACME_API_TOKEN": "short"}  # too short: rejected
+    with pytest.raises(ConfigError) as e:
+        load_settings(EXAMPLE, env)
+    assert "clients[0].api_token" in str(e.value) and "short" not in str(e.value).split(": ", 2)[2].replace(
+        "at least 16 characters", ""
+    )
+    env = {**ENV, "GLOBEX_API_TOKEN": ENV["ACME_API_TOKEN"]}
+    with pytest.raises(ConfigError) as e:
+        load_settings(EXAMPLE, env)
+    assert ENV["ACME_API_TOKEN"] not in str(e.value) and "share one api_token" in str(e.value)
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read file"):
+        load_settings(tmp_path / "missing.yaml", ENV)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(write(tmp_path, "runtime: [unclosed"), ENV)
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_settings(write(tmp_path, "- a list"), ENV)

@@ -1,0 +1,97 @@
+"""The supervisor with real pykka actors: restarts, intensity, ordered shutdown."""
+
+from __future__ import annotations
+
+import threading
+
+import pykka
+import pytest
+
+from actors.messages import ShutdownAll, StartChild, StopChild
+from actors.supervisor import ChildSpec, Directory, Restart, Supervised, Supervisor
+from tests.support import wait_until
+
+
+class Boom:
+    pass
+
+
+class Child(Supervised):
+    stopped: list[str] = []
+
+    def on_receive(self, message):
+        if isinstance(message, Boom):
+            raise RuntimeError("boom")
+        return "pong"
+
+    def on_stop(self):
+        Child.stopped.append(self.child_id)
+
+
+class FailsToStart(Supervised):
+    def setup(self):
+        raise RuntimeError("cannot start")
+
+
+@pytest.fixture
+def tree():
+    directory = Directory()
+    gave_up: list[str] = []
+    restarts: list[str] = []
+    done = threading.Event()
+    sup = Supervisor.start(
+        directory, max_restarts=2, within_s=60,
+        on_give_up=lambda reason: (gave_up.append(reason), done.set()),
+        on_restart=restarts.append,
+    )
+    Child.stopped = []
+    yield sup, directory, gave_up, restarts, done
+    pykka.ActorRegistry.stop_all()
+
+
+def test_a_crashed_child_is_restarted_with_a_new_ref(tree):
+    sup, directory, gave_up, restarts, _ = tree
+    sup.ask(StartChild(ChildSpec("a", Child.start)))
+    first = directory.get("a")
+    first.tell(Boom())
+    wait_until(lambda: directory.get("a") is not first, 5, "the restart")
+    assert directory.get("a").ask("ping") == "pong"
+    assert restarts == ["a"] and gave_up == []
+
+
+def test_exceeding_the_intensity_stops_everything_in_reverse_order_and_gives_up(tree):
+    sup, directory, gave_up, restarts, done = tree
+    for name in ("first", "second", "third"):
+        sup.ask(StartChild(ChildSpec(name, Child.start)))
+    for _ in range(3):
+        ref = directory.get("second")
+        ref.tell(Boom())
+        wait_until(lambda: directory.get("second") is not ref, 5, "the crash to be handled")
+    assert done.wait(5)
+    assert "restart intensity exceeded (3 restarts within 60 s, limit 2)" in gave_up[0]
+    assert Child.stopped == ["third", "first"]  # the crashed child had no on_stop: it crashed
+    assert directory.with_prefix("") == {}
+
+
+def test_temporary_children_are_not_restarted(tree):
+    sup, directory, _, restarts, _ = tree
+    sup.ask(StartChild(ChildSpec("t", Child.start, Restart.TEMPORARY)))
+    directory.get("t").tell(Boom())
+    wait_until(lambda: directory.get("t") is None, 5, "the temporary child to be dropped")
+    assert restarts == []
+
+
+def test_a_child_failing_in_setup_counts_as_a_crash(tree):
+    sup, directory, gave_up, restarts, done = tree
+    sup.ask(StartChild(ChildSpec("bad", FailsToStart.start)))
+    assert done.wait(5), "a child that can never start must exhaust the intensity, not loop"
+    assert len(restarts) == 2
+
+
+def test_stopping_a_child_removes_it_without_restart(tree):
+    sup, directory, _, restarts, _ = tree
+    sup.ask(StartChild(ChildSpec("a", Child.start)))
+    sup.ask(StopChild("a", graceful=False))
+    assert directory.get("a") is None and Child.stopped == ["a"]
+    sup.ask(ShutdownAll())
+    assert restarts == []
