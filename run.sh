@@ -37,6 +37,34 @@ apt_install() {  # apt_install COMMAND PACKAGE
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >/dev/null
 }
 
+DOCKERD_PID=""
+
+setup_docker() {
+    # The docker backend's tests need a real engine. Start one (no bridge network, no
+    # iptables: workers use host networking) unless one already answers; stop it on exit.
+    if docker info >/dev/null 2>&1; then return 0; fi
+    apt_install dockerd docker.io || { log "no Docker engine: the docker tests will skip"; return 0; }
+    log "starting dockerd"
+    dockerd --bridge=none --iptables=false --ip6tables=false >.cache/dockerd.log 2>&1 &
+    DOCKERD_PID=$!
+    for _ in $(seq 1 60); do
+        docker info >/dev/null 2>&1 && return 0
+        kill -0 "$DOCKERD_PID" 2>/dev/null || break
+        sleep 0.5
+    done
+    log "dockerd did not start (the docker tests will skip); its log says:"
+    tail -n 5 .cache/dockerd.log >&2 || true
+    DOCKERD_PID=""
+}
+
+stop_docker() {
+    if [ -n "$DOCKERD_PID" ]; then
+        log "stopping dockerd"
+        kill "$DOCKERD_PID" 2>/dev/null || true
+        wait "$DOCKERD_PID" 2>/dev/null || true
+    fi
+}
+
 demo_env() {
     # Demo-only credentials; a real deployment sets its own in the environment.
     export AUTONOMITE_ADMIN_TOKEN="${AUTONOMITE_ADMIN_TOKEN:-demo-admin-token-change-me}"
@@ -60,7 +88,10 @@ case "${1:-}" in
         setup_python
         setup_livekit
         apt_install promtool prometheus
-        exec .venv/bin/python -m pytest "$@"
+        mkdir -p .cache
+        setup_docker
+        trap stop_docker EXIT
+        .venv/bin/python -m pytest "$@"
         ;;
     *)
         echo "usage: ./run.sh demo | ./run.sh test [pytest args]" >&2

@@ -82,6 +82,7 @@ class PoolStats:
     missed_total: int
     backoff_s: float
     workers: tuple[WorkerInfo, ...]
+    last_error: str | None = None  # why the last worker start failed, until one succeeds
 
     @property
     def total(self) -> int:
@@ -105,6 +106,7 @@ class PoolStats:
             "utilization": round(self.utilization, 4),
             "missed_total": self.missed_total,
             "backoff_s": self.backoff_s,
+            "last_error": self.last_error,
             "workers": [
                 {"id": w.id, "state": w.state, "agent_name": w.agent_name, "ref": w.ref} for w in self.workers
             ],

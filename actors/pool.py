@@ -103,6 +103,7 @@ class PoolActor(Supervised):
         self.target = client.pool.min_idle
         self.missed_total = 0
         self.failures = 0
+        self.last_error: str | None = None
         self.next_start_at = 0.0
         self.retry_timer = None
         self.leaving = False
@@ -205,6 +206,7 @@ class PoolActor(Supervised):
             missed_total=self.missed_total,
             backoff_s=max(0.0, round(self.next_start_at - time.monotonic(), 3)),
             workers=tuple(w.info() for w in self.workers.values()),
+            last_error=self.last_error,
         )
 
     def _reconfigure(self, client: ClientSettings) -> None:
@@ -233,7 +235,7 @@ class PoolActor(Supervised):
         worker = self.workers.get(worker_id)
         if worker is None or worker.state != "starting":
             return
-        self.failures = 0
+        self.failures, self.last_error = 0, None
         worker.ready_at = time.monotonic()
         worker.adopting = False
         if busy:
@@ -260,6 +262,7 @@ class PoolActor(Supervised):
     def _back_off(self, worker_id: str, reason: str) -> None:
         """Consecutive failed starts delay the next one: a bad image must not crash-loop."""
         self.failures += 1
+        self.last_error = reason
         backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** (self.failures - 1))
         self.next_start_at = time.monotonic() + backoff
         self.metrics.worker_start_failures.labels(self.client.id).inc()
@@ -336,7 +339,7 @@ class PoolActor(Supervised):
             env=self._worker_env(worker),
             cpu=self.client.pool.cpu,
             memory_mb=self.client.pool.memory_mb,
-            image=self.settings.image,
+            image=self.client.image or self.settings.image,
         )
         _watch.start_worker(self.executor, self.backend, spec, self.actor_ref, self.settings.ready_timeout_s)
 

@@ -39,7 +39,7 @@ def make_backend(settings: Settings) -> WorkerBackend:
     if settings.runtime.backend == "docker":
         from runtime.backends.docker import DockerBackend  # imported only when used
 
-        return DockerBackend()
+        return DockerBackend(settings.runtime.workers.log_dir, settings.runtime.workers.volumes)
     return ProcessBackend(log_dir=settings.runtime.workers.log_dir)
 
 
@@ -68,12 +68,21 @@ class Runtime:
     # -- the tree ------------------------------------------------------------------------
 
     def start(self) -> "Runtime":
+        self._remove_strays()
         for client in self.settings.clients:
             self.supervisor.ask(StartChild(self._pool_spec(client.id)))
         self.supervisor.ask(StartChild(self._scaler_spec()))
         self.supervisor.ask(StartChild(self._dispatch_spec()))
         logger.info("runtime started with %d clients on the %s backend", len(self.settings.clients), self.backend.name)
         return self
+
+    def _remove_strays(self) -> None:
+        """Workers left by an earlier runtime for clients no longer configured."""
+        known = {c.id for c in self.settings.clients}
+        for handle in self.backend.list():
+            if handle.client_id not in known:
+                logger.info("removing stray worker %s of unknown client %s", handle.worker_id, handle.client_id)
+                self.backend.stop(handle)
 
     def _pool_spec(self, client_id: str) -> ChildSpec:
         def start(**child):  # noqa: ANN003, ANN202

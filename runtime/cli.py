@@ -76,9 +76,14 @@ def serve(config_path: Path, with_livekit: bool) -> int:
         logger.error("config error: %s", e)
         return 1
     from runtime.app import Runtime
+    from runtime.backends import BackendError
 
+    try:
+        runtime = Runtime(settings, config_path)
+    except BackendError as e:
+        logger.error("cannot start: %s", e)
+        return 1
     servers = start_local_livekit(settings) if with_livekit else []
-    runtime = Runtime(settings, config_path)
     try:
         runtime.start()
         asyncio.run(_serve_http(runtime))

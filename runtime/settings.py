@@ -66,7 +66,8 @@ class WorkerSettings(_Model):
     lease_timeout_s: float = Field(60.0, gt=0)  # a leased worker with no job by then is retired
     user_join_timeout_s: float = Field(120.0, gt=0)  # a session whose user never joins ends then
     log_dir: Path = Path("logs/workers")
-    image: str = "autonomite-agent:latest"
+    image: str = "autonomite-agent:latest"  # docker backend; a client may name its own
+    volumes: list[str] = Field(default_factory=list)  # docker backend: "host:container[:ro]"
 
 
 class RuntimeSettings(_Model):
@@ -135,6 +136,7 @@ class ClientSettings(_Model):
     api_token: SecretStr
     livekit: LiveKitSettings
     pool: PoolSettings = PoolSettings()
+    image: str | None = None  # docker backend: this client's worker image
     agents: list[AgentSettings] = Field(min_length=1)
 
     @field_validator("api_token")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,50 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if leaks:
         print("\nSECRET LEAK in logs:\n  " + "\n  ".join(leaks))
         session.exitstatus = 1
+
+
+# -- backends -----------------------------------------------------------------------------
+
+TEST_IMAGE = "autonomite-agent-test:local"
+
+
+@pytest.fixture(scope="session")
+def docker_worker_image(tmp_path_factory: pytest.TempPathFactory):
+    """A worker image for a machine that reaches no image registry.
+
+    The production image (agent/Dockerfile) starts FROM python:3.11-slim, which cannot be
+    pulled here. So the tests build an image FROM scratch holding nothing but its command,
+    and run it with the host's system libraries, Python and this checkout (with its
+    virtualenv) bind-mounted read-only. The container still gets its own namespaces,
+    environment, limits and labels: what the backend is tested for.
+    """
+    import docker as docker_sdk
+
+    try:
+        engine = docker_sdk.from_env(version="auto", timeout=10)
+        engine.ping()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"no Docker engine to test against: {str(e).splitlines()[0]}")
+    project = Path(__file__).resolve().parent.parent
+    context = tmp_path_factory.mktemp("image")
+    (context / "Dockerfile").write_text(
+        "FROM scratch\n"
+        f'WORKDIR {project}\n'
+        f'CMD ["{sys.executable}", "-m", "agent"]\n'
+    )
+    engine.images.build(path=str(context), tag=TEST_IMAGE, rm=True)
+    mounts = {"/usr", "/lib", "/lib64", "/bin", sys.base_prefix, str(project)}
+    volumes = sorted(f"{m}:{m}:ro" for m in mounts if Path(m).exists())
+    yield {"image": TEST_IMAGE, "volumes": volumes}
+    for c in engine.containers.list(all=True, filters={"label": "autonomite.client"}):
+        c.remove(force=True)
+    engine.close()
+
+
+@pytest.fixture(params=["process", "docker"])
+def backend(request: pytest.FixtureRequest) -> dict:
+    """Runtime settings for each worker backend; the pool tests run on both."""
+    if request.param == "process":
+        return {"backend": "process"}
+    image = request.getfixturevalue("docker_worker_image")
+    return {"backend": "docker", "workers": {"image": image["image"], "volumes": image["volumes"]}}

@@ -124,13 +124,14 @@ def write_config(path: Path, clients: list[Client], **runtime: Any) -> dict[str,
                 "agents": c.agents,
             }
         )
+    workers = {"log_dir": str(path.parent / "workers"), **runtime.pop("workers", {})}
     settings = {
         "runtime": {
+            "workers": workers,
             "backend": "process",
             "gateway": {"host": "127.0.0.1", "port": free_port()},
             "admin_token": "${TEST_ADMIN_TOKEN}",
             "scaler": {"interval_s": 0.2, "high_water": 0.8, "low_water": 0.3, "scale_down_after_s": 30},
-            "workers": {"log_dir": str(path.parent / "workers")},
             **runtime,
         },
         "clients": entries,
@@ -256,3 +257,22 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if got == want:
             return float(value)
     return 0.0
+
+
+def backend_of(serve: Serve) -> str:
+    return yaml.safe_load(serve.config.read_text())["runtime"].get("backend", "process")
+
+
+def worker_environ(serve: Serve, ref: str) -> str:
+    """A worker's environment as the OS (or Docker) holds it, whatever the backend."""
+    if backend_of(serve) == "process":
+        return open(f"/proc/{ref}/environ", "rb").read().decode()
+    out = subprocess.run(["docker", "inspect", "--format", "{{json .Config.Env}}", ref], capture_output=True, text=True)
+    return "\0".join(json.loads(out.stdout))
+
+
+def worker_alive(serve: Serve, ref: str) -> bool:
+    if backend_of(serve) == "process":
+        return pid_alive(int(ref))
+    out = subprocess.run(["docker", "inspect", "--format", "{{.State.Running}}", ref], capture_output=True, text=True)
+    return out.stdout.strip() == "true"

@@ -13,9 +13,10 @@ import yaml
 from tests.support import Client, metric_value, new_secret, pid_alive, wait_until
 
 
-def test_scaler_grows_to_max_and_shrinks_back_to_min_idle(run_serve, lk_a):
+def test_scaler_grows_to_max_and_shrinks_back_to_min_idle(run_serve, backend, lk_a):
     alpha = Client("alpha", lk_a, min_idle=1, max_size=3)
-    serve = run_serve([alpha], scaler={"interval_s": 0.2, "high_water": 0.8, "low_water": 0.3, "scale_down_after_s": 2})
+    scaler = {"interval_s": 0.2, "high_water": 0.8, "low_water": 0.3, "scale_down_after_s": 2}
+    serve = run_serve([alpha], scaler=scaler, **backend)
     seen_totals: list[int] = []
     stop = threading.Event()
 
@@ -64,9 +65,9 @@ def test_scaler_grows_to_max_and_shrinks_back_to_min_idle(run_serve, lk_a):
     assert metric_value(text, "autonomite_worker_exits_total", client="alpha", cause="session_failed") == 0
 
 
-def test_crashed_pool_is_restarted_and_adopts_its_workers(run_serve, lk_a):
+def test_crashed_pool_is_restarted_and_adopts_its_workers(run_serve, backend, lk_a):
     alpha = Client("alpha", lk_a, min_idle=2, max_size=3)
-    serve = run_serve([alpha], fault_injection=True, supervisor={"max_restarts": 3, "within_s": 60})
+    serve = run_serve([alpha], fault_injection=True, supervisor={"max_restarts": 3, "within_s": 60}, **backend)
     r = serve.trigger(alpha, "room-adopt")
     assert r.status == 200
     wait_until(lambda: lk_a.active_agents("room-adopt"), 30, "agent in room")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.support import Client, metric_value, pid_alive, wait_until
+from tests.support import Client, metric_value, wait_until, worker_alive, worker_environ
 
 
-def test_trigger_dispatches_on_the_clients_own_server_and_the_pool_refills(run_serve, lk_a, lk_b):
+def test_trigger_dispatches_on_the_clients_own_server_and_the_pool_refills(run_serve, backend, lk_a, lk_b):
     alpha = Client("alpha", lk_a, min_idle=1, max_size=3)
     beta = Client("beta", lk_b, min_idle=1, max_size=2)
-    serve = run_serve([alpha, beta])
+    serve = run_serve([alpha, beta], **backend)
 
     r = serve.trigger(alpha, "room-e2e", user_email="dana@example.com", context={"name": "Dana"})
     assert r.status == 200, r.body
@@ -41,22 +41,22 @@ def test_trigger_dispatches_on_the_clients_own_server_and_the_pool_refills(run_s
     assert metric_value(serve.metrics(), "autonomite_triggers_total", client="alpha", outcome="dispatched") == 1
 
 
-def test_workers_hold_only_their_own_clients_credentials(run_serve, lk_a, lk_b):
+def test_workers_hold_only_their_own_clients_credentials(run_serve, backend, lk_a, lk_b):
     alpha = Client("alpha", lk_a, min_idle=1, max_size=1)
     beta = Client("beta", lk_b, min_idle=1, max_size=1)
-    serve = run_serve([alpha, beta])
+    serve = run_serve([alpha, beta], **backend)
     for client, own, other in ((alpha, lk_a, lk_b), (beta, lk_b, lk_a)):
         for worker in serve.pool(client.id)["workers"]:
-            environ = open(f"/proc/{worker['ref']}/environ", "rb").read().decode()
+            environ = worker_environ(serve, worker["ref"])
             assert own.secret in environ
             assert other.secret not in environ
             assert alpha.token not in environ and beta.token not in environ  # gateway tokens stay in the runtime
             assert serve.admin not in environ
 
 
-def test_concurrent_triggers_never_lease_a_worker_twice(run_serve, lk_a):
+def test_concurrent_triggers_never_lease_a_worker_twice(run_serve, backend, lk_a):
     alpha = Client("alpha", lk_a, min_idle=2, max_size=3)
-    serve = run_serve([alpha])
+    serve = run_serve([alpha], **backend)
     rooms = [f"room-burst-{i}" for i in range(12)]
     with ThreadPoolExecutor(max_workers=12) as pool:
         responses = list(pool.map(lambda room: serve.trigger(alpha, room), rooms))
@@ -79,26 +79,26 @@ def test_concurrent_triggers_never_lease_a_worker_twice(run_serve, lk_a):
     assert metric_value(text, "autonomite_triggers_total", client="alpha", outcome="no_idle_worker") == len(refused)
 
 
-def test_sigterm_leaves_no_worker_behind(run_serve, lk_a):
+def test_sigterm_leaves_no_worker_behind(run_serve, backend, lk_a):
     alpha = Client("alpha", lk_a, min_idle=2, max_size=3)
-    serve = run_serve([alpha])
+    serve = run_serve([alpha], **backend)
     r = serve.trigger(alpha, "room-sigterm")
     assert r.status == 200
     wait_until(lambda: lk_a.active_agents("room-sigterm"), 30, "the agent in the room")
-    pids = [int(w["ref"]) for w in serve.pool("alpha")["workers"] if w["ref"]]
-    assert len(pids) >= 2
+    refs = [w["ref"] for w in serve.pool("alpha")["workers"] if w["ref"]]
+    assert len(refs) >= 2
     assert serve.stop() == 0
-    assert [p for p in pids if pid_alive(p)] == []
+    assert [r for r in refs if worker_alive(serve, r)] == []
     assert "runtime stopped" in serve.log()
 
 
-def test_end_user_joins_with_the_token_and_leaving_ends_the_session(run_serve, lk_a):
+def test_end_user_joins_with_the_token_and_leaving_ends_the_session(run_serve, backend, lk_a):
     import asyncio
 
     from livekit import rtc
 
     alpha = Client("alpha", lk_a, min_idle=1, max_size=2)
-    serve = run_serve([alpha])
+    serve = run_serve([alpha], **backend)
     r = serve.trigger(alpha, "room-user", user_email="dana@example.com")
     assert r.status == 200
     worker_id = r.body["worker_id"]

@@ -1,0 +1,125 @@
+"""The docker backend: each worker is a container on a Docker engine (docker SDK).
+
+Containers are labelled (client, pool, worker, agent name, status port, config
+fingerprint) and named ``autonomite-<client>-<worker id>``, so a restarted runtime finds
+and adopts them. They use host networking (to reach LiveKit and serve the status port on
+loopback), carry only their own client's credentials in their environment, get CPU and
+memory limits from the pool config, and have no restart policy: the pool replaces dead
+workers itself. When a container exits its log is saved to
+``<log_dir>/<client>/<worker>.log`` and the container removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import docker
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+
+from runtime.backends.base import LABEL_CLIENT, LABEL_WORKER, BackendError, WorkerHandle, WorkerSpec
+
+logger = logging.getLogger("autonomite.docker")
+
+
+def _engine() -> docker.DockerClient:
+    return docker.from_env(version="auto", timeout=60)
+
+
+class DockerBackend:
+    name = "docker"
+
+    def __init__(self, log_dir: Path, volumes: list[str] | None = None) -> None:
+        self._log_dir = log_dir
+        self._volumes = volumes or []
+        try:
+            self._docker = _engine()
+            self._docker.ping()
+        except DockerException as e:
+            raise BackendError(f"docker backend: cannot reach the Docker engine ({_short(e)})") from None
+        self._lock = threading.Lock()
+
+    def start(self, spec: WorkerSpec) -> WorkerHandle:
+        try:
+            container = self._docker.containers.run(
+                spec.image,
+                name=f"autonomite-{spec.client_id}-{spec.worker_id}",
+                labels=spec.labels,
+                environment=dict(spec.env),
+                network_mode="host",
+                nano_cpus=int(spec.cpu * 1e9),
+                mem_limit=f"{spec.memory_mb}m",
+                restart_policy={"Name": "no"},
+                volumes=self._volumes,
+                detach=True,
+            )
+        except ImageNotFound:
+            raise BackendError(f"docker image {spec.image!r} not found on this engine") from None
+        except DockerException as e:
+            raise BackendError(f"docker could not start worker {spec.worker_id}: {_short(e)}") from None
+        return WorkerHandle.from_labels(spec.labels, ref=container.id[:12])
+
+    def stop(self, handle: WorkerHandle, timeout: float = 10.0) -> None:
+        try:
+            container = self._docker.containers.get(handle.ref)
+            container.stop(timeout=int(timeout))
+            self._save_and_remove(container)  # no exited container is left behind
+        except NotFound:
+            pass
+        except APIError as e:
+            logger.warning("stopping %s: %s", handle.ref, _short(e))
+
+    def list(self, client_id: str | None = None) -> list[WorkerHandle]:
+        """Running containers with our labels. Dead ones found on the way are removed."""
+        label = f"{LABEL_CLIENT}={client_id}" if client_id else LABEL_CLIENT
+        handles = []
+        for c in self._docker.containers.list(all=True, filters={"label": [label, LABEL_WORKER]}):
+            if c.status == "running":
+                handles.append(WorkerHandle.from_labels(c.labels, ref=c.id[:12]))
+            else:
+                self._save_and_remove(c)
+        return handles
+
+    def wait(self, handle: WorkerHandle) -> int:
+        # A wait holds an HTTP connection for the container's whole life: give it its own
+        # client, so waits never starve the shared connection pool.
+        engine = _engine()
+        try:
+            container = engine.containers.get(handle.ref)
+            code = int(container.wait().get("StatusCode", -1))
+            self._save_and_remove(container)
+            return code
+        except NotFound:
+            return -1
+        finally:
+            engine.close()
+
+    def logs(self, handle: WorkerHandle, tail: int = 100) -> str:
+        try:
+            return self._docker.containers.get(handle.ref).logs(tail=tail).decode(errors="replace")
+        except NotFound:
+            path = self._log_path(handle.client_id, handle.worker_id)
+            return "\n".join(path.read_text(errors="replace").splitlines()[-tail:]) if path.exists() else ""
+
+    def close(self) -> None:
+        self._docker.close()
+
+    def _save_and_remove(self, container) -> None:  # noqa: ANN001
+        labels = container.labels
+        path = self._log_path(labels.get(LABEL_CLIENT, "unknown"), labels.get(LABEL_WORKER, container.id[:12]))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(container.logs())
+            container.remove(force=True)
+        except NotFound:
+            pass
+        except (APIError, OSError) as e:
+            logger.warning("cleaning up container %s: %s", container.id[:12], e)
+
+    def _log_path(self, client_id: str, worker_id: str) -> Path:
+        return self._log_dir / client_id / f"{worker_id}.log"
+
+
+def _short(error: Exception) -> str:
+    return str(error).splitlines()[0][:300]

@@ -1,0 +1,120 @@
+"""What only the docker backend has: containers killed from outside, runtime restarts, images."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import docker as docker_sdk
+import pytest
+
+from tests.support import Client, metric_value, wait_until
+
+
+@pytest.fixture
+def docker_backend(docker_worker_image) -> dict:
+    return {"backend": "docker", "workers": dict(docker_worker_image)}
+
+
+def containers(client_id: str) -> list:
+    engine = docker_sdk.from_env(version="auto")
+    try:
+        return engine.containers.list(filters={"label": f"autonomite.client={client_id}"})
+    finally:
+        engine.close()
+
+
+def test_containers_are_labelled_named_limited_and_on_the_host_network(run_serve, docker_backend, lk_a):
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=2)
+    serve = run_serve([alpha], **docker_backend)
+    [worker] = serve.pool("alpha")["workers"]
+    [c] = containers("alpha")
+    assert c.id.startswith(worker["ref"])
+    assert c.name == f"autonomite-alpha-{worker['id']}"
+    assert c.labels["autonomite.pool"] == "alpha" and c.labels["autonomite.worker"] == worker["id"]
+    host = c.attrs["HostConfig"]
+    assert host["NetworkMode"] == "host"
+    assert host["NanoCpus"] == 1_000_000_000 and host["Memory"] == 1024 * 1024 * 1024
+    assert host["RestartPolicy"]["Name"] in ("", "no")
+    assert "registered as alpha--" in c.logs().decode()
+
+
+def test_killed_containers_are_replaced_and_a_killed_lease_counts_as_a_failure(run_serve, docker_backend, lk_a):
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=2)
+    serve = run_serve([alpha], **docker_backend)
+    [idle] = serve.pool("alpha")["workers"]
+    subprocess.run(["docker", "kill", idle["ref"]], check=True, capture_output=True)
+    wait_until(
+        lambda: (p := serve.pool("alpha"))["idle"] == 1 and p["workers"][0]["id"] != idle["id"], 60, "a replacement"
+    )
+    assert metric_value(serve.metrics(), "autonomite_worker_exits_total", client="alpha", cause="crashed") == 1
+
+    r = serve.trigger(alpha, "room-killed")
+    assert r.status == 200
+    leased = next(w for w in serve.pool("alpha")["workers"] if w["id"] == r.body["worker_id"])
+    wait_until(lambda: lk_a.active_agents("room-killed"), 30, "the agent in the room")
+    subprocess.run(["docker", "kill", leased["ref"]], check=True, capture_output=True)
+    wait_until(lambda: serve.pool("alpha")["leased"] == 0, 30, "the lease to end")
+    text = serve.metrics()
+    assert metric_value(text, "autonomite_worker_exits_total", client="alpha", cause="session_failed") == 1
+    lk_a.delete_room("room-killed")
+
+
+def test_a_runtime_killed_with_sigkill_is_adopted_never_duplicated(run_serve, docker_backend, lk_a):
+    alpha = Client("alpha", lk_a, min_idle=2, max_size=3)
+    serve = run_serve([alpha], **docker_backend)
+    r = serve.trigger(alpha, "room-survivor")
+    assert r.status == 200
+    wait_until(lambda: lk_a.active_agents("room-survivor"), 30, "the agent in the room")
+    wait_until(lambda: serve.pool("alpha")["idle"] == 2, 60, "the idle floor")
+    before = sorted(c.id[:12] for c in containers("alpha"))
+    assert len(before) == 3
+
+    serve.stop(signal.SIGKILL)
+    assert sorted(c.id[:12] for c in containers("alpha")) == before  # containers outlive a SIGKILL
+    serve.start()
+    pool = wait_until(lambda: (p := serve.pool("alpha")) and p["starting"] == 0 and p, 60, "adoption")
+    assert sorted(w["ref"] for w in pool["workers"]) == before
+    assert pool["leased"] == 1 and pool["idle"] == 2
+    assert len(containers("alpha")) <= 3
+    # The adopted session ends normally; the pool refills without going past max_size.
+    lk_a.delete_room("room-survivor")
+    wait_until(lambda: serve.pool("alpha")["leased"] == 0, 30, "the adopted session to end")
+    wait_until(lambda: serve.pool("alpha")["idle"] == 2, 60, "refill")
+    assert len(containers("alpha")) <= 3
+
+
+def test_containers_of_a_removed_client_are_removed_at_start(run_serve, docker_backend, lk_a, lk_b):
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=1)
+    beta = Client("beta", lk_b, min_idle=1, max_size=1)
+    first = run_serve([alpha, beta], **docker_backend)
+    assert len(containers("beta")) == 1
+    first.stop(signal.SIGKILL)
+    run_serve([alpha], **docker_backend)  # beta is gone from the config
+    assert containers("beta") == []
+
+
+def test_a_bad_image_fails_clearly_with_backoff_and_no_crash_loop(run_serve, docker_backend, lk_a):
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=1)
+    docker_backend["workers"]["image"] = "autonomite-no-such-image:missing"
+    serve = run_serve([alpha], wait_ready=False, **docker_backend)
+    pool = wait_until(lambda: (p := serve.pool("alpha")).get("last_error") and p, 30, "a start failure")
+    assert "docker image 'autonomite-no-such-image:missing' not found" in pool["last_error"]
+    wait_until(lambda: metric_value(serve.metrics(), "autonomite_pool_start_backoff_seconds", client="alpha") > 0.5,
+               30, "the backoff to grow")
+    failures = metric_value(serve.metrics(), "autonomite_worker_start_failures_total", client="alpha")
+    assert 2 <= failures <= 8, "backoff doubles: a handful of attempts in this time, not a crash loop"
+    assert "not found" in serve.log() and serve.get("/healthz").status == 200
+    assert metric_value(serve.metrics(), "autonomite_actor_restarts_total", actor="pool") == 0
+
+
+def test_serve_without_a_docker_engine_fails_at_start(tmp_path, lk_a):
+    from tests.support import Serve, write_config
+
+    config = tmp_path / "clients.yaml"
+    env = write_config(config, [Client("alpha", lk_a)], backend="docker")
+    env["DOCKER_HOST"] = "unix:///nonexistent/docker.sock"
+    serve = Serve(config, env, tmp_path / "serve.log")
+    with pytest.raises(AssertionError, match="serve exited with 1"):
+        serve.start()
+    assert "cannot start: docker backend: cannot reach the Docker engine" in serve.log()
