@@ -122,9 +122,19 @@ async def run_worker(config: WorkerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
 
+    async def job_gone() -> None:
+        """Backstop for a job that died without its shutdown callback (a crashed runner)."""
+        while not (state.accepted_job and not server.active_jobs):
+            await asyncio.sleep(1.0)
+        await asyncio.sleep(5.0)  # an accepted job shows up in active_jobs within moments
+        while server.active_jobs:
+            await asyncio.sleep(1.0)
+        logger.warning("job %s is no longer running; ending this worker", state.accepted_job)
+
     status_runner = await _serve_status(state)
     run_task = asyncio.create_task(server.run(devmode=False))
     waiters = [asyncio.create_task(e.wait()) for e in (session_over, stop_requested)]
+    waiters.append(asyncio.create_task(job_gone()))
     done, _ = await asyncio.wait([run_task, *waiters], return_when=asyncio.FIRST_COMPLETED)
 
     exit_code = 0

@@ -42,7 +42,8 @@ class DockerBackend:
 
     def start(self, spec: WorkerSpec) -> WorkerHandle:
         try:
-            container = self._docker.containers.run(
+            # create + start, not run: run would try to pull a missing image from a registry.
+            container = self._docker.containers.create(
                 spec.image,
                 name=f"autonomite-{spec.client_id}-{spec.worker_id}",
                 labels=spec.labels,
@@ -52,10 +53,15 @@ class DockerBackend:
                 mem_limit=f"{spec.memory_mb}m",
                 restart_policy={"Name": "no"},
                 volumes=self._volumes,
-                detach=True,
+                tmpfs={"/tmp": "rw,size=256m"},  # the job runner's IPC needs a writable /tmp
             )
+            try:
+                container.start()
+            except DockerException:
+                container.remove(force=True)
+                raise
         except ImageNotFound:
-            raise BackendError(f"docker image {spec.image!r} not found on this engine") from None
+            raise BackendError(f"docker image {spec.image!r} not found on this engine (build or load it)") from None
         except DockerException as e:
             raise BackendError(f"docker could not start worker {spec.worker_id}: {_short(e)}") from None
         return WorkerHandle.from_labels(spec.labels, ref=container.id[:12])
