@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ISSUED_SECRETS, Client, Serve, start_livekit, write_config
+from tests.support import ISSUED_SECRETS, build_test_image, Client, Serve, start_livekit, write_config
 
 
 @pytest.fixture(scope="session")
@@ -63,18 +63,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 # -- backends -----------------------------------------------------------------------------
 
-TEST_IMAGE = "autonomite-agent-test:local"
-
-
 @pytest.fixture(scope="session")
 def docker_worker_image(tmp_path_factory: pytest.TempPathFactory):
     """A worker image for a machine that reaches no image registry.
 
-    The production image (agent/Dockerfile) starts FROM python:3.11-slim, which cannot be
-    pulled here. So the tests build an image FROM scratch holding nothing but its command,
-    and run it with the host's system libraries, Python and this checkout (with its
-    virtualenv) bind-mounted read-only. The container still gets its own namespaces,
-    environment, limits and labels: what the backend is tested for.
+    See ``tests.support.build_test_image`` for how, and why not agent/Dockerfile.
     """
     import docker as docker_sdk
 
@@ -83,17 +76,8 @@ def docker_worker_image(tmp_path_factory: pytest.TempPathFactory):
         engine.ping()
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"no Docker engine to test against: {str(e).splitlines()[0]}")
-    project = Path(__file__).resolve().parent.parent
-    context = tmp_path_factory.mktemp("image")
-    (context / "Dockerfile").write_text(
-        "FROM scratch\n"
-        f'WORKDIR {project}\n'
-        f'CMD ["{sys.executable}", "-m", "agent"]\n'
-    )
-    engine.images.build(path=str(context), tag=TEST_IMAGE, rm=True)
-    mounts = {"/usr", "/lib", "/lib64", "/bin", sys.base_prefix, str(project)}
-    volumes = sorted(f"{m}:{m}:ro" for m in mounts if Path(m).exists())
-    yield {"image": TEST_IMAGE, "volumes": volumes}
+    image = build_test_image(engine, tmp_path_factory.mktemp("image"))
+    yield image
     for c in engine.containers.list(all=True, filters={"label": "autonomite.client"}):
         c.remove(force=True)
     engine.close()
