@@ -78,8 +78,8 @@ class _Worker:
 
 def config_fingerprint(client: ClientSettings) -> str:
     """Changes when the credentials or the agent catalog change: then idle workers are stale."""
-    catalog = json.dumps([a.model_dump() for a in client.agents], sort_keys=True)
-    return fingerprint(client.livekit.fingerprint + catalog)
+    catalog = json.dumps([a.for_worker() for a in client.agents], sort_keys=True)
+    return fingerprint(client.livekit.fingerprint + catalog + str(client.knowledge_dir))
 
 
 class PoolActor(Supervised):
@@ -340,6 +340,7 @@ class PoolActor(Supervised):
             cpu=self.client.pool.cpu,
             memory_mb=self.client.pool.memory_mb,
             image=self.client.image or self.settings.image,
+            knowledge_dir=str(self.client.knowledge_dir) if self.client.knowledge_dir else None,
         )
         _watch.start_worker(self.executor, self.backend, spec, self.actor_ref, self.settings.ready_timeout_s)
 
@@ -355,7 +356,8 @@ class PoolActor(Supervised):
             "AUTONOMITE_AGENT_NAME": worker.agent_name,
             "AUTONOMITE_STATUS_PORT": str(worker.status_port),
             "AUTONOMITE_USER_JOIN_TIMEOUT_S": str(self.settings.user_join_timeout_s),
-            "AUTONOMITE_CATALOG": json.dumps([a.model_dump() for a in self.client.agents]),
+            "AUTONOMITE_CATALOG": json.dumps([a.for_worker() for a in self.client.agents]),
+            "AUTONOMITE_CLIENT_NAME": self.client.name,
         }
 
     def _retire(self, worker: _Worker, cause: str) -> None:

@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
@@ -81,9 +82,16 @@ async def _serve_status(state: WorkerState) -> web.AppRunner:
 async def run_worker(config: WorkerConfig) -> int:
     from livekit.agents import AgentServer, JobContext, JobExecutorType, JobRequest
 
+    from agent import providers
+    from agent.rag import KnowledgeBase
     from agent.session import run_session
 
     state = WorkerState(config)
+    # Everything a session needs is ready before the worker registers (and so reports idle):
+    # the client's documents indexed, the configured provider plugins imported.
+    providers.preload(config.catalog)
+    knowledge_dir = os.environ.get("AUTONOMITE_KNOWLEDGE_DIR")
+    knowledge = KnowledgeBase.from_dir(Path(knowledge_dir)) if knowledge_dir else None
     loop = asyncio.get_running_loop()
     session_over = asyncio.Event()
     stop_requested = asyncio.Event()
@@ -115,7 +123,7 @@ async def run_worker(config: WorkerConfig) -> int:
             loop.call_soon_threadsafe(session_over.set)
 
         ctx.add_shutdown_callback(on_shutdown)
-        await run_session(ctx, config.catalog)
+        await run_session(ctx, config.catalog, knowledge)
 
     server.on("worker_registered", lambda *_: _mark_idle(state))
 

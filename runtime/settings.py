@@ -123,11 +123,47 @@ class PoolSettings(_Model):
         return self
 
 
+class ProviderSettings(_Model):
+    """One model provider for an agent. ``offline`` needs no key and no network."""
+
+    provider: str = Field(pattern=r"^[a-z0-9_-]{1,32}$")
+    model: str | None = Field(None, max_length=200)
+    api_key: SecretStr | None = None
+    voice_id: str | None = Field(None, max_length=200)
+
+
+LLM_PROVIDERS = {"offline", "openai"}
+STT_PROVIDERS = {"deepgram", "openai"}
+TTS_PROVIDERS = {"cartesia", "elevenlabs", "openai"}
+
+
 class AgentSettings(_Model):
     name: str = Field(pattern=_ID)
     system_prompt: str = Field(min_length=1, max_length=20_000)
     enable_rag: bool = False
     voice_id: str = Field("alloy", min_length=1, max_length=100)
+    llm: ProviderSettings = ProviderSettings(provider="offline")
+    stt: ProviderSettings | None = None  # none: text-only input
+    tts: ProviderSettings | None = None  # none: text-only output
+
+    @model_validator(mode="after")
+    def _known_providers(self) -> "AgentSettings":
+        for kind, known, chosen in (("llm", LLM_PROVIDERS, self.llm), ("stt", STT_PROVIDERS, self.stt),
+                                    ("tts", TTS_PROVIDERS, self.tts)):
+            if chosen is not None and chosen.provider not in known:
+                raise ValueError(f"{kind}.provider must be one of {sorted(known)}, not {chosen.provider!r}")
+            if chosen is not None and chosen.provider != "offline" and chosen.api_key is None:
+                raise ValueError(f"{kind}.api_key is required for provider {chosen.provider!r}")
+        return self
+
+    def for_worker(self) -> dict:
+        """The agent as its worker receives it: provider keys revealed (this client's only)."""
+        data = self.model_dump(mode="json")
+        for kind in ("llm", "stt", "tts"):
+            chosen = getattr(self, kind)
+            if chosen is not None and chosen.api_key is not None:
+                data[kind]["api_key"] = chosen.api_key.get_secret_value()
+        return data
 
 
 class ClientSettings(_Model):
@@ -137,7 +173,15 @@ class ClientSettings(_Model):
     livekit: LiveKitSettings
     pool: PoolSettings = PoolSettings()
     image: str | None = None  # docker backend: this client's worker image
+    knowledge_dir: Path | None = None  # documents for RAG; only this client's workers read it
     agents: list[AgentSettings] = Field(min_length=1)
+
+    @field_validator("knowledge_dir")
+    @classmethod
+    def _knowledge_dir_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError(f"{v} is not a directory")
+        return v.resolve() if v is not None else None
 
     @field_validator("api_token")
     @classmethod

@@ -102,6 +102,7 @@ class Client:
     min_idle: int = 1
     max_size: int = 3
     agents: list[dict] = field(default_factory=lambda: [{"name": "support", "system_prompt": "You are helpful."}])
+    knowledge_dir: str | None = None
 
     def __post_init__(self) -> None:
         self.token = self.token or new_secret(f"{self.id}-token")
@@ -122,6 +123,7 @@ def write_config(path: Path, clients: list[Client], **runtime: Any) -> dict[str,
                 "livekit": {"url": c.project.url, "api_key": c.project.key, "api_secret": f"${{{up}_LK_SECRET}}"},
                 "pool": {"min_idle": c.min_idle, "max_size": c.max_size},
                 "agents": c.agents,
+                **({"knowledge_dir": c.knowledge_dir} if c.knowledge_dir else {}),
             }
         )
     workers = {"log_dir": str(path.parent / "workers"), **runtime.pop("workers", {})}
@@ -297,3 +299,40 @@ def build_test_image(engine, context: Path) -> dict:  # noqa: ANN001 - a docker.
     engine.images.build(path=str(context), tag=TEST_IMAGE, rm=True)
     mounts = {"/usr", "/lib", "/lib64", "/bin", sys.base_prefix, str(project)}
     return {"image": TEST_IMAGE, "volumes": sorted(f"{m}:{m}:ro" for m in mounts if Path(m).exists())}
+
+
+async def converse(url: str, token: str, messages: list[str], timeout: float = 30.0) -> list[str]:
+    """Join as the end user, read the agent's greeting, then send each message and read its reply.
+
+    Text only: the user writes on LiveKit's ``lk.chat`` topic and the agent answers on
+    ``lk.transcription``, as the livekit-agents room I/O does.
+    """
+    from livekit import rtc
+
+    replies: asyncio.Queue[str] = asyncio.Queue()
+    room = rtc.Room()
+    tasks = set()
+
+    def on_text(reader: rtc.TextStreamReader, identity: str) -> None:
+        if identity.startswith("agent-"):
+            task = asyncio.create_task(_read_into(reader, replies))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    room.register_text_stream_handler("lk.transcription", on_text)
+    await room.connect(url, token)
+    texts = []
+    try:
+        texts.append(await asyncio.wait_for(replies.get(), timeout))  # the greeting
+        for message in messages:
+            await room.local_participant.send_text(message, topic="lk.chat")
+            texts.append(await asyncio.wait_for(replies.get(), timeout))
+    finally:
+        await room.disconnect()
+    return texts
+
+
+async def _read_into(reader, queue: "asyncio.Queue[str]") -> None:  # noqa: ANN001
+    text = await reader.read_all()
+    if text.strip():
+        await queue.put(text)

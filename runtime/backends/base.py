@@ -35,6 +35,7 @@ class WorkerSpec:
     cpu: float = 1.0
     memory_mb: int = 1024
     image: str = ""
+    knowledge_dir: str | None = None  # the client's documents, read-only; no other client's
 
     @property
     def labels(self) -> dict[str, str]:

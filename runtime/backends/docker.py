@@ -41,18 +41,22 @@ class DockerBackend:
         self._lock = threading.Lock()
 
     def start(self, spec: WorkerSpec) -> WorkerHandle:
+        env, volumes = dict(spec.env), list(self._volumes)
+        if spec.knowledge_dir:  # only this client's documents are mounted, read-only
+            volumes.append(f"{spec.knowledge_dir}:/knowledge:ro")
+            env["AUTONOMITE_KNOWLEDGE_DIR"] = "/knowledge"
         try:
             # create + start, not run: run would try to pull a missing image from a registry.
             container = self._docker.containers.create(
                 spec.image,
                 name=f"autonomite-{spec.client_id}-{spec.worker_id}",
                 labels=spec.labels,
-                environment=dict(spec.env),
+                environment=env,
                 network_mode="host",
                 nano_cpus=int(spec.cpu * 1e9),
                 mem_limit=f"{spec.memory_mb}m",
                 restart_policy={"Name": "no"},
-                volumes=self._volumes,
+                volumes=volumes,
                 tmpfs={"/tmp": "rw,size=256m"},  # the job runner's IPC needs a writable /tmp
             )
             try:

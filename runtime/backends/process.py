@@ -30,6 +30,8 @@ class ProcessBackend:
     def start(self, spec: WorkerSpec) -> WorkerHandle:
         env = {k: os.environ[k] for k in _PASSTHROUGH if k in os.environ}
         env.update(spec.env)
+        if spec.knowledge_dir:
+            env["AUTONOMITE_KNOWLEDGE_DIR"] = spec.knowledge_dir
         log_path = self._log_path(spec.client_id, spec.worker_id)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
