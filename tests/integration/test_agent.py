@@ -38,7 +38,7 @@ def test_hostile_context_does_not_displace_the_agent(run_serve, lk_a):
     assert "Alpha Inc" in greeting and "Evil Corp" not in greeting
 
 
-def test_rag_answers_only_from_the_clients_own_documents(run_serve, lk_a, lk_b, tmp_path):
+def test_rag_answers_only_from_the_clients_own_documents(run_serve, backend, lk_a, lk_b, tmp_path):
     docs_a, docs_b = tmp_path / "alpha-docs", tmp_path / "beta-docs"
     docs_a.mkdir()
     docs_b.mkdir()
@@ -49,7 +49,7 @@ def test_rag_answers_only_from_the_clients_own_documents(run_serve, lk_a, lk_b, 
     (docs_b / "faq.txt").write_text("Beta sells garden furniture.\n\nDelivery takes five working days.\n")
     alpha = Client("alpha", lk_a, min_idle=1, max_size=1, agents=[SUPPORT], knowledge_dir=str(docs_a))
     beta = Client("beta", lk_b, min_idle=1, max_size=1, agents=[SUPPORT], knowledge_dir=str(docs_b))
-    serve = run_serve([alpha, beta])
+    serve = run_serve([alpha, beta], **backend)
     question = "How long is the Zephyr-9 warranty?"
     answers = {}
     for client in (alpha, beta):

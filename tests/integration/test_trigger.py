@@ -42,14 +42,17 @@ def test_trigger_dispatches_on_the_clients_own_server_and_the_pool_refills(run_s
 
 
 def test_workers_hold_only_their_own_clients_credentials(run_serve, backend, lk_a, lk_b):
-    alpha = Client("alpha", lk_a, min_idle=1, max_size=1)
-    beta = Client("beta", lk_b, min_idle=1, max_size=1)
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=1, agents=[{"name": "a", "system_prompt": "Alpha's own prompt"}])
+    beta = Client("beta", lk_b, min_idle=1, max_size=1, agents=[{"name": "b", "system_prompt": "Beta's own prompt"}])
     serve = run_serve([alpha, beta], **backend)
     for client, own, other in ((alpha, lk_a, lk_b), (beta, lk_b, lk_a)):
         for worker in serve.pool(client.id)["workers"]:
             environ = worker_environ(serve, worker["ref"])
             assert own.secret in environ
             assert other.secret not in environ
+            # The agent catalog is the client's own, too.
+            assert f"{client.id.title()}'s own prompt" in environ
+            assert ("Beta's own prompt" if client is alpha else "Alpha's own prompt") not in environ
             assert alpha.token not in environ and beta.token not in environ  # gateway tokens stay in the runtime
             assert serve.admin not in environ
 

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import pytest
+
+from agent import priming, providers
+from agent.offline_llm import KNOWLEDGE_HEADER, OfflineLLM, compose_reply
+from agent.rag import KnowledgeBase
+
+
+def prompt(**meta) -> str:
+    import json
+
+    return priming.build_prompt("You are the support agent.", priming.parse_metadata(json.dumps(meta)))
+
+
+def test_the_offline_llm_greets_from_the_primed_prompt():
+    system = prompt(client_name="Acme Corp", user_context={"name": "Dana"})
+    assert compose_reply([("system", system)]) == "Hello Dana, I'm the assistant for Acme Corp. How can I help you today?"
+    assert compose_reply([("system", prompt())]) == "Hello. How can I help you today?"
+    assert compose_reply([("system", prompt(has_conversation_history=True))]).startswith("Welcome back")
+    assert compose_reply([("system", prompt(is_preview=True))]).startswith("(Preview session) ")
+
+
+def test_the_offline_llm_answers_from_retrieved_passages_or_echoes():
+    system = prompt(user_context={"name": "Dana"})
+    assert compose_reply([("system", system), ("user", "hi there")]) == "Dana, you said: hi there"
+    found = [("system", system), ("user", "warranty?"), ("system", f"{KNOWLEDGE_HEADER}\n- Seven years.\n- Other.")]
+    assert compose_reply(found) == "Dana, here is what I found: Seven years."
+
+
+def test_knowledge_base_finds_the_passage_that_shares_terms():
+    kb = KnowledgeBase(["The Zephyr-9 warranty lasts seven years.", "Returns within 30 days.", "Office in Springfield."])
+    assert kb.search("how long is the zephyr warranty")[0].startswith("The Zephyr-9 warranty")
+    assert kb.search("banana smoothie") == []
+    assert KnowledgeBase([]).search("anything") == []
+
+
+def test_knowledge_base_reads_paragraphs_of_text_and_markdown(tmp_path):
+    (tmp_path / "a.md").write_text("# Title\n\nFirst paragraph\nwraps here.\n\nSecond one.\n")
+    (tmp_path / "skip.pdf").write_bytes(b"%PDF")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("Third.")
+    kb = KnowledgeBase.from_dir(tmp_path)
+    assert kb.passages == ["# Title", "First paragraph wraps here.", "Second one.", "Third."]
+
+
+def test_providers_default_to_offline_and_build_real_plugins_when_configured():
+    assert isinstance(providers.make_llm(None), OfflineLLM)
+    assert providers.make_stt(None) is None and providers.make_tts(None, "alloy") is None
+    openai = pytest.importorskip("livekit.plugins.openai")
+    assert isinstance(providers.make_llm({"provider": "openai", "api_key": "sk-test", "model": "gpt-4o-mini"}), openai.LLM)
+    elevenlabs = pytest.importorskip("livekit.plugins.elevenlabs")
+    tts = providers.make_tts({"provider": "elevenlabs", "api_key": "el-test"}, "voice-1")
+    assert isinstance(tts, elevenlabs.TTS)
