@@ -2,6 +2,7 @@
 
     autonomite serve --config FILE [--with-livekit]
     autonomite check-config FILE
+    autonomite chat --token T --client C --agent A [--room R] [--context JSON]
 
 ``--with-livekit`` is for the demo and local development: it starts a real livekit-server
 on loopback for each LiveKit URL in the config, with the keys of the clients that use it.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -37,9 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     serve_p.add_argument("--with-livekit", action="store_true", help="start a local livekit-server per LiveKit URL")
     check_p = sub.add_parser("check-config", help="validate a config file and print its clients")
     check_p.add_argument("file", type=Path)
+    chat_p = sub.add_parser("chat", help="start a session and talk to its agent as the end user")
+    chat_p.add_argument("--gateway", default="http://127.0.0.1:8080")
+    chat_p.add_argument("--token", required=True, help="the client's api_token")
+    chat_p.add_argument("--client", required=True)
+    chat_p.add_argument("--agent", required=True)
+    chat_p.add_argument("--room", default="chat-room")
+    chat_p.add_argument("--context", type=json.loads, default=None, help='JSON, e.g. {"name": "Dana"}')
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config(args.file)
+    if args.command == "chat":
+        from runtime.chat import chat
+
+        return chat(args.gateway, args.token, args.client, args.agent, args.room, args.context)
     return serve(args.config, args.with_livekit)
 
 
