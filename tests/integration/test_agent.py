@@ -59,3 +59,28 @@ def test_rag_answers_only_from_the_clients_own_documents(run_serve, backend, lk_
     assert "here is what I found" in answers["alpha"] and "seven years" in answers["alpha"]
     # Beta's worker searched only Beta's documents, where nothing matches.
     assert "seven years" not in answers["beta"] and "here is what I found" not in answers["beta"]
+
+
+def test_autonomite_chat_lets_a_person_talk_to_the_agent(run_serve, lk_a):
+    import subprocess
+    import sys
+
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=1, agents=[SUPPORT])
+    serve = run_serve([alpha])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "chat", "--gateway", f"http://127.0.0.1:{serve.port}",
+         "--token", alpha.token, "--client", "alpha", "--agent", "support", "--room", "room-chat",
+         "--context", '{"name": "Dana"}'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    lines = []
+    for line in proc.stdout:  # read until the greeting arrives, then say something
+        lines.append(line)
+        if line.startswith("agent> Hello Dana"):
+            proc.stdin.write("what is my name?\n")
+            proc.stdin.flush()
+        if line.startswith("agent> Dana, you said: what is my name?"):
+            proc.stdin.close()  # Ctrl-D: leave
+            break
+    assert proc.wait(30) == 0
+    assert any(line.startswith("session: worker ") for line in lines)
