@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from runtime.secrets import fingerprint
 
@@ -27,6 +27,15 @@ _MARKER = re.compile(r"⟪([A-Za-z_][A-Za-z0-9_]*)⟫")
 
 class ConfigError(Exception):
     """A configuration file that cannot be used; the message names file, field and reason."""
+
+
+def _long_enough(token: SecretStr) -> SecretStr:
+    if len(token.get_secret_value()) < 16:
+        raise ValueError("must be at least 16 characters")
+    return token
+
+
+Token = Annotated[SecretStr, AfterValidator(_long_enough)]  # a bearer token: guessable if short
 
 
 class _Model(BaseModel):
@@ -73,18 +82,11 @@ class WorkerSettings(_Model):
 class RuntimeSettings(_Model):
     backend: Literal["process", "docker"] = "process"
     gateway: GatewaySettings = GatewaySettings()
-    admin_token: SecretStr
+    admin_token: Token
     scaler: ScalerSettings = ScalerSettings()
     supervisor: SupervisorSettings = SupervisorSettings()
     workers: WorkerSettings = WorkerSettings()
     fault_injection: bool = False
-
-    @field_validator("admin_token")
-    @classmethod
-    def _token_long_enough(cls, v: SecretStr) -> SecretStr:
-        if len(v.get_secret_value()) < 16:
-            raise ValueError("must be at least 16 characters")
-        return v
 
 
 class LiveKitSettings(_Model):
@@ -169,7 +171,7 @@ class AgentSettings(_Model):
 class ClientSettings(_Model):
     id: str = Field(pattern=_ID)
     name: str = Field(min_length=1, max_length=200)
-    api_token: SecretStr
+    api_token: Token
     livekit: LiveKitSettings
     pool: PoolSettings = PoolSettings()
     image: str | None = None  # docker backend: this client's worker image
@@ -182,13 +184,6 @@ class ClientSettings(_Model):
         if v is not None and not v.is_dir():
             raise ValueError(f"{v} is not a directory")
         return v.resolve() if v is not None else None
-
-    @field_validator("api_token")
-    @classmethod
-    def _token_long_enough(cls, v: SecretStr) -> SecretStr:
-        if len(v.get_secret_value()) < 16:
-            raise ValueError("must be at least 16 characters")
-        return v
 
     @field_validator("agents")
     @classmethod
