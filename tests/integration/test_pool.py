@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -140,25 +141,37 @@ def test_reload_adds_changes_and_removes_clients(run_serve, lk_a, lk_b):
     assert r.status == 200 and r.body["added"] == ["beta"], r.body
     wait_until(lambda: serve.pool("beta").get("idle") == 1, 60, "beta's pool to warm up")
 
-    # Change alpha's agent catalog: its idle worker is replaced.
-    old_ids = {w["id"] for w in serve.pool("alpha")["workers"]}
+    # Change alpha's agent catalog while one worker is in a session: the idle worker is
+    # replaced, the leased one finishes its session untouched.
+    r = serve.trigger(alpha, "room-reload")
+    assert r.status == 200
+    leased_id = r.body["worker_id"]
+    wait_until(lambda: lk_a.active_agents("room-reload"), 30, "the agent in the room")
+    wait_until(lambda: serve.pool("alpha")["idle"] == 1, 60, "the idle floor")
+    old_idle = {w["id"] for w in serve.pool("alpha")["workers"] if w["state"] == "idle"}
     config["clients"][0]["agents"][0]["system_prompt"] = "You are even more helpful."
     serve.config.write_text(original.split("clients:")[0] + yaml.safe_dump({"clients": config["clients"]}))
     r = serve.request("POST", "/api/v1/admin/reload", token=serve.admin)
     assert r.body["changed"] == ["alpha"], r.body
     wait_until(
-        lambda: (p := serve.pool("alpha"))["idle"] == 1 and not old_ids & {w["id"] for w in p["workers"]},
+        lambda: (p := serve.pool("alpha"))["idle"] == 1 and not old_idle & {w["id"] for w in p["workers"]},
         60,
         "alpha's idle worker to be replaced",
     )
+    states = {w["id"]: w["state"] for w in serve.pool("alpha")["workers"]}
+    assert states[leased_id] == "leased"
+    lk_a.delete_room("room-reload")
+    wait_until(lambda: leased_id not in {w["id"] for w in serve.pool("alpha")["workers"]}, 30, "the session to end")
 
-    # Remove beta: its pool drains and goes away.
+    # Remove beta, this time with SIGHUP: its pool drains and goes away.
     beta_pids = [int(w["ref"]) for w in serve.pool("beta")["workers"]]
     serve.config.write_text(original.split("clients:")[0] + yaml.safe_dump({"clients": config["clients"][:1]}))
-    r = serve.request("POST", "/api/v1/admin/reload", token=serve.admin)
-    assert r.body["removed"] == ["beta"]
+    serve.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: "beta" not in serve.stats(), 30, "beta's pool to stop")
     wait_until(lambda: not any(pid_alive(p) for p in beta_pids), 20, "beta's workers to exit")
+    text = serve.metrics()
+    assert metric_value(text, "autonomite_worker_exits_total", client="alpha", cause="reconfigured") >= 1
+    assert metric_value(text, "autonomite_worker_exits_total", client="alpha", cause="session_end") == 1
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus) is not installed")
