@@ -87,6 +87,10 @@ async def run_worker(config: WorkerConfig) -> int:
     from agent.session import run_session
 
     state = WorkerState(config)
+    # livekit-agents' job-runner warm-up loads local VAD and end-of-turn models (~250 MB)
+    # into every worker. Only voice input uses them: a text-only catalog skips them.
+    if not any(agent.get("stt") for agent in config.catalog):
+        os.environ.setdefault("LIVEKIT_AGENTS_PRELOAD_LOCAL_INFERENCE", "0")
     # Everything a session needs is ready before the worker registers (and so reports idle):
     # the client's documents indexed, the configured provider plugins imported.
     providers.preload(config.catalog)
