@@ -16,11 +16,20 @@ from datetime import datetime, timezone
 
 import pykka
 
-from actors.messages import DispatchFinished, Lease, Leased, ReturnLease, Trigger, TriggerRequest, TriggerResult
+from actors.messages import (
+    DispatchFinished,
+    Lease,
+    Leased,
+    ReturnLease,
+    SessionEnded,
+    Trigger,
+    TriggerRequest,
+    TriggerResult,
+)
 from actors.supervisor import Directory, Supervised
 from runtime.livekit import LiveKitClient, participant_token
 from runtime.metrics import Metrics
-from runtime.settings import AgentSettings, ClientSettings
+from runtime.settings import AgentSettings, ClientSettings, LiveKitSettings
 
 logger = logging.getLogger("autonomite.dispatch")
 
@@ -66,6 +75,8 @@ class DispatchActor(Supervised):
         self.directory = directory
         self.livekit = livekit
         self.metrics = metrics
+        # Live sessions by (client, worker): what to clean up if the worker dies mid-session.
+        self.sessions: dict[tuple[str, str], tuple[LiveKitSettings, str, str]] = {}
 
     def on_receive(self, message: object) -> object:
         match message:
@@ -73,6 +84,8 @@ class DispatchActor(Supervised):
                 return self._trigger(message)
             case DispatchFinished():
                 return self._finished(message)
+            case SessionEnded(client_id, worker_id, failed):
+                return self._session_ended(client_id, worker_id, failed)
         raise TypeError(f"dispatch: unexpected message {type(message).__name__}")
 
     def _trigger(self, trigger: Trigger) -> None:
@@ -117,6 +130,7 @@ class DispatchActor(Supervised):
             return self._reply(trigger, TriggerResult(502, body), outcome="livekit_error")
         self.metrics.dispatch_latency.labels(client.id).observe(time.perf_counter() - message.started_at)
         room = trigger.request.room_name
+        self.sessions[(client.id, lease.worker_id)] = (client.livekit, message.dispatch_id, room)
         identity = _user_identity(trigger.request.user_email)
         logger.info("dispatched %s to room %s (%s)", lease.agent_name, room, message.dispatch_id)
         body = {
@@ -129,6 +143,17 @@ class DispatchActor(Supervised):
             "participant_token": participant_token(client.livekit, room, identity),
         }
         self._reply(trigger, TriggerResult(200, body), outcome="dispatched")
+
+    def _session_ended(self, client_id: str, worker_id: str, failed: bool) -> None:
+        session = self.sessions.pop((client_id, worker_id), None)
+        if session is None or not failed:
+            return
+        lk, dispatch_id, room = session
+        logger.warning("worker %s died mid-session; deleting its dispatch %s in room %s", worker_id, dispatch_id, room)
+        future = self.livekit.delete_dispatch(lk, dispatch_id, room)
+        future.add_done_callback(
+            lambda f: f.exception() and logger.error("deleting dispatch %s: %s", dispatch_id, _describe(f.exception()))
+        )
 
     def _reply(self, trigger: Trigger, result: TriggerResult, outcome: str | None = None) -> None:
         self.metrics.triggers.labels(trigger.client.id, outcome or f"http_{result.status}").inc()

@@ -217,6 +217,16 @@ class DispatchFinished:
     error: str | None
 
 
+@dataclass(frozen=True)
+class SessionEnded:
+    """From a pool: a leased worker is gone. If its session failed, its dispatch is deleted,
+    since LiveKit keeps a dispatch active after its worker died (livekit/agents#1472)."""
+
+    client_id: str
+    worker_id: str
+    failed: bool
+
+
 # -- ScalerActor ---------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ import time
 import uuid
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Callable
 
 from actors import _watch
 from actors.messages import (
@@ -38,6 +39,7 @@ from actors.messages import (
     Reconfigure,
     Resize,
     ReturnLease,
+    SessionEnded,
     Tick,
     WorkerExited,
     WorkerInfo,
@@ -90,10 +92,12 @@ class PoolActor(Supervised):
         settings: WorkerSettings,
         metrics: Metrics,
         executor: Executor,
+        on_session_end: Callable[[SessionEnded], None] = lambda _: None,
         supervisor=None,  # noqa: ANN001
         child_id: str = "",
     ) -> None:
         super().__init__(supervisor, child_id)
+        self.on_session_end = on_session_end
         self.client = client
         self.backend = backend
         self.settings = settings
@@ -284,6 +288,8 @@ class PoolActor(Supervised):
         else:
             cause = "crashed"
         self.metrics.worker_exits.labels(self.client.id, cause).inc()
+        if worker.lease_no:  # it held a lease: the dispatcher forgets it, and cleans up a failure
+            self.on_session_end(SessionEnded(self.client.id, worker_id, failed=cause != "session_end"))
         logger.info("pool %s: worker %s exited (%s, code %s)", self.client.id, worker_id, cause, exit_code)
 
     # -- keeping the pool at its size ----------------------------------------------------

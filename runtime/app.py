@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import pykka
+
 from actors import ChildSpec, Directory, DispatchActor, PoolActor, Restart, ScalerActor, Supervisor, pool_id
 from actors.messages import Reconfigure, ShutdownAll, StartChild, StopChild
 from runtime.backends import ProcessBackend, WorkerBackend
@@ -88,7 +90,8 @@ class Runtime:
         def start(**child):  # noqa: ANN003, ANN202
             client = self.settings.client(client_id)
             return PoolActor.start(
-                client, self.backend, self.settings.runtime.workers, self.metrics, self.executor, **child
+                client, self.backend, self.settings.runtime.workers, self.metrics, self.executor,
+                on_session_end=self._tell_dispatch, **child,
             )
 
         return ChildSpec(pool_id(client_id), start, Restart.PERMANENT, self.settings.runtime.supervisor.shutdown_timeout_s)
@@ -135,10 +138,19 @@ class Runtime:
         logger.info("reloaded: %s", summary.as_json())
         return summary
 
+    def _tell_dispatch(self, message: object) -> None:
+        self._tell(self.directory.get("dispatch"), message)
+
     def _tell_pool(self, client_id: str, message: object) -> None:
-        ref = self.directory.get(pool_id(client_id))
-        if ref is not None:
-            ref.tell(message)
+        self._tell(self.directory.get(pool_id(client_id)), message)
+
+    @staticmethod
+    def _tell(ref: pykka.ActorRef | None, message: object) -> None:
+        try:
+            if ref is not None:
+                ref.tell(message)
+        except pykka.ActorDeadError:
+            pass  # restarting: the new incarnation starts from what it finds
 
     # -- failure and shutdown ------------------------------------------------------------
 

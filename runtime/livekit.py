@@ -34,6 +34,12 @@ class LiveKitClient:
 
         return asyncio.run_coroutine_threadsafe(call(), self._loop)
 
+    def delete_dispatch(self, lk: LiveKitSettings, dispatch_id: str, room: str) -> Future[None]:
+        async def call() -> None:
+            await self._api(lk).agent_dispatch.delete_dispatch(dispatch_id, room)
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop)
+
     def _api(self, lk: LiveKitSettings) -> api.LiveKitAPI:
         # One HTTP session per key pair, reused across calls; runs on the adapter's loop only.
         key = (lk.http_url, lk.fingerprint)

@@ -336,3 +336,11 @@ async def _read_into(reader, queue: "asyncio.Queue[str]") -> None:  # noqa: ANN0
     text = await reader.read_all()
     if text.strip():
         await queue.put(text)
+
+
+def kill_worker(serve: Serve, ref: str) -> None:
+    """SIGKILL a worker from outside the runtime, as the OOM killer or `docker kill` would."""
+    if backend_of(serve) == "process":
+        os.kill(int(ref), signal.SIGKILL)
+    else:
+        subprocess.run(["docker", "kill", ref], check=True, capture_output=True)

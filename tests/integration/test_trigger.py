@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.support import Client, metric_value, wait_until, worker_alive, worker_environ
+from tests.support import Client, kill_worker, metric_value, wait_until, worker_alive, worker_environ
 
 
 def test_trigger_dispatches_on_the_clients_own_server_and_the_pool_refills(run_serve, backend, lk_a, lk_b):
@@ -124,3 +124,20 @@ def test_end_user_joins_with_the_token_and_leaving_ends_the_session(run_serve, b
     # The user left: the session ends and the worker exits, although the room was never deleted.
     wait_until(lambda: worker_id not in {w["id"] for w in serve.pool("alpha")["workers"]}, 30, "the worker to exit")
     assert metric_value(serve.metrics(), "autonomite_worker_exits_total", client="alpha", cause="session_end") == 1
+
+
+def test_a_worker_killed_mid_session_ends_its_lease_as_a_failure_and_its_dispatch(run_serve, backend, lk_a):
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=2)
+    serve = run_serve([alpha], **backend)
+    r = serve.trigger(alpha, "room-killed")
+    assert r.status == 200
+    leased = next(w for w in serve.pool("alpha")["workers"] if w["id"] == r.body["worker_id"])
+    wait_until(lambda: lk_a.active_agents("room-killed"), 30, "the agent in the room")
+    assert [d.agent_name for d in lk_a.dispatches("room-killed") if d.agent_name] == [leased["agent_name"]]
+
+    kill_worker(serve, leased["ref"])
+    wait_until(lambda: serve.pool("alpha")["leased"] == 0, 30, "the lease to end")
+    assert metric_value(serve.metrics(), "autonomite_worker_exits_total", client="alpha", cause="session_failed") == 1
+    # LiveKit keeps a dead worker's dispatch active; the runtime deletes it.
+    wait_until(lambda: not [d for d in lk_a.dispatches("room-killed") if d.agent_name], 10, "the dispatch deleted")
+    lk_a.delete_room("room-killed")
