@@ -1,0 +1,38 @@
+"""The actor tree in-process (no gateway): paths that HTTP alone cannot provoke on purpose."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors import pool_id
+from actors.messages import GetStats, Lease, Leased
+from runtime.app import Runtime
+from runtime.settings import load_settings
+from tests.support import Client, metric_value, wait_until, write_config
+
+
+@pytest.fixture
+def runtime(tmp_path, lk_a):
+    env = write_config(tmp_path / "clients.yaml", [Client("alpha", lk_a, min_idle=1, max_size=2)],
+                       workers={"lease_timeout_s": 2})
+    rt = Runtime(load_settings(tmp_path / "clients.yaml", env)).start()
+    yield rt
+    rt.stop()
+
+
+def stats(rt: Runtime):
+    return rt.directory.get(pool_id("alpha")).ask(GetStats(), timeout=5)
+
+
+def test_a_lease_whose_job_never_arrives_is_retired(runtime):
+    """A dispatch LiveKit dropped looks like this: leased, registered, and no job ever comes."""
+    wait_until(lambda: stats(runtime).idle == 1, 60, "a warm worker")
+    lease = runtime.directory.get(pool_id("alpha")).ask(Lease("room-lost"), timeout=5)
+    assert isinstance(lease, Leased)  # and no dispatch is ever sent for it
+    wait_until(
+        lambda: metric_value(runtime.metrics.render().decode(), "autonomite_worker_exits_total",
+                             client="alpha", cause="lease_unused") == 1,
+        20, "the unused lease to be retired",
+    )
+    wait_until(lambda: (s := stats(runtime)).leased == 0 and s.idle == 1, 60, "the pool back at min_idle")
+    assert lease.worker_id not in {w.id for w in stats(runtime).workers}
