@@ -49,4 +49,4 @@ class KnowledgeBase:
         if not self.passages or not query.strip():
             return []
         docs, scores = self._index.retrieve(_tokens([query]), k=min(k, len(self.passages)), show_progress=False)
-        return [self.passages[int(i)] for i, score in zip(docs[0], scores[0]) if score > 0]
+        return [self.passages[int(i)] for i, score in zip(docs[0], scores[0], strict=True) if score > 0]

@@ -129,7 +129,7 @@ async def pool_stats(runtime: Runtime) -> dict[str, PoolStats]:
             return None
 
     answers = await asyncio.gather(*(one(ref) for ref in pools.values()))
-    return {cid: s for cid, s in zip(pools, answers) if s is not None}
+    return {cid: s for cid, s in zip(pools, answers, strict=True) if s is not None}
 
 
 async def stats(request: web.Request) -> web.Response:
