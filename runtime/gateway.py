@@ -19,6 +19,7 @@ from actors import pool_id
 from actors.messages import Crash, GetStats, PoolStats, Trigger, TriggerRequest, TriggerResult
 from runtime import bridge
 from runtime.app import Runtime
+from runtime.livekit import verify_webhook
 from runtime.secrets import same_secret
 from runtime.settings import ConfigError
 
@@ -162,6 +163,33 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
 
 
+# -- LiveKit webhooks ---------------------------------------------------------------------
+
+
+async def livekit_webhook(request: web.Request) -> web.Response:
+    """A client's LiveKit project reports room and participant events.
+
+    Nothing is believed before the signature checks out against that client's own key pair
+    (the header carries LiveKit's JWT, whose sha256 claim covers the body). Verified events
+    are counted per client and event: the per-client usage record that billing starts from.
+    """
+    runtime = request.app[RUNTIME]
+    client = runtime.settings.client(request.match_info["client_id"])
+    if client is None:
+        return error(404, "unknown_client", "no such client")
+    try:
+        body = (await request.read()).decode("utf-8")
+        event = verify_webhook(client.livekit, body, request.headers.get("Authorization", ""))
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, "body_too_large", "the body is too large")
+    except Exception:  # noqa: BLE001 - any failure to verify is the same answer, and says nothing more
+        logger.warning("rejected a LiveKit webhook for %s: signature did not verify", client.id)
+        return error(401, "invalid_signature", "the webhook is not signed with this client's key")
+    runtime.metrics.webhooks.labels(client.id, event.event or "unknown").inc()
+    logger.info("livekit %s: %s in room %s", client.id, event.event, event.room.name or "-")
+    return web.json_response({"received": event.event})
+
+
 # -- admin -----------------------------------------------------------------------------------
 
 
@@ -199,6 +227,7 @@ def create_app(runtime: Runtime) -> web.Application:
     app.router.add_post("/api/v1/trigger", trigger)
     app.router.add_get("/api/v1/containers/pool/stats", stats)
     app.router.add_post("/api/v1/admin/reload", reload)
+    app.router.add_post("/api/v1/webhooks/livekit/{client_id}", livekit_webhook)
     app.router.add_post("/api/v1/admin/fault/crash-pool/{client_id}", crash_pool)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)

@@ -66,3 +66,9 @@ def participant_token(lk: LiveKitSettings, room: str, identity: str, ttl: timede
         .with_ttl(ttl)
         .to_jwt()
     )
+
+
+def verify_webhook(lk: LiveKitSettings, body: str, authorization: str) -> api.WebhookEvent:
+    """The event, if LiveKit signed it with this client's key pair; raises otherwise."""
+    receiver = api.WebhookReceiver(api.TokenVerifier(lk.api_key.get_secret_value(), lk.api_secret.get_secret_value()))
+    return receiver.receive(body, authorization)

@@ -33,6 +33,9 @@ class Metrics:
         self.worker_start_failures = Counter(
             "autonomite_worker_start_failures", "Workers that never became ready.", ["client"], registry=r
         )
+        self.webhooks = Counter(
+            "autonomite_livekit_webhooks", "Verified LiveKit webhook events.", ["client", "event"], registry=r
+        )
         self.actor_restarts = Counter("autonomite_actor_restarts", "Actors restarted by the supervisor.", ["actor"], registry=r)
         self.dispatch_latency = Histogram(
             "autonomite_dispatch_latency_seconds", "Trigger received to LiveKit dispatch created.", ["client"],

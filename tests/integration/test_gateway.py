@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 
 import pytest
 
-from tests.support import Client, wait_until
+from tests.support import Client, metric_value, wait_until
 
 VALID = {"agent": "support", "room_name": "room-valid"}
 
@@ -116,3 +118,45 @@ def test_livekit_failure_is_a_502_and_the_lease_goes_back(run_serve, log_root):
         assert pool["leased"] == 0 and [w["id"] for w in pool["workers"]] == worker_ids
     finally:
         project.server.stop()
+
+
+def test_livekit_webhooks_are_verified_with_the_clients_own_keys(run_serve, log_root):
+    from livekit import api
+
+    from runtime.devserver import LiveKitServer, free_port
+    from tests.support import LiveKitProject, new_secret
+
+    gateway_port = free_port()
+    secret = new_secret("hooked-lk-secret")
+    server = LiveKitServer(
+        {"hookedkey": secret},
+        log_path=log_root / "livekit-hooked.log",
+        webhook_urls=[f"http://127.0.0.1:{gateway_port}/api/v1/webhooks/livekit/hooked"],
+    ).start()
+    try:
+        project = LiveKitProject(server, "hookedkey", secret)
+        hooked = Client("hooked", project, min_idle=1, max_size=1)
+        serve = run_serve([hooked], gateway={"host": "127.0.0.1", "port": gateway_port})
+        assert serve.trigger(hooked, "room-hooked").status == 200
+        wait_until(lambda: project.active_agents("room-hooked"), 30, "the agent in the room")
+        project.delete_room("room-hooked")
+        wait_until(
+            lambda: metric_value(serve.metrics(), "autonomite_livekit_webhooks_total", client="hooked",
+                                 event="room_finished") == 1,
+            30, "LiveKit's signed room_finished webhook",
+        )
+        before = serve.metrics()
+
+        # A forged event: right shape, signed with another key pair.
+        body = '{"event": "room_finished", "room": {"name": "room-hooked"}}'
+        body_hash = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        forged = api.AccessToken("hookedkey", "not-the-secret-" + "x" * 20).with_sha256(body_hash).to_jwt()
+        path = "/api/v1/webhooks/livekit/hooked"
+        r = serve.request("POST", path, raw=body.encode(), headers={"Authorization": forged})
+        assert r.status == 401 and r.body["error"] == "invalid_signature"
+        assert serve.request("POST", path, raw=body.encode()).status == 401  # unsigned
+        assert serve.request("POST", "/api/v1/webhooks/livekit/nobody", raw=body.encode()).status == 404
+        key = ("autonomite_livekit_webhooks_total", {"client": "hooked", "event": "room_finished"})
+        assert metric_value(serve.metrics(), key[0], **key[1]) == metric_value(before, key[0], **key[1])
+    finally:
+        server.stop()
