@@ -71,7 +71,7 @@ def _follow(backend: WorkerBackend, handle: WorkerHandle, pool: pykka.ActorRef, 
 
     threading.Thread(target=wait_for_exit, name=f"wait-{handle.worker_id}", daemon=True).start()
     deadline = time.monotonic() + ready_timeout_s
-    while not exited.is_set():
+    while not exited.is_set() and pool.is_alive():  # a dead pool's successor probes for itself
         status = read_status(handle.status_port)
         if status and status.get("registered"):
             _tell(pool, WorkerReady(handle.worker_id, busy=status.get("state") != "idle"))

@@ -181,9 +181,11 @@ class Runtime:
             self.supervisor.stop()
         except Exception as e:  # noqa: BLE001 - the supervisor may be gone already
             logger.debug("supervisor already stopped: %s", e)
-        for handle in self.backend.list():  # anything a crashed pool could not take down
+        # Starts still in flight finish first (each stops its worker: its pool is gone), then
+        # a last sweep takes down anything no pool knew about.
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        for handle in self.backend.list():
             self.backend.stop(handle)
         self.livekit.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
         self.backend.close()
         logger.info("runtime stopped")

@@ -208,6 +208,13 @@ class Serve:
         body = {"client_id": client.id, "agent": agent, "room_name": room, **extra}
         return self.request("POST", "/api/v1/trigger", body, token=client.token)
 
+    def start_session(self, client: Client, room: str, **extra: Any) -> Response:
+        """Trigger, and wait until the leased agent is active in the room on its LiveKit."""
+        r = self.trigger(client, room, **extra)
+        assert r.status == 200, r.body
+        wait_until(lambda: client.project.active_agents(room), 30, f"the agent in {room}")
+        return r
+
     def stats(self) -> dict:
         r = self.get("/api/v1/containers/pool/stats", token=self.admin)
         assert r.status == 200, r

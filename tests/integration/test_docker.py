@@ -50,13 +50,10 @@ def test_a_killed_idle_container_is_replaced(run_serve, docker_backend, lk_a):
     assert metric_value(serve.metrics(), "autonomite_worker_exits_total", client="alpha", cause="crashed") == 1
 
 
-
 def test_a_runtime_killed_with_sigkill_is_adopted_never_duplicated(run_serve, docker_backend, lk_a):
     alpha = Client("alpha", lk_a, min_idle=2, max_size=3)
     serve = run_serve([alpha], **docker_backend)
-    r = serve.trigger(alpha, "room-survivor")
-    assert r.status == 200
-    wait_until(lambda: lk_a.active_agents("room-survivor"), 30, "the agent in the room")
+    serve.start_session(alpha, "room-survivor")
     wait_until(lambda: serve.pool("alpha")["idle"] == 2, 60, "the idle floor")
     before = sorted(c.id[:12] for c in containers("alpha"))
     assert len(before) == 3

@@ -69,9 +69,7 @@ def test_scaler_grows_to_max_and_shrinks_back_to_min_idle(run_serve, backend, lk
 def test_crashed_pool_is_restarted_and_adopts_its_workers(run_serve, backend, lk_a):
     alpha = Client("alpha", lk_a, min_idle=2, max_size=3)
     serve = run_serve([alpha], fault_injection=True, supervisor={"max_restarts": 3, "within_s": 60}, **backend)
-    r = serve.trigger(alpha, "room-adopt")
-    assert r.status == 200
-    wait_until(lambda: lk_a.active_agents("room-adopt"), 30, "agent in room")
+    serve.start_session(alpha, "room-adopt")
     wait_until(lambda: serve.pool("alpha")["idle"] == 2, 60, "idle floor refilled")
     before = {w["id"]: w["state"] for w in serve.pool("alpha")["workers"]}
 
@@ -143,10 +141,7 @@ def test_reload_adds_changes_and_removes_clients(run_serve, lk_a, lk_b):
 
     # Change alpha's agent catalog while one worker is in a session: the idle worker is
     # replaced, the leased one finishes its session untouched.
-    r = serve.trigger(alpha, "room-reload")
-    assert r.status == 200
-    leased_id = r.body["worker_id"]
-    wait_until(lambda: lk_a.active_agents("room-reload"), 30, "the agent in the room")
+    leased_id = serve.start_session(alpha, "room-reload").body["worker_id"]
     wait_until(lambda: serve.pool("alpha")["idle"] == 1, 60, "the idle floor")
     old_idle = {w["id"] for w in serve.pool("alpha")["workers"] if w["state"] == "idle"}
     config["clients"][0]["agents"][0]["system_prompt"] = "You are even more helpful."

@@ -85,9 +85,7 @@ def test_concurrent_triggers_never_lease_a_worker_twice(run_serve, backend, lk_a
 def test_sigterm_leaves_no_worker_behind(run_serve, backend, lk_a):
     alpha = Client("alpha", lk_a, min_idle=2, max_size=3)
     serve = run_serve([alpha], **backend)
-    r = serve.trigger(alpha, "room-sigterm")
-    assert r.status == 200
-    wait_until(lambda: lk_a.active_agents("room-sigterm"), 30, "the agent in the room")
+    serve.start_session(alpha, "room-sigterm")
     refs = [w["ref"] for w in serve.pool("alpha")["workers"] if w["ref"]]
     assert len(refs) >= 2
     assert serve.stop() == 0
@@ -129,10 +127,8 @@ def test_end_user_joins_with_the_token_and_leaving_ends_the_session(run_serve, b
 def test_a_worker_killed_mid_session_ends_its_lease_as_a_failure_and_its_dispatch(run_serve, backend, lk_a):
     alpha = Client("alpha", lk_a, min_idle=1, max_size=2)
     serve = run_serve([alpha], **backend)
-    r = serve.trigger(alpha, "room-killed")
-    assert r.status == 200
+    r = serve.start_session(alpha, "room-killed")
     leased = next(w for w in serve.pool("alpha")["workers"] if w["id"] == r.body["worker_id"])
-    wait_until(lambda: lk_a.active_agents("room-killed"), 30, "the agent in the room")
     assert [d.agent_name for d in lk_a.dispatches("room-killed") if d.agent_name] == [leased["agent_name"]]
 
     kill_worker(serve, leased["ref"])
