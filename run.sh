@@ -45,6 +45,9 @@ setup_docker() {
     if docker info >/dev/null 2>&1; then return 0; fi
     apt_install dockerd docker.io || { log "no Docker engine: the docker tests will skip"; return 0; }
     log "starting dockerd"
+    if [ -f /var/run/docker.pid ] && ! pgrep -x dockerd >/dev/null; then
+        rm -f /var/run/docker.pid  # left by a dockerd that did not stop cleanly
+    fi
     dockerd --bridge=none --iptables=false --ip6tables=false >.cache/dockerd.log 2>&1 &
     DOCKERD_PID=$!
     for _ in $(seq 1 60); do
