@@ -49,6 +49,7 @@ from actors.messages import (
     WorkerState,
 )
 from actors.supervisor import Supervised
+from agent.worker import WorkerConfig
 from runtime.backends.base import WorkerBackend, WorkerHandle, WorkerSpec
 from runtime.devserver import free_port
 from runtime.metrics import WORKER_STATES, Metrics
@@ -353,17 +354,19 @@ class PoolActor(Supervised):
     def _worker_env(self, worker: _Worker) -> dict[str, str]:
         """Only this client's credentials and catalog: nothing of any other client."""
         lk = self.client.livekit
+        config = WorkerConfig(
+            worker_id=worker.id,
+            client_id=self.client.id,
+            agent_name=worker.agent_name,
+            status_port=worker.status_port,
+            catalog=[a.for_worker() for a in self.client.agents],
+            user_join_timeout_s=self.settings.user_join_timeout_s,
+        )
         return {
             "LIVEKIT_URL": lk.url,
             "LIVEKIT_API_KEY": lk.api_key.get_secret_value(),
             "LIVEKIT_API_SECRET": lk.api_secret.get_secret_value(),
-            "AUTONOMITE_WORKER_ID": worker.id,
-            "AUTONOMITE_CLIENT_ID": self.client.id,
-            "AUTONOMITE_AGENT_NAME": worker.agent_name,
-            "AUTONOMITE_STATUS_PORT": str(worker.status_port),
-            "AUTONOMITE_USER_JOIN_TIMEOUT_S": str(self.settings.user_join_timeout_s),
-            "AUTONOMITE_CATALOG": json.dumps([a.for_worker() for a in self.client.agents]),
-            "AUTONOMITE_CLIENT_NAME": self.client.name,
+            **config.to_env(),
         }
 
     def _retire(self, worker: _Worker, cause: str) -> None:

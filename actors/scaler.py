@@ -41,7 +41,7 @@ def next_target(stats: PoolStats, policy: ScalerSettings, missed: int, low_since
         return Decision(grown if grown > stats.target else None, None)
     if stats.utilization < policy.low_water:
         low_since = now if low_since is None else low_since
-        floor = max(stats.min_idle, stats.leased + stats.min_idle)
+        floor = stats.leased + stats.min_idle
         if now - low_since >= policy.scale_down_after_s and stats.target > floor:
             return Decision(floor, None)
         return Decision(None, low_since)

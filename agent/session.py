@@ -6,7 +6,7 @@ config (``agent.providers``: offline, text-only by default). With ``enable_rag``
 turn gets the best passages from the client's own documents.
 
 The session ends when the room ends, when the last end user leaves, or when no end user
-has joined within ``AUTONOMITE_USER_JOIN_TIMEOUT_S`` (a trigger whose user never came must
+has joined within ``user_join_timeout_s`` (a trigger whose user never came must
 not hold a warm worker forever).
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from typing import Any
 
 from livekit import rtc
@@ -59,7 +58,9 @@ def _is_user(p: rtc.RemoteParticipant) -> bool:
     return p.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
 
 
-async def run_session(ctx: JobContext, catalog: list[dict], knowledge: KnowledgeBase | None) -> None:
+async def run_session(
+    ctx: JobContext, catalog: list[dict], knowledge: KnowledgeBase | None, user_join_timeout_s: float
+) -> None:
     info = priming.parse_metadata(ctx.job.metadata)
     config = next((a for a in catalog if a.get("name") == info.agent_name), None)
     if config is None:
@@ -84,7 +85,7 @@ async def run_session(ctx: JobContext, catalog: list[dict], knowledge: Knowledge
             close_on_disconnect=False,  # the session's end is ours to decide, below
         ),
     )
-    _end_when_users_leave(ctx, float(os.environ.get("AUTONOMITE_USER_JOIN_TIMEOUT_S", "120")))
+    _end_when_users_leave(ctx, user_join_timeout_s)
     await ctx.wait_for_participant()
     session.generate_reply()  # the first words: a greeting that already knows the user
 

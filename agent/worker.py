@@ -31,11 +31,26 @@ DRAIN_TIMEOUT_S = 8  # a stopped worker lets its session wrap up this long, then
 
 @dataclass
 class WorkerConfig:
+    """What the runtime tells a worker through its environment (besides LiveKit's own
+    ``LIVEKIT_URL``/``_API_KEY``/``_API_SECRET``). ``to_env`` and ``from_env`` are the two
+    ends of that contract, kept side by side."""
+
     worker_id: str
     client_id: str
     agent_name: str
     status_port: int
     catalog: list[dict]
+    user_join_timeout_s: float = 120.0
+
+    def to_env(self) -> dict[str, str]:
+        return {
+            "AUTONOMITE_WORKER_ID": self.worker_id,
+            "AUTONOMITE_CLIENT_ID": self.client_id,
+            "AUTONOMITE_AGENT_NAME": self.agent_name,
+            "AUTONOMITE_STATUS_PORT": str(self.status_port),
+            "AUTONOMITE_CATALOG": json.dumps(self.catalog),
+            "AUTONOMITE_USER_JOIN_TIMEOUT_S": str(self.user_join_timeout_s),
+        }
 
     @classmethod
     def from_env(cls) -> "WorkerConfig":
@@ -45,6 +60,7 @@ class WorkerConfig:
             agent_name=os.environ["AUTONOMITE_AGENT_NAME"],
             status_port=int(os.environ["AUTONOMITE_STATUS_PORT"]),
             catalog=json.loads(os.environ.get("AUTONOMITE_CATALOG", "[]")),
+            user_join_timeout_s=float(os.environ.get("AUTONOMITE_USER_JOIN_TIMEOUT_S", "120")),
         )
 
 
@@ -127,7 +143,7 @@ async def run_worker(config: WorkerConfig) -> int:
             loop.call_soon_threadsafe(session_over.set)
 
         ctx.add_shutdown_callback(on_shutdown)
-        await run_session(ctx, config.catalog, knowledge)
+        await run_session(ctx, config.catalog, knowledge, config.user_join_timeout_s)
 
     server.on("worker_registered", lambda *_: _mark_idle(state))
 

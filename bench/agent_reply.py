@@ -25,23 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from livekit import rtc  # noqa: E402
 
 from bench.trigger_latency import machine  # noqa: E402
+from runtime.chat import agent_replies  # noqa: E402
 from runtime.devserver import LiveKitServer  # noqa: E402
 from tests.support import Client, LiveKitProject, Serve, wait_until, write_config  # noqa: E402
 
 
 async def one_session(url: str, token: str) -> tuple[float, float]:
-    replies: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
     room = rtc.Room()
-
-    def on_text(reader: rtc.TextStreamReader, identity: str) -> None:
-        async def read() -> None:
-            text = await reader.read_all()
-            if text.strip():
-                await replies.put((time.perf_counter(), text))
-
-        asyncio.ensure_future(read())
-
-    room.register_text_stream_handler("lk.transcription", on_text)
+    replies = agent_replies(room)
     await room.connect(url, token)
     joined = time.perf_counter()
     try:

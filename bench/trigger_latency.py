@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from livekit import api  # noqa: E402
 
 from actors._watch import read_status  # noqa: E402
+from agent.worker import WorkerConfig  # noqa: E402
 from runtime.backends import ProcessBackend, WorkerSpec  # noqa: E402
 from runtime.devserver import LiveKitServer, free_port  # noqa: E402
 from tests.support import Client, LiveKitProject, Serve, wait_until, write_config  # noqa: E402
@@ -96,9 +97,7 @@ def cold_session(backend: ProcessBackend, project: LiveKitProject, arrivals: Arr
         client_id="cold", worker_id=worker_id, agent_name=f"cold--{worker_id}", status_port=port, credentials_fp="",
         env={
             "LIVEKIT_URL": project.url, "LIVEKIT_API_KEY": project.key, "LIVEKIT_API_SECRET": project.secret,
-            "AUTONOMITE_WORKER_ID": worker_id, "AUTONOMITE_CLIENT_ID": "cold",
-            "AUTONOMITE_AGENT_NAME": f"cold--{worker_id}", "AUTONOMITE_STATUS_PORT": str(port),
-            "AUTONOMITE_CATALOG": "[]",
+            **WorkerConfig(worker_id, "cold", f"cold--{worker_id}", port, []).to_env(),
         },
     )
     arrived = arrivals.watch(room)

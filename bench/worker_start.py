@@ -26,6 +26,7 @@ import docker  # noqa: E402
 
 from actors._watch import read_status  # noqa: E402
 from bench.trigger_latency import machine  # noqa: E402
+from agent.worker import WorkerConfig  # noqa: E402
 from runtime.backends import ProcessBackend, WorkerSpec  # noqa: E402
 from runtime.backends.docker import DockerBackend  # noqa: E402
 from runtime.devserver import LiveKitServer, free_port  # noqa: E402
@@ -41,9 +42,7 @@ def spec_for(server: LiveKitServer, key: str, secret: str) -> WorkerSpec:
         credentials_fp="", image=TEST_IMAGE,
         env={
             "LIVEKIT_URL": server.url, "LIVEKIT_API_KEY": key, "LIVEKIT_API_SECRET": secret,
-            "AUTONOMITE_WORKER_ID": worker_id, "AUTONOMITE_CLIENT_ID": "bench",
-            "AUTONOMITE_AGENT_NAME": f"bench--{worker_id}", "AUTONOMITE_STATUS_PORT": str(port),
-            "AUTONOMITE_CATALOG": "[]",
+            **WorkerConfig(worker_id, "bench", f"bench--{worker_id}", port, []).to_env(),
         },
     )
 

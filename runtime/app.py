@@ -22,6 +22,7 @@ from actors.messages import Reconfigure, ShutdownAll, StartChild, StopChild
 from runtime.backends import ProcessBackend, WorkerBackend
 from runtime.livekit import LiveKitClient
 from runtime.metrics import Metrics
+from runtime.secrets import same_secret
 from runtime.settings import ClientSettings, ConfigError, Settings, load_settings
 
 logger = logging.getLogger("autonomite.runtime")
@@ -155,8 +156,6 @@ class Runtime:
     # -- failure and shutdown ------------------------------------------------------------
 
     def client_by_token(self, token: str) -> ClientSettings | None:
-        from runtime.secrets import same_secret
-
         found = None
         for client in self.settings.clients:  # no early exit: timing says nothing about which
             if same_secret(token, client.api_token.get_secret_value()):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -30,19 +31,42 @@ def trigger(gateway: str, token: str, body: dict) -> dict:
         raise SystemExit(f"trigger refused: {e.code} {e.read().decode(errors='replace')}") from None
 
 
-async def _relay(url: str, token: str) -> None:
-    room = rtc.Room()
+def agent_replies(room: rtc.Room) -> "asyncio.Queue[tuple[float, str]]":
+    """Subscribe to what agents say in ``room``: each whole reply, as (perf_counter, text).
+
+    Call before ``connect()``, so the greeting is not missed. Agents write on the
+    ``lk.transcription`` text stream, as livekit-agents' room I/O does; our agents' identities
+    start with ``agent-``.
+    """
+    replies: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
+    reading: set[asyncio.Task] = set()
+
+    async def read(reader: rtc.TextStreamReader) -> None:
+        text = await reader.read_all()
+        if text.strip():
+            await replies.put((time.perf_counter(), text))
 
     def on_text(reader: rtc.TextStreamReader, identity: str) -> None:
-        async def show() -> None:
-            text = await reader.read_all()
-            if text.strip():
-                print(f"\nagent> {text}\nyou> ", end="", flush=True)
-
-        asyncio.ensure_future(show())
+        if identity.startswith("agent-"):
+            task = asyncio.ensure_future(read(reader))
+            reading.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(reading.discard)
 
     room.register_text_stream_handler("lk.transcription", on_text)
+    return replies
+
+
+async def _relay(url: str, token: str) -> None:
+    room = rtc.Room()
+    replies = agent_replies(room)
+
+    async def show() -> None:
+        while True:
+            _, text = await replies.get()
+            print(f"\nagent> {text}\nyou> ", end="", flush=True)
+
     await room.connect(url, token)
+    shower = asyncio.create_task(show())
     print("joined; type a message and press Enter (Ctrl-D to leave)\nyou> ", end="", flush=True)
     loop = asyncio.get_running_loop()
     try:
@@ -50,6 +74,7 @@ async def _relay(url: str, token: str) -> None:
             if line.strip():
                 await room.local_participant.send_text(line.strip(), topic="lk.chat")
     finally:
+        shower.cancel()
         await room.disconnect()
 
 

@@ -316,33 +316,20 @@ async def converse(url: str, token: str, messages: list[str], timeout: float = 3
     """
     from livekit import rtc
 
-    replies: asyncio.Queue[str] = asyncio.Queue()
+    from runtime.chat import agent_replies
+
     room = rtc.Room()
-    tasks = set()
-
-    def on_text(reader: rtc.TextStreamReader, identity: str) -> None:
-        if identity.startswith("agent-"):
-            task = asyncio.create_task(_read_into(reader, replies))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-    room.register_text_stream_handler("lk.transcription", on_text)
+    replies = agent_replies(room)
     await room.connect(url, token)
     texts = []
     try:
-        texts.append(await asyncio.wait_for(replies.get(), timeout))  # the greeting
+        texts.append((await asyncio.wait_for(replies.get(), timeout))[1])  # the greeting
         for message in messages:
             await room.local_participant.send_text(message, topic="lk.chat")
-            texts.append(await asyncio.wait_for(replies.get(), timeout))
+            texts.append((await asyncio.wait_for(replies.get(), timeout))[1])
     finally:
         await room.disconnect()
     return texts
-
-
-async def _read_into(reader, queue: "asyncio.Queue[str]") -> None:  # noqa: ANN001
-    text = await reader.read_all()
-    if text.strip():
-        await queue.put(text)
 
 
 def kill_worker(serve: Serve, ref: str) -> None:
