@@ -139,6 +139,9 @@ class Runtime:
         logger.info("reloaded: %s", summary.as_json())
         return summary
 
+    def on_livekit_event(self, client_id: str, event: object) -> None:
+        """A verified, de-duplicated LiveKit webhook event of this client (gateway thread)."""
+
     def _tell_dispatch(self, message: object) -> None:
         self._tell(self.directory.get("dispatch"), message)
 
