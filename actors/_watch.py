@@ -17,15 +17,16 @@ import urllib.request
 from concurrent.futures import Executor
 import pykka
 
-from actors.messages import LeaseUnused, WorkerExited, WorkerReady, WorkerStarted, WorkerStartFailed
+from actors.messages import LeaseUnused, WorkerExited, WorkerStarted, WorkerStartFailed, WorkerStatus
 from runtime.backends.base import WorkerBackend, WorkerHandle, WorkerSpec
 
 logger = logging.getLogger("autonomite.pool")
 
-PROBE_INTERVAL_S = 0.05
+PROBE_INTERVAL_S = 0.05  # until a worker first registers: every millisecond counts then
+FOLLOW_INTERVAL_S = 0.25  # afterwards: how soon a lost LiveKit registration is noticed
 
 
-def _tell(ref: pykka.ActorRef, message: object) -> bool:
+def tell(ref: pykka.ActorRef, message: object) -> bool:
     try:
         ref.tell(message)
         return True
@@ -40,20 +41,21 @@ def start_worker(
         try:
             handle = backend.start(spec)
         except Exception as e:  # noqa: BLE001 - any backend failure is a failed start
-            _tell(pool, WorkerStartFailed(spec.worker_id, str(e)))
+            tell(pool, WorkerStartFailed(spec.worker_id, str(e), started=False))
             return
-        if not _tell(pool, WorkerStarted(spec.worker_id, handle)):
+        if not tell(pool, WorkerStarted(spec.worker_id, handle)):
             backend.stop(handle)
             return
-        _follow(backend, handle, pool, ready_timeout_s)
+        adopt_worker(backend, handle, pool, ready_timeout_s)
 
     executor.submit(run)
 
 
-def adopt_worker(
-    executor: Executor, backend: WorkerBackend, handle: WorkerHandle, pool: pykka.ActorRef, ready_timeout_s: float
-) -> None:
-    executor.submit(_follow, backend, handle, pool, ready_timeout_s)
+def adopt_worker(backend: WorkerBackend, handle: WorkerHandle, pool: pykka.ActorRef, ready_timeout_s: float) -> None:
+    """Follow a running worker in a thread of its own (for its whole life: not the executor's)."""
+    threading.Thread(
+        target=_follow, args=(backend, handle, pool, ready_timeout_s), name=f"follow-{handle.worker_id}", daemon=True
+    ).start()
 
 
 def stop_worker(executor: Executor, backend: WorkerBackend, handle: WorkerHandle) -> None:
@@ -61,32 +63,39 @@ def stop_worker(executor: Executor, backend: WorkerBackend, handle: WorkerHandle
 
 
 def _follow(backend: WorkerBackend, handle: WorkerHandle, pool: pykka.ActorRef, ready_timeout_s: float) -> None:
-    """Wait for the worker's exit in a thread of its own; meanwhile probe it until ready."""
+    """Wait for the worker's exit in a thread of its own; meanwhile probe it for its whole
+    life and tell the pool whenever what it says changes (registered, state, lease)."""
     exited = threading.Event()
 
     def wait_for_exit() -> None:
         code = backend.wait(handle)
         exited.set()
-        _tell(pool, WorkerExited(handle.worker_id, code))
+        tell(pool, WorkerExited(handle.worker_id, code))
 
     threading.Thread(target=wait_for_exit, name=f"wait-{handle.worker_id}", daemon=True).start()
     deadline = time.monotonic() + ready_timeout_s
+    last: tuple | None = None
+    ever_registered = False
     while not exited.is_set() and pool.is_alive():  # a dead pool's successor probes for itself
         status = read_status(handle.status_port)
-        if status and status.get("registered"):
-            _tell(pool, WorkerReady(handle.worker_id, busy=status.get("state") != "idle"))
+        if status is not None:
+            seen = (bool(status.get("registered")), status.get("state", "starting"), status.get("lease_id"))
+            if seen != last and (ever_registered or seen[0]):
+                tell(pool, WorkerStatus(handle.worker_id, *seen))
+            last, ever_registered = seen, ever_registered or seen[0]
+            if seen[1] == "draining":
+                return  # on its way out: the exit will be reported
+        if not ever_registered and time.monotonic() > deadline:
+            tell(pool, WorkerStartFailed(handle.worker_id, f"not registered within {ready_timeout_s:g} s", started=True))
             return
-        if time.monotonic() > deadline:
-            _tell(pool, WorkerStartFailed(handle.worker_id, f"not registered within {ready_timeout_s:g} s"))
-            return
-        exited.wait(PROBE_INTERVAL_S)
+        exited.wait(FOLLOW_INTERVAL_S if ever_registered else PROBE_INTERVAL_S)
 
 
-def check_job_arrived(executor: Executor, port: int, worker_id: str, pool: pykka.ActorRef) -> None:
+def check_job_arrived(executor: Executor, port: int, worker_id: str, lease_no: int, pool: pykka.ActorRef) -> None:
     def run() -> None:
         status = read_status(port)
         if status is not None and status.get("job_id") is None:
-            _tell(pool, LeaseUnused(worker_id))
+            tell(pool, LeaseUnused(worker_id, lease_no))
 
     executor.submit(run)
 
@@ -101,7 +110,7 @@ def read_status(port: int, timeout: float = 1.0) -> dict | None:
 
 def after(seconds: float, actor: pykka.ActorRef, message: object) -> threading.Timer:
     """Send ``message`` to ``actor`` once, ``seconds`` from now."""
-    timer = threading.Timer(seconds, _tell, (actor, message))
+    timer = threading.Timer(seconds, tell, (actor, message))
     timer.daemon = True
     timer.start()
     return timer

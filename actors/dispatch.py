@@ -1,39 +1,55 @@
-"""DispatchActor: a trigger becomes a lease plus a LiveKit dispatch to the leased worker.
+"""DispatchActor: a trigger becomes a lease, a claim, a LiveKit dispatch and an accepted job.
 
-No idle worker means an immediate 503 with Retry-After (the pool counts the miss, the
-scaler reads it): nothing queues without bound. The LiveKit call runs on the adapter's
-loop; its result comes back here as DispatchFinished, so the mailbox never waits on the
-network. A failed dispatch returns the lease: nothing leaks.
+The lease protocol with the pools is asynchronous (messages both ways: see
+``actors/messages.py``), so one stuck pool never stalls another client's triggers. After
+a lease, ``runtime.handoff`` claims the worker, dispatches and waits for the worker to
+accept the job, on the LiveKit adapter's loop; the outcome comes back here as a message.
+
+A 200 means the leased worker accepted the job. A handoff that fails (the worker lost
+LiveKit, was claimed already, or did not accept in time) is tried once more on another
+idle worker, then refused with 503 and Retry-After: a second worker usually succeeds
+where the first failed (each failure is that worker's), and more tries would keep the
+caller waiting. No idle worker is an immediate 503 (the pool counts the miss, the
+scaler reads it): nothing queues without bound. A LiveKit error is a 502 (another worker
+would meet the same server); the lease goes back.
+
+State owned by this actor's thread: the triggers in flight and the live sessions.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import time
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
-import pykka
-
+from actors import _watch
 from actors.messages import (
-    DispatchFinished,
+    HandoffDone,
     Lease,
     Leased,
+    LeaseFailed,
+    LeaseTimeout,
+    NoIdleWorker,
     ReturnLease,
+    RoomEvent,
     SessionEnded,
     Trigger,
     TriggerRequest,
     TriggerResult,
 )
 from actors.supervisor import Directory, Supervised
+from runtime.handoff import Handoff, WorkerControl, describe, hand_off
 from runtime.livekit import LiveKitClient, participant_token
 from runtime.metrics import Metrics
-from runtime.settings import AgentSettings, ClientSettings, LiveKitSettings
+from runtime.settings import AgentSettings, ClientSettings, DispatchSettings, LiveKitSettings
 
 logger = logging.getLogger("autonomite.dispatch")
 
-POOL_ASK_TIMEOUT_S = 2.0
+POOL_ANSWER_TIMEOUT_S = 2.0  # a pool answers a Lease in microseconds unless it is restarting
 RETRY_AFTER_S = 1
 
 
@@ -42,7 +58,8 @@ def pool_id(client_id: str) -> str:
 
 
 def build_metadata(
-    client: ClientSettings, agent: AgentSettings, request: TriggerRequest, now: datetime | None = None
+    client: ClientSettings, agent: AgentSettings, request: TriggerRequest, now: datetime | None = None,
+    lease_id: str | None = None,
 ) -> dict:
     """What primes the agent's LLM for this session (read by ``agent/`` from the job)."""
     now = now or datetime.now(timezone.utc)
@@ -59,7 +76,24 @@ def build_metadata(
         "session_started_at": now.isoformat(),
         "is_preview": request.room_name.startswith("preview_"),
         "has_conversation_history": request.conversation_id is not None,
+        "lease_id": lease_id,  # the worker accepts only the job of its current lease
     }
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    trigger: Trigger
+    attempt: int
+    started_at: float
+    leased: bool = False  # a lease came back: the handoff is under way
+
+
+@dataclass(frozen=True)
+class _Session:
+    livekit: LiveKitSettings
+    dispatch_id: str
+    room: str
+    port: int  # the worker's status port: where "the room ended" is told
 
 
 class DispatchActor(Supervised):
@@ -68,6 +102,7 @@ class DispatchActor(Supervised):
         directory: Directory,
         livekit: LiveKitClient,
         metrics: Metrics,
+        settings: DispatchSettings = DispatchSettings(),
         supervisor=None,  # noqa: ANN001
         child_id: str = "",
     ) -> None:
@@ -75,98 +110,158 @@ class DispatchActor(Supervised):
         self.directory = directory
         self.livekit = livekit
         self.metrics = metrics
-        # Live sessions by (client, worker): what to clean up if the worker dies mid-session.
-        self.sessions: dict[tuple[str, str], tuple[LiveKitSettings, str, str]] = {}
+        self.settings = settings
+        self.control = WorkerControl()
+        self.ids = itertools.count(1)
+        self.in_flight: dict[int, _InFlight] = {}
+        # Live sessions by (client, worker): what to clean up if the worker dies mid-session,
+        # and by (client, room): which worker to tell when LiveKit says the room ended.
+        self.sessions: dict[tuple[str, str], _Session] = {}
+        self.rooms: dict[tuple[str, str], str] = {}
 
     def on_receive(self, message: object) -> object:
         match message:
             case Trigger():
-                return self._trigger(message)
-            case DispatchFinished():
-                return self._finished(message)
+                trigger_id = next(self.ids)
+                self.in_flight[trigger_id] = _InFlight(message, 1, time.perf_counter())
+                return self._ask_pool(trigger_id)
+            case Leased():
+                return self._leased(message)
+            case NoIdleWorker(trigger_id, _):
+                return self._refuse(trigger_id, "no_idle_worker", "all warm workers are busy")
+            case LeaseTimeout(trigger_id, attempt):
+                flight = self.in_flight.get(trigger_id)
+                if flight and flight.attempt == attempt and not flight.leased:
+                    return self._refuse(trigger_id, "no_idle_worker", "the pool did not answer in time")
+                return None
+            case HandoffDone():
+                return self._handed_off(message)
             case SessionEnded(client_id, worker_id, failed):
                 return self._session_ended(client_id, worker_id, failed)
+            case RoomEvent(client_id, room, event):
+                return self._room_event(client_id, room, event)
         raise TypeError(f"dispatch: unexpected message {type(message).__name__}")
 
-    def _trigger(self, trigger: Trigger) -> None:
-        started_at = time.perf_counter()
-        request, client = trigger.request, trigger.client
+    def _ask_pool(self, trigger_id: int) -> None:
+        flight = self.in_flight[trigger_id]
+        pool = self.directory.get(pool_id(flight.trigger.client.id))
+        if pool is None or not _watch.tell(pool, Lease(trigger_id, flight.trigger.request.room_name, self.actor_ref)):
+            return self._refuse(trigger_id, "no_idle_worker", "the pool is restarting")
+        _watch.after(POOL_ANSWER_TIMEOUT_S, self.actor_ref, LeaseTimeout(trigger_id, flight.attempt))
+
+    def _leased(self, lease: Leased) -> None:
+        flight = self.in_flight.get(lease.trigger_id)
+        if flight is None or flight.leased:  # answered already (the pool was late): give it back
+            self._tell_pool(lease.client_id, ReturnLease(lease.worker_id, lease.lease_id))
+            return
+        self.in_flight[lease.trigger_id] = replace(flight, leased=True)
+        request, client = flight.trigger.request, flight.trigger.client
         agent = client.agent(request.agent)
-        pool = self.directory.get(pool_id(client.id))
-        if agent is None or pool is None:
-            return self._reply(trigger, TriggerResult(404, {"error": "not_found", "detail": "unknown client or agent"}))
-        try:
-            lease = pool.ask(Lease(request.room_name), timeout=POOL_ASK_TIMEOUT_S)
-        except (pykka.ActorDeadError, pykka.Timeout):
-            lease = None  # the pool is restarting: as good as no idle worker
-        if not isinstance(lease, Leased):
-            return self._reply(
-                trigger,
-                TriggerResult(503, {"error": "no_idle_worker", "detail": "all warm workers are busy"}, RETRY_AFTER_S),
-                outcome="no_idle_worker",
+        metadata = json.dumps(build_metadata(client, agent, request, lease_id=lease.lease_id))
+        future = self.livekit.submit(
+            hand_off(
+                self.livekit, self.control, client.livekit, port=lease.status_port, lease_id=lease.lease_id,
+                agent_name=lease.agent_name, room=request.room_name, metadata=metadata,
+                accept_timeout_s=self.settings.accept_timeout_s,
             )
-        metadata = json.dumps(build_metadata(client, agent, request))
-        future = self.livekit.create_dispatch(client.livekit, lease.agent_name, request.room_name, metadata)
+        )
         me = self.actor_ref
 
         def done(f) -> None:  # noqa: ANN001 - runs on the LiveKit adapter's thread
-            error = None if f.exception() is None else _describe(f.exception())
-            try:
-                me.tell(DispatchFinished(trigger, lease, started_at, None if error else f.result(), error))
-            except pykka.ActorDeadError:
-                pool.tell(ReturnLease(lease.worker_id))
+            handoff = f.result() if f.exception() is None else Handoff("livekit_error", error=describe(f.exception()))
+            if not _watch.tell(me, HandoffDone(lease.trigger_id, lease, handoff)) and handoff.outcome != "accepted":
+                self._tell_pool(lease.client_id, LeaseFailed(lease.worker_id, lease.lease_id, "not_accepted"))
 
         future.add_done_callback(done)
 
-    def _finished(self, message: DispatchFinished) -> None:
-        trigger, lease = message.trigger, message.lease
-        client = trigger.client
-        if message.error is not None:
-            logger.error("dispatch to %s failed: %s; lease returned", lease.agent_name, message.error)
-            pool = self.directory.get(pool_id(client.id))
-            if pool is not None:
-                pool.tell(ReturnLease(lease.worker_id))
-            body = {"error": "livekit_error", "detail": message.error}
-            return self._reply(trigger, TriggerResult(502, body), outcome="livekit_error")
-        self.metrics.dispatch_latency.labels(client.id).observe(time.perf_counter() - message.started_at)
-        room = trigger.request.room_name
-        self.sessions[(client.id, lease.worker_id)] = (client.livekit, message.dispatch_id, room)
+    def _handed_off(self, message: HandoffDone) -> None:
+        lease, handoff = message.lease, message.handoff
+        flight = self.in_flight.get(message.trigger_id)
+        if handoff.outcome == "livekit_error":
+            logger.error("dispatch to %s failed: %s; lease returned", lease.agent_name, handoff.error)
+            self._tell_pool(lease.client_id, ReturnLease(lease.worker_id, lease.lease_id))
+            if flight is not None:
+                self._answer(message.trigger_id, TriggerResult(502, {"error": "livekit_error", "detail": handoff.error}),
+                             "livekit_error")
+            return
+        if handoff.outcome != "accepted":
+            logger.warning("handoff to %s failed (%s), attempt %d", lease.agent_name, handoff.outcome,
+                           flight.attempt if flight else 0)
+            self._tell_pool(lease.client_id, LeaseFailed(lease.worker_id, lease.lease_id, handoff.outcome))
+            if flight is None:
+                return
+            if flight.attempt < self.settings.attempts:
+                self.in_flight[message.trigger_id] = replace(flight, attempt=flight.attempt + 1, leased=False)
+                return self._ask_pool(message.trigger_id)
+            return self._refuse(message.trigger_id, "handoff_failed", "no warm worker took the session in time")
+        if flight is None:  # cannot happen: a trigger is answered only once its handoff is over
+            return
+        trigger, client = flight.trigger, lease.client_id
+        room, lk = trigger.request.room_name, trigger.client.livekit
+        self.sessions[(client, lease.worker_id)] = _Session(lk, handoff.dispatch_id, room, lease.status_port)
+        self.rooms[(client, room)] = lease.worker_id
+        self.metrics.dispatch_latency.labels(client).observe(time.perf_counter() - flight.started_at)
         identity = _user_identity(trigger.request.user_email)
-        logger.info("dispatched %s to room %s (%s)", lease.agent_name, room, message.dispatch_id)
+        logger.info("dispatched %s to room %s (%s), accepted", lease.agent_name, room, handoff.dispatch_id)
         body = {
-            "dispatch_id": message.dispatch_id,
+            "dispatch_id": handoff.dispatch_id,
             "room_name": room,
             "worker_id": lease.worker_id,
             "agent_name": lease.agent_name,
-            "livekit_url": client.livekit.url,
+            "livekit_url": lk.url,
             "participant_identity": identity,
-            "participant_token": participant_token(client.livekit, room, identity),
+            "participant_token": participant_token(lk, room, identity),
         }
-        self._reply(trigger, TriggerResult(200, body), outcome="dispatched")
+        self._answer(message.trigger_id, TriggerResult(200, body), "dispatched")
 
     def _session_ended(self, client_id: str, worker_id: str, failed: bool) -> None:
         session = self.sessions.pop((client_id, worker_id), None)
-        if session is None or not failed:
+        if session is None:
             return
-        lk, dispatch_id, room = session
-        logger.warning("worker %s died mid-session; deleting its dispatch %s in room %s", worker_id, dispatch_id, room)
-        future = self.livekit.delete_dispatch(lk, dispatch_id, room)
+        if self.rooms.get((client_id, session.room)) == worker_id:
+            del self.rooms[(client_id, session.room)]
+        if not failed:
+            return
+        logger.warning("worker %s died mid-session; deleting its dispatch %s in room %s", worker_id,
+                       session.dispatch_id, session.room)
+        future = self.livekit.submit(self.livekit.delete_dispatch(session.livekit, session.dispatch_id, session.room))
         future.add_done_callback(
-            lambda f: f.exception() and logger.error("deleting dispatch %s: %s", dispatch_id, _describe(f.exception()))
+            lambda f: f.exception() and logger.error("deleting dispatch %s: %s", session.dispatch_id, describe(f.exception()))
         )
 
-    def _reply(self, trigger: Trigger, result: TriggerResult, outcome: str | None = None) -> None:
-        self.metrics.triggers.labels(trigger.client.id, outcome or f"http_{result.status}").inc()
-        trigger.reply(result)
+    def _room_event(self, client_id: str, room: str, event: str) -> None:
+        """LiveKit says the room ended, or a user left it: the worker ends its session
+        (for a user leaving, only if no other user is still there: the worker decides)."""
+        worker_id = self.rooms.get((client_id, room))
+        session = self.sessions.get((client_id, worker_id)) if worker_id else None
+        if session is None:
+            return
+        logger.info("%s in room %s: telling worker %s", event, room, worker_id)
+        params = {"reason": event, "if_no_users": "1" if event == "participant_left" else "0"}
+        self.livekit.submit(self.control.call("POST", session.port, "/end", **params))
+
+    def _refuse(self, trigger_id: int, code: str, detail: str) -> None:
+        result = TriggerResult(503, {"error": "no_idle_worker", "detail": detail}, RETRY_AFTER_S)
+        self._answer(trigger_id, result, code)
+
+    def _answer(self, trigger_id: int, result: TriggerResult, outcome: str) -> None:
+        flight = self.in_flight.pop(trigger_id, None)
+        if flight is None:
+            return
+        self.metrics.triggers.labels(flight.trigger.client.id, outcome).inc()
+        flight.trigger.reply(result)
+
+    def _tell_pool(self, client_id: str, message: object) -> None:
+        pool = self.directory.get(pool_id(client_id))
+        if pool is not None:
+            _watch.tell(pool, message)
+
+    def on_stop(self) -> None:
+        self.livekit.submit(self.control.close())
+        super().on_stop()
 
 
 def _user_identity(email: str | None) -> str:
     # The email is personal data; the identity LiveKit sees and logs is a hash of it.
     seed = email.lower() if email else f"{time.time_ns()}"
     return "user-" + hashlib.sha256(seed.encode()).hexdigest()[:12]
-
-
-def _describe(error: BaseException) -> str:
-    """A short error text for logs and the 502 body: type and message, no request data."""
-    text = str(error).splitlines()[0][:200] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -11,41 +11,63 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from actors.pool_machine import LeaseFailure, ReportedState, WorkerState
 from runtime.backends.base import WorkerHandle
 from runtime.settings import ClientSettings
 
 Reply = Callable[[Any], None]
 
-WorkerState = Literal["starting", "idle", "leased", "draining"]
 
-
-# -- PoolActor ---------------------------------------------------------------------------
+# -- The lease protocol: DispatchActor <-> PoolActor, messages both ways ---------------------
+#
+# dispatch -> pool: Lease. pool -> dispatch: Leased or NoIdleWorker. Then the dispatcher
+# claims the worker on its status port, creates the LiveKit dispatch and waits for the
+# worker to accept the job (runtime/handoff.py), and tells the pool how it went:
+# nothing (accepted), ReturnLease (the dispatch failed, the claim was released) or
+# LeaseFailed. Neither side ever waits on the other.
 
 
 @dataclass(frozen=True)
 class Lease:
-    """Take one idle, registered worker. Answer: Leased or NoIdleWorker."""
+    """Take one idle, registered worker for this trigger; answer to ``reply_to``."""
 
+    trigger_id: int
     room_name: str
+    reply_to: Any = field(compare=False)  # the DispatchActor's ref
 
 
 @dataclass(frozen=True)
 class Leased:
+    trigger_id: int
     client_id: str
     worker_id: str
     agent_name: str
+    status_port: int
+    lease_id: str  # the worker accepts only a job that carries this id
 
 
 @dataclass(frozen=True)
 class NoIdleWorker:
+    trigger_id: int
     client_id: str
 
 
 @dataclass(frozen=True)
 class ReturnLease:
-    """The dispatch failed: the worker never got a job and may serve the next one."""
+    """The dispatch failed and the worker released its claim: it may serve the next one."""
 
     worker_id: str
+    lease_id: str
+
+
+@dataclass(frozen=True)
+class LeaseFailed:
+    """The handoff to this worker failed: ``unregistered`` (it lost LiveKit), ``claimed``
+    (an earlier pool incarnation leased it) or ``not_accepted`` (its dispatch was deleted)."""
+
+    worker_id: str
+    lease_id: str
+    cause: LeaseFailure
 
 
 @dataclass(frozen=True)
@@ -143,6 +165,7 @@ class LeaseUnused:
     """The leased worker never got its job: retire it rather than strand it."""
 
     worker_id: str
+    lease_no: int
 
 
 @dataclass(frozen=True)
@@ -160,15 +183,20 @@ class WorkerStarted:
 
 
 @dataclass(frozen=True)
-class WorkerReady:
+class WorkerStatus:
+    """A worker's status port changed: registered with LiveKit or not, and its own state."""
+
     worker_id: str
-    busy: bool = False  # an adopted worker already serving a session
+    registered: bool
+    state: ReportedState
+    lease_id: str | None = None
 
 
 @dataclass(frozen=True)
 class WorkerStartFailed:
     worker_id: str
     reason: str
+    started: bool  # a process or container exists (it never registered) and must be stopped
 
 
 @dataclass(frozen=True)
@@ -207,14 +235,29 @@ class TriggerResult:
 
 
 @dataclass(frozen=True)
-class DispatchFinished:
-    """The LiveKit call came back (in a helper thread); finish the trigger in the mailbox."""
+class LeaseTimeout:
+    """The pool did not answer this attempt's Lease in time (it may be restarting)."""
 
-    trigger: Trigger
+    trigger_id: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class HandoffDone:
+    """The claim, dispatch and accept came back (runtime/handoff.py, on the LiveKit loop)."""
+
+    trigger_id: int
     lease: Leased
-    started_at: float
-    dispatch_id: str | None
-    error: str | None
+    handoff: Any  # runtime.handoff.Handoff
+
+
+@dataclass(frozen=True)
+class RoomEvent:
+    """A verified LiveKit webhook about a room this client's sessions may be in."""
+
+    client_id: str
+    room_name: str
+    event: Literal["room_finished", "participant_left"]
 
 
 @dataclass(frozen=True)
@@ -235,6 +278,14 @@ class ScaleTick:
     """Time to read every pool and resize the ones that need it."""
 
 
+@dataclass(frozen=True)
+class PoolStatsReport:
+    """A pool's answer to the scaler's GetStats."""
+
+    client_id: str
+    stats: PoolStats
+
+
 # -- Supervisor ------------------------------------------------------------------------------
 
 
@@ -242,6 +293,21 @@ class ScaleTick:
 class ChildFailed:
     child_id: str
     error: str
+
+
+@dataclass(frozen=True)
+class RestartChild:
+    """To the supervisor itself: start this failed child again (counted already)."""
+
+    child_id: str
+
+
+@dataclass(frozen=True)
+class ChildStopped:
+    """A child stopped on purpose (a drained pool); ``ref`` tells incarnations apart."""
+
+    child_id: str
+    ref: Any
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-import pykka
-
 from actors import _watch
 from actors.dispatch import pool_id
-from actors.messages import GetStats, PoolStats, Resize, ScaleTick
+from actors.messages import GetStats, PoolStats, PoolStatsReport, Resize, ScaleTick
 from actors.supervisor import Directory, Supervised
 from runtime.metrics import Metrics
 from runtime.settings import ScalerSettings
@@ -74,30 +72,34 @@ class ScalerActor(Supervised):
                 self._tick()
                 self.timer = _watch.after(self.policy.interval_s, self.actor_ref, ScaleTick())
                 return None
+            case PoolStatsReport(client_id, stats):
+                return self._decide(client_id, stats)
         raise TypeError(f"scaler: unexpected message {type(message).__name__}")
 
     def _tick(self) -> None:
+        """Ask every pool for its stats; each answer comes back as its own message (a slow
+        or restarting pool only misses this tick, it never holds up the others)."""
         pools = self.directory.with_prefix(pool_id(""))
-        asked = {cid: ref.ask(GetStats(), block=False) for cid, ref in pools.items()}
-        now = time.monotonic()
-        for cid, future in asked.items():
-            try:
-                stats: PoolStats = future.get(timeout=1.0)
-            except (pykka.ActorDeadError, pykka.Timeout):
-                continue  # restarting or busy: next tick
-            missed = stats.missed_total - self.missed_seen.get(cid, stats.missed_total)
-            self.missed_seen[cid] = stats.missed_total
-            decision = next_target(stats, self.policy, max(0, missed), self.low_since.get(cid), now)
-            self.low_since[cid] = decision.low_since
-            if decision.target is None:
-                continue
-            direction = "up" if decision.target > stats.target else "down"
-            logger.info("scaler: %s target %d -> %d (%s)", cid, stats.target, decision.target, direction)
-            self.metrics.scale_events.labels(cid, direction).inc()
-            pools[cid].tell(Resize(decision.target, direction))
+        me = self.actor_ref
+        for cid, ref in pools.items():
+            _watch.tell(ref, GetStats(reply=lambda stats, cid=cid: _watch.tell(me, PoolStatsReport(cid, stats))))
         for gone in set(self.missed_seen) - set(pools):
             self.missed_seen.pop(gone, None)
             self.low_since.pop(gone, None)
+
+    def _decide(self, cid: str, stats: PoolStats) -> None:
+        missed = stats.missed_total - self.missed_seen.get(cid, stats.missed_total)
+        self.missed_seen[cid] = stats.missed_total
+        decision = next_target(stats, self.policy, max(0, missed), self.low_since.get(cid), time.monotonic())
+        self.low_since[cid] = decision.low_since
+        if decision.target is None:
+            return
+        direction = "up" if decision.target > stats.target else "down"
+        logger.info("scaler: %s target %d -> %d (%s)", cid, stats.target, decision.target, direction)
+        self.metrics.scale_events.labels(cid, direction).inc()
+        pool = self.directory.get(pool_id(cid))
+        if pool is not None:
+            _watch.tell(pool, Resize(decision.target, direction))
 
     def on_stop(self) -> None:
         if self.timer is not None:

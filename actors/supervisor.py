@@ -2,9 +2,15 @@
 
 Children are described by plain data (:class:`ChildSpec`): how to start one, whether to
 restart it, how long to give it to stop. The strategy is one_for_one: a crashed child is
-restarted alone. More than ``max_restarts`` restarts within ``within_s`` seconds means
-something is persistently wrong, so the supervisor stops everything, last started first,
-and reports the failure upward: the process exits non-zero instead of looping or hanging.
+restarted alone. Every start is guarded: a start that raises is a failure like a crash,
+counted toward the restart intensity and retried through a message to the supervisor
+itself, never an exception that kills the supervisor. More than ``max_restarts``
+restarts within ``within_s`` seconds means something is persistently wrong, so the
+supervisor stops everything, last started first, and reports the failure upward: the
+process exits non-zero instead of looping or hanging.
+
+A child stopped gracefully (a removed client's pool drains: its sessions finish) stays
+tracked until it has stopped, so it still shows in stats and in the ordered shutdown.
 
 pykka tells an actor about an unhandled exception only for messages sent with ``tell``
 (``ask`` returns it to the caller), so children subclass :class:`Supervised`, which turns
@@ -23,7 +29,7 @@ from typing import Callable
 
 import pykka
 
-from actors.messages import ChildFailed, Drain, ShutdownAll, StartChild, StopChild
+from actors.messages import ChildFailed, ChildStopped, Drain, RestartChild, ShutdownAll, StartChild, StopChild
 
 logger = logging.getLogger("autonomite.supervisor")
 
@@ -52,14 +58,18 @@ class Directory:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._refs: dict[str, pykka.ActorRef] = {}
+        self._draining: dict[str, pykka.ActorRef] = {}
 
     def get(self, child_id: str) -> pykka.ActorRef | None:
         with self._lock:
             return self._refs.get(child_id)
 
-    def with_prefix(self, prefix: str) -> dict[str, pykka.ActorRef]:
+    def with_prefix(self, prefix: str, draining: bool = False) -> dict[str, pykka.ActorRef]:
+        """Running children by id without the prefix; with ``draining``, also the children
+        on their way out (a running child of the same id wins)."""
         with self._lock:
-            return {k[len(prefix) :]: v for k, v in self._refs.items() if k.startswith(prefix)}
+            found = {**self._draining, **self._refs} if draining else self._refs
+            return {k[len(prefix) :]: v for k, v in found.items() if k.startswith(prefix)}
 
     def _set(self, child_id: str, ref: pykka.ActorRef | None) -> None:
         with self._lock:
@@ -67,6 +77,13 @@ class Directory:
                 self._refs.pop(child_id, None)
             else:
                 self._refs[child_id] = ref
+
+    def _set_draining(self, child_id: str, ref: pykka.ActorRef | None) -> None:
+        with self._lock:
+            if ref is None:
+                self._draining.pop(child_id, None)
+            else:
+                self._draining[child_id] = ref
 
 
 class Supervised(pykka.ThreadingActor):
@@ -89,6 +106,14 @@ class Supervised(pykka.ThreadingActor):
 
     def on_failure(self, exc_type, exc_value, tb) -> None:  # noqa: ANN001
         self._report(exc_value)
+
+    def on_stop(self) -> None:
+        """Stopped on purpose (drained, or shut down): the supervisor stops tracking it."""
+        if self.supervisor is not None:
+            try:
+                self.supervisor.tell(ChildStopped(self.child_id, self.actor_ref))
+            except pykka.ActorDeadError:
+                pass
 
     def _report(self, error: BaseException | None) -> None:
         if self.supervisor is not None:
@@ -114,6 +139,7 @@ class Supervisor(pykka.ThreadingActor):
         self.on_give_up = on_give_up
         self.on_restart = on_restart
         self.specs: dict[str, ChildSpec] = {}  # insertion order is start order
+        self.draining: dict[str, tuple[ChildSpec, pykka.ActorRef]] = {}
         self.restarts: collections.deque[float] = collections.deque()
         self.gave_up = False
 
@@ -125,15 +151,27 @@ class Supervisor(pykka.ThreadingActor):
                 return self._stop_child(child_id, graceful)
             case ChildFailed(child_id, error):
                 return self._child_failed(child_id, error)
+            case RestartChild(child_id):
+                return self._restart(child_id)
+            case ChildStopped(child_id, ref):
+                return self._child_stopped(child_id, ref)
             case ShutdownAll():
                 return self._shutdown_all()
         raise TypeError(f"supervisor: unexpected message {type(message).__name__}")
 
-    def _start_child(self, spec: ChildSpec) -> pykka.ActorRef:
-        ref = spec.start(supervisor=self.actor_ref, child_id=spec.id)
+    def _start_child(self, spec: ChildSpec) -> None:
         self.specs[spec.id] = spec
+        self._start(spec)
+
+    def _start(self, spec: ChildSpec) -> None:
+        """Guarded: a start that raises is reported like a crash, and so retried or given up."""
+        try:
+            ref = spec.start(supervisor=self.actor_ref, child_id=spec.id)
+        except Exception as e:  # noqa: BLE001 - whatever a child's start raises
+            self.directory._set(spec.id, None)
+            self.actor_ref.tell(ChildFailed(spec.id, f"start failed: {type(e).__name__}: {e}"))
+            return
         self.directory._set(spec.id, ref)
-        return ref
 
     def _stop_child(self, child_id: str, graceful: bool) -> None:
         spec = self.specs.pop(child_id, None)
@@ -142,9 +180,18 @@ class Supervisor(pykka.ThreadingActor):
         if spec is None or ref is None:
             return
         if graceful:
-            ref.tell(Drain())  # the child stops itself once its work is done
+            self.draining[child_id] = (spec, ref)
+            self.directory._set_draining(child_id, ref)
+            _tell(ref, Drain())  # the child stops itself once its work is done
         else:
-            ref.stop(block=True, timeout=spec.shutdown_timeout_s)
+            _stop(child_id, ref, spec.shutdown_timeout_s)
+
+    def _child_stopped(self, child_id: str, ref: pykka.ActorRef) -> None:
+        entry = self.draining.get(child_id)
+        if entry is not None and entry[1] == ref:
+            del self.draining[child_id]
+            self.directory._set_draining(child_id, None)
+            logger.info("child %s drained and stopped", child_id)
 
     def _child_failed(self, child_id: str, error: str) -> None:
         spec = self.specs.get(child_id)
@@ -170,18 +217,37 @@ class Supervisor(pykka.ThreadingActor):
             self.on_give_up(reason)
             return
         logger.warning("child %s crashed (%s); restarting", child_id, error)
+        self.directory._set(child_id, None)
+        self.actor_ref.tell(RestartChild(child_id))
+
+    def _restart(self, child_id: str) -> None:
+        spec = self.specs.get(child_id)
+        if spec is None or self.gave_up:
+            return
         self.on_restart(child_id)
-        self.directory._set(child_id, spec.start(supervisor=self.actor_ref, child_id=child_id))
+        self._start(spec)
 
     def _shutdown_all(self) -> None:
-        for child_id in reversed(list(self.specs)):
-            spec = self.specs.pop(child_id)
-            ref = self.directory.get(child_id)
+        children = [(cid, self.specs.pop(cid), self.directory.get(cid)) for cid in reversed(list(self.specs))]
+        children += [(cid, spec, ref) for cid, (spec, ref) in self.draining.items()]
+        self.draining.clear()
+        for child_id, spec, ref in children:
             self.directory._set(child_id, None)
-            if ref is None:
-                continue
-            try:
-                if not ref.stop(block=True, timeout=spec.shutdown_timeout_s):
-                    logger.info("child %s was already stopped", child_id)
-            except pykka.Timeout:
-                logger.error("child %s did not stop within %g s", child_id, spec.shutdown_timeout_s)
+            self.directory._set_draining(child_id, None)
+            if ref is not None:
+                _stop(child_id, ref, spec.shutdown_timeout_s)
+
+
+def _tell(ref: pykka.ActorRef, message: object) -> None:
+    try:
+        ref.tell(message)
+    except pykka.ActorDeadError:
+        pass
+
+
+def _stop(child_id: str, ref: pykka.ActorRef, timeout_s: float) -> None:
+    try:
+        if not ref.stop(block=True, timeout=timeout_s):
+            logger.info("child %s was already stopped", child_id)
+    except pykka.Timeout:
+        logger.error("child %s did not stop within %g s", child_id, timeout_s)

@@ -27,6 +27,8 @@ from agent.rag import KnowledgeBase
 
 logger = logging.getLogger("autonomite.agent.session")
 
+CONNECT_TIMEOUT_S = 10.0  # joining takes well under a second; longer means the room is gone
+
 
 class PrimedAgent(Agent):
     """The agent with its primed instructions and, with RAG on, its client's knowledge."""
@@ -61,6 +63,12 @@ def _is_user(p: rtc.RemoteParticipant) -> bool:
 async def run_session(
     ctx: JobContext, catalog: list[dict], knowledge: KnowledgeBase | None, user_join_timeout_s: float
 ) -> None:
+    """Join, start the agent, and return: the entrypoint never blocks on the end user.
+
+    livekit-agents gives a still-running entrypoint a 15 s grace at shutdown, so one that
+    waited for the user would hold a no-show's worker 15 s past its timeout. The greeting
+    and the no-show timer run as tasks instead.
+    """
     info = priming.parse_metadata(ctx.job.metadata)
     config = next((a for a in catalog if a.get("name") == info.agent_name), None)
     if config is None:
@@ -72,7 +80,18 @@ async def run_session(
     instructions = priming.build_prompt(config.get("system_prompt"), info)
     use_rag = bool(config.get("enable_rag")) and knowledge is not None
 
-    await ctx.connect()
+    try:
+        await asyncio.wait_for(ctx.connect(), CONNECT_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        logger.warning("could not join room %s within %g s; ending the session", ctx.job.room.name, CONNECT_TIMEOUT_S)
+        ctx.shutdown("could not join the room")
+        return
+    if ctx.job.room.sid and await ctx.room.sid != ctx.job.room.sid:
+        # The dispatched room was deleted before we joined, and joining created a new,
+        # empty one of the same name: nobody will ever come. End instead of waiting.
+        logger.info("room %s was deleted before the agent joined; ending the session", ctx.room.name)
+        ctx.shutdown("room deleted")
+        return
     logger.info("joined room %s", ctx.room.name)
     stt = providers.make_stt(config.get("stt"))
     tts = providers.make_tts(config.get("tts"), config.get("voice_id", "alloy"))
@@ -85,28 +104,50 @@ async def run_session(
             close_on_disconnect=False,  # the session's end is ours to decide, below
         ),
     )
-    _end_when_users_leave(ctx, user_join_timeout_s)
-    await ctx.wait_for_participant()
+    _end_when_users_leave(ctx)
+    _background(_greet_or_give_up(ctx, session, user_join_timeout_s))
+
+
+_tasks: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
+
+
+def _background(coro) -> None:  # noqa: ANN001
+    task = asyncio.create_task(coro)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+async def _greet_or_give_up(ctx: JobContext, session: AgentSession, join_timeout_s: float) -> None:
+    try:
+        await asyncio.wait_for(ctx.wait_for_participant(), join_timeout_s)
+    except asyncio.TimeoutError:
+        logger.info("no end user joined within %g s; ending the session", join_timeout_s)
+        ctx.shutdown("no user joined")
+        return
     session.generate_reply()  # the first words: a greeting that already knows the user
 
 
-def _end_when_users_leave(ctx: JobContext, join_timeout_s: float) -> None:
-    room = ctx.room
+def _users(room: rtc.Room) -> list:
+    return [p for p in room.remote_participants.values() if _is_user(p)]
 
-    def users() -> list:
-        return [p for p in room.remote_participants.values() if _is_user(p)]
 
-    async def no_show() -> None:
-        await asyncio.sleep(join_timeout_s)
-        if not users():
-            logger.info("no end user joined within %g s; ending the session", join_timeout_s)
-            ctx.shutdown("no user joined")
-
-    if not users():
-        asyncio.create_task(no_show())
-
-    @room.on("participant_disconnected")
+def _end_when_users_leave(ctx: JobContext) -> None:
+    @ctx.room.on("participant_disconnected")
     def _left(p: rtc.RemoteParticipant) -> None:
-        if _is_user(p) and not users():
+        if _is_user(p) and not _users(ctx.room):
             logger.info("the last end user left; ending the session")
             ctx.shutdown("user left")
+
+
+def end_session(ctx: JobContext, entry: asyncio.Task | None, reason: str, if_no_users: bool) -> None:
+    """From the runtime (a LiveKit webhook): the room ended, or maybe its last user left.
+
+    Runs on the job's loop. An entrypoint still joining is cancelled rather than given
+    livekit-agents' 15 s grace: the room it is joining is gone.
+    """
+    if if_no_users and ctx.room.isconnected() and _users(ctx.room):
+        return
+    logger.info("ending the session: %s", reason)
+    ctx.shutdown(reason)
+    if entry is not None and not entry.done():
+        entry.cancel()

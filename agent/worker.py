@@ -21,6 +21,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Literal
 
 from aiohttp import web
 
@@ -64,13 +65,58 @@ class WorkerConfig:
         )
 
 
-class WorkerState:
-    """What the runtime reads from ``GET /status``: starting -> idle -> busy -> draining."""
+ReportedState = Literal["starting", "idle", "claimed", "busy", "draining"]
 
-    def __init__(self, config: WorkerConfig) -> None:
+
+class WorkerState:
+    """What this worker says about itself on its status port, and its end of the lease protocol.
+
+    ``starting -> idle -> claimed -> busy -> draining``. The runtime *claims* an idle worker
+    (with a lease id) before it creates the LiveKit dispatch, and the worker accepts only a
+    job whose metadata carries that lease id. So the lease is recorded here, in the worker,
+    and outlives a crashed pool actor: a restarted pool sees ``claimed`` or ``busy`` and
+    never leases the worker again. Owned by the worker's main event loop.
+    """
+
+    def __init__(self, config: WorkerConfig, is_connected: Callable[[], bool] = lambda: True) -> None:
         self.config = config
-        self.state = "starting"
+        self.state: ReportedState = "starting"
+        self.lease_id: str | None = None
         self.accepted_job: str | None = None
+        self.job_accepted = asyncio.Event()
+        self.end_session: Callable[[str, bool], None] | None = None  # set once a job runs
+        self._is_connected = is_connected
+
+    @property
+    def registered(self) -> bool:
+        """Registered with LiveKit *now*: false from the moment its connection drops."""
+        return self.state != "starting" and self._is_connected()
+
+    def claim(self, lease_id: str) -> bool:
+        if self.state != "idle" or not self.registered:
+            return False
+        self.state, self.lease_id = "claimed", lease_id
+        return True
+
+    def release(self, lease_id: str) -> bool:
+        """The dispatch failed before any job: serve the next lease instead."""
+        if self.state != "claimed" or self.lease_id != lease_id or self.accepted_job:
+            return False
+        self.state, self.lease_id = "idle", None
+        return True
+
+    def accept(self, job_id: str, lease_id: str | None) -> bool:
+        """One job, and only the one dispatched for this worker's current lease."""
+        if self.state != "claimed" or self.accepted_job is not None or lease_id != self.lease_id:
+            return False
+        self.state, self.accepted_job = "busy", job_id
+        self.job_accepted.set()
+        return True
+
+    def load(self) -> float:
+        """What LiveKit is told: free while idle, full once taken (not the machine's CPU,
+        which LiveKit would compare with its 0.7 threshold and drop our dispatch)."""
+        return 0.0 if self.state in ("starting", "idle") else 1.0
 
     def as_json(self) -> dict:
         return {
@@ -78,17 +124,49 @@ class WorkerState:
             "client_id": self.config.client_id,
             "agent_name": self.config.agent_name,
             "state": self.state,
-            "registered": self.state != "starting",
+            "registered": self.registered,
+            "lease_id": self.lease_id,
             "job_id": self.accepted_job,
         }
 
 
 async def _serve_status(state: WorkerState) -> web.AppRunner:
+    """The runtime's window into this worker, on loopback only."""
+
     async def status(_: web.Request) -> web.Response:
+        return web.json_response(state.as_json())
+
+    async def claim(request: web.Request) -> web.Response:
+        ok = state.claim(request.query.get("lease_id", ""))
+        return web.json_response(state.as_json(), status=200 if ok else 409)
+
+    async def release(request: web.Request) -> web.Response:
+        ok = state.release(request.query.get("lease_id", ""))
+        return web.json_response(state.as_json(), status=200 if ok else 409)
+
+    async def job(request: web.Request) -> web.Response:
+        """Long poll: answers as soon as this lease's job is accepted, or at ``wait``."""
+        wait = min(float(request.query.get("wait", "0") or 0), 60.0)
+        try:
+            await asyncio.wait_for(state.job_accepted.wait(), wait)
+        except asyncio.TimeoutError:
+            pass
+        ok = state.accepted_job is not None and state.lease_id == request.query.get("lease_id")
+        return web.json_response(state.as_json(), status=200 if ok else 409)
+
+    async def end(request: web.Request) -> web.Response:
+        """The room ended (a LiveKit webhook): end the session now."""
+        if state.end_session is None:
+            return web.json_response(state.as_json(), status=409)
+        state.end_session(request.query.get("reason", "ended by the runtime"), request.query.get("if_no_users") == "1")
         return web.json_response(state.as_json())
 
     app = web.Application()
     app.router.add_get("/status", status)
+    app.router.add_post("/claim", claim)
+    app.router.add_post("/release", release)
+    app.router.add_get("/job", job)
+    app.router.add_post("/end", end)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", state.config.status_port).start()
@@ -100,9 +178,12 @@ async def run_worker(config: WorkerConfig) -> int:
 
     from agent import providers
     from agent.rag import KnowledgeBase
-    from agent.session import run_session
+    from agent.session import end_session, run_session
 
-    state = WorkerState(config)
+    server_box: list = []
+    # livekit-agents keeps no public flag for "connected right now"; ``_connecting`` is set
+    # for as long as it (re)connects (checked in livekit-agents 1.8, pinned below 1.9).
+    state = WorkerState(config, is_connected=lambda: bool(server_box) and not server_box[0]._connecting)
     # livekit-agents' job-runner warm-up loads local VAD and end-of-turn models (~250 MB)
     # into every worker. Only voice input uses them: a text-only catalog skips them.
     if not any(agent.get("stt") for agent in config.catalog):
@@ -123,17 +204,19 @@ async def run_worker(config: WorkerConfig) -> int:
         host="127.0.0.1",
         port=0,  # the built-in health server; ours is the status port
         load_threshold=float("inf"),
+        load_fnc=state.load,
     )
+    server_box.append(server)
 
     async def on_request(req: JobRequest) -> None:
         # A second dispatch to this name (a crashed lease book, a retried request) must
         # never put a second end user into the same worker.
-        if state.accepted_job is not None:
-            logger.warning("rejecting job %s: this worker already served %s", req.id, state.accepted_job)
+        # Only the job dispatched for the current lease is taken: not a stale dispatch from
+        # a lease that was returned, nor a second one.
+        if not state.accept(req.id, _lease_of(req.job.metadata)):
+            logger.warning("rejecting job %s: not the job of this worker's lease (state %s)", req.id, state.state)
             await req.reject()
             return
-        state.accepted_job = req.id
-        state.state = "busy"
         await req.accept(identity=f"agent-{config.worker_id}")
 
     @server.rtc_session(agent_name=config.agent_name, on_request=on_request)
@@ -143,6 +226,11 @@ async def run_worker(config: WorkerConfig) -> int:
             loop.call_soon_threadsafe(session_over.set)
 
         ctx.add_shutdown_callback(on_shutdown)
+        # The job runs on a loop of its own (thread executor); /end reaches it through here.
+        job_loop, entry_task = asyncio.get_running_loop(), asyncio.current_task()
+        state.end_session = lambda reason, if_no_users: job_loop.call_soon_threadsafe(
+            end_session, ctx, entry_task, reason, if_no_users
+        )
         await run_session(ctx, config.catalog, knowledge, config.user_join_timeout_s)
 
     server.on("worker_registered", lambda *_: _mark_idle(state))
@@ -184,6 +272,14 @@ async def run_worker(config: WorkerConfig) -> int:
     await status_runner.cleanup()
     logger.info("worker %s exits with %d", config.worker_id, exit_code)
     return exit_code
+
+
+def _lease_of(metadata: str) -> str | None:
+    try:
+        value = json.loads(metadata or "{}").get("lease_id")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _exit_hard_after(seconds: float) -> None:

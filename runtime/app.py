@@ -18,7 +18,9 @@ from typing import Callable
 import pykka
 
 from actors import ChildSpec, Directory, DispatchActor, PoolActor, Restart, ScalerActor, Supervisor, pool_id
-from actors.messages import Reconfigure, ShutdownAll, StartChild, StopChild
+from livekit import api
+
+from actors.messages import Reconfigure, RoomEvent, ShutdownAll, StartChild, StopChild
 from runtime.backends import ProcessBackend, WorkerBackend
 from runtime.livekit import LiveKitClient
 from runtime.metrics import Metrics
@@ -105,7 +107,7 @@ class Runtime:
 
     def _dispatch_spec(self) -> ChildSpec:
         def start(**child):  # noqa: ANN003, ANN202
-            return DispatchActor.start(self.directory, self.livekit, self.metrics, **child)
+            return DispatchActor.start(self.directory, self.livekit, self.metrics, self.settings.runtime.dispatch, **child)
 
         return ChildSpec("dispatch", start)
 
@@ -139,8 +141,13 @@ class Runtime:
         logger.info("reloaded: %s", summary.as_json())
         return summary
 
-    def on_livekit_event(self, client_id: str, event: object) -> None:
-        """A verified, de-duplicated LiveKit webhook event of this client (gateway thread)."""
+    def on_livekit_event(self, client_id: str, event: api.WebhookEvent) -> None:
+        """A verified, de-duplicated LiveKit webhook event of this client: a room that ended,
+        or a user who left it, ends the session of the worker leased for that room."""
+        if event.event == "room_finished" or (
+            event.event == "participant_left" and event.participant.kind != api.ParticipantInfo.Kind.AGENT
+        ):
+            self._tell_dispatch(RoomEvent(client_id, event.room.name, event.event))
 
     def _tell_dispatch(self, message: object) -> None:
         self._tell(self.directory.get("dispatch"), message)

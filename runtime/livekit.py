@@ -11,10 +11,13 @@ import asyncio
 import threading
 from concurrent.futures import Future
 from datetime import timedelta
+from typing import Any, Coroutine, TypeVar
 
 from livekit import api
 
 from runtime.settings import LiveKitSettings
+
+T = TypeVar("T")
 
 
 class LiveKitClient:
@@ -24,21 +27,18 @@ class LiveKitClient:
         self._thread.start()
         self._apis: dict[tuple[str, str], api.LiveKitAPI] = {}
 
-    def create_dispatch(self, lk: LiveKitSettings, agent_name: str, room: str, metadata: str) -> Future[str]:
-        """Create an explicit dispatch; the future yields its id."""
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        """Run a coroutine on the adapter's loop; the caller's thread goes on at once."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-        async def call() -> str:
-            request = api.CreateAgentDispatchRequest(agent_name=agent_name, room=room, metadata=metadata)
-            dispatch = await self._api(lk).agent_dispatch.create_dispatch(request)
-            return dispatch.id
+    async def create_dispatch(self, lk: LiveKitSettings, agent_name: str, room: str, metadata: str) -> str:
+        """Create an explicit dispatch (on the adapter's loop); return its id."""
+        request = api.CreateAgentDispatchRequest(agent_name=agent_name, room=room, metadata=metadata)
+        dispatch = await self._api(lk).agent_dispatch.create_dispatch(request)
+        return dispatch.id
 
-        return asyncio.run_coroutine_threadsafe(call(), self._loop)
-
-    def delete_dispatch(self, lk: LiveKitSettings, dispatch_id: str, room: str) -> Future[None]:
-        async def call() -> None:
-            await self._api(lk).agent_dispatch.delete_dispatch(dispatch_id, room)
-
-        return asyncio.run_coroutine_threadsafe(call(), self._loop)
+    async def delete_dispatch(self, lk: LiveKitSettings, dispatch_id: str, room: str) -> None:
+        await self._api(lk).agent_dispatch.delete_dispatch(dispatch_id, room)
 
     def _api(self, lk: LiveKitSettings) -> api.LiveKitAPI:
         # One HTTP session per key pair, reused across calls; runs on the adapter's loop only.

@@ -42,10 +42,22 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AuthFailureSettings(_Model):
+    """More than ``max`` failed authentications from one address within ``window_s``: 429."""
+
+    max: int = Field(20, ge=1, le=100_000)
+    window_s: float = Field(60.0, gt=0, le=86_400)
+
+
 class GatewaySettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # A connection must deliver a complete request head this soon after it opens or after
+    # its previous response, or it is closed (slowloris); an idle keep-alive one too.
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    body_timeout_s: float = Field(10.0, gt=0, le=3600)  # reading a request body: else 408
+    auth_failures: AuthFailureSettings = AuthFailureSettings()
 
 
 class ScalerSettings(_Model):
@@ -79,9 +91,28 @@ class WorkerSettings(_Model):
     volumes: list[str] = Field(default_factory=list)  # docker backend: "host:container[:ro]"
 
 
+class DispatchSettings(_Model):
+    """How long a trigger may take to put an agent in the room before it is refused.
+
+    A 200 means the leased worker *accepted* the job: the runtime waits up to
+    ``accept_timeout_s`` for that, deletes a dispatch that was not accepted, and tries
+    another idle worker, ``attempts`` times in all.
+    """
+
+    accept_timeout_s: float = Field(4.0, gt=0, le=60)
+    attempts: int = Field(2, ge=1, le=5)
+
+    @property
+    def deadline_s(self) -> float:
+        """The longest a trigger can take: each attempt's claim (2 s), dispatch (4 s), accept
+        and deleting an unaccepted dispatch (4 s), all bounded in runtime/handoff.py."""
+        return self.attempts * (self.accept_timeout_s + 12.0) + 1.0
+
+
 class RuntimeSettings(_Model):
     backend: Literal["process", "docker"] = "process"
     gateway: GatewaySettings = GatewaySettings()
+    dispatch: DispatchSettings = DispatchSettings()
     admin_token: Token
     scaler: ScalerSettings = ScalerSettings()
     supervisor: SupervisorSettings = SupervisorSettings()

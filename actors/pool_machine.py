@@ -1,0 +1,350 @@
+"""A pool's decisions as a pure state machine: no threads, no I/O, no clock of its own.
+
+The PoolActor feeds it events (a lease, a probe's answer, an exit, a reload, a resize)
+and applies the effects that :meth:`PoolMachine.reconcile` hands back: start a worker,
+stop one, wake me at this time, tell the dispatcher a session ended. Everything that
+*decides* lives here (reconcile, retire, adopt, backoff, clamp, the rolling replacement
+on reload), so it is unit-tested in milliseconds against plain data
+(``tests/unit/test_pool_machine.py``).
+
+A worker moves ``starting -> idle -> leased -> gone``, or to ``draining`` when the pool
+retires it. It is idle only while its own status says it is registered with LiveKit; a
+worker that loses its registration (LiveKit restarted) goes back to ``starting`` until
+it registers again. Owned by one PoolActor's thread; never shared.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Union
+
+WorkerState = Literal["starting", "idle", "leased", "draining"]
+ExitCause = Literal[
+    "session_end", "session_failed", "scaled_down", "reconfigured", "removed", "start_failed", "lease_unused", "crashed"
+]
+LeaseFailure = Literal["unregistered", "claimed", "not_accepted"]
+# What a worker says about itself on its status port (agent/worker.py).
+ReportedState = Literal["starting", "idle", "claimed", "busy", "draining"]
+
+MAX_BACKOFF_S = 30.0
+
+
+def _new_id() -> str:
+    """Random, so ids never repeat across pool restarts (the backend keys on them)."""
+    return uuid.uuid4().hex[:8]
+
+
+@dataclass
+class Worker:
+    id: str
+    agent_name: str
+    config_fp: str
+    state: WorkerState = "starting"
+    started_at: float = 0.0
+    ready_at: float = 0.0
+    retire_cause: ExitCause | None = None  # why the pool stopped it, for the exit metric
+    lease_id: str | None = None
+    lease_no: int = 0  # how many leases it had (0 or 1: a worker serves one session)
+    adopting: bool = False  # found running when the pool started; its state is not known yet
+
+
+# -- effects: what the actor must do after an event ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Spawn:
+    worker_id: str
+    agent_name: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class WakeAt:
+    """Nothing can be started before ``at`` (backoff): reconcile again then."""
+
+    at: float
+
+
+@dataclass(frozen=True)
+class CheckLeaseAt:
+    """At ``at``, ask the worker whether the job of lease ``lease_no`` arrived."""
+
+    worker_id: str
+    lease_no: int
+    at: float
+
+
+@dataclass(frozen=True)
+class SessionOver:
+    worker_id: str
+    failed: bool
+
+
+@dataclass(frozen=True)
+class Exited:
+    worker_id: str
+    cause: ExitCause
+    exit_code: int
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    worker_id: str
+    reason: str
+    backoff_s: float
+
+
+@dataclass(frozen=True)
+class BecameReady:
+    worker_id: str
+    seconds: float  # start to registered; 0 for an adopted worker
+
+
+@dataclass(frozen=True)
+class LostRegistration:
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class Drained:
+    """The client was removed and its last worker is gone: the pool may stop."""
+
+
+Effect = Union[Spawn, Stop, WakeAt, CheckLeaseAt, SessionOver, Exited, StartFailed, BecameReady, LostRegistration, Drained]
+
+
+@dataclass
+class PoolMachine:
+    client_id: str
+    min_idle: int
+    max_size: int
+    config_fp: str
+    lease_timeout_s: float = 60.0
+    workers: dict[str, Worker] = field(default_factory=dict)
+    target: int = -1  # set from min_idle below
+    missed_total: int = 0
+    failures: int = 0  # consecutive failed starts
+    last_error: str | None = None
+    next_start_at: float = 0.0
+    leaving: bool = False
+    new_id: Callable[[], str] = _new_id
+    _outbox: list[Effect] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.target < 0:
+            self.target = self.min_idle
+
+    # -- events ----------------------------------------------------------------------------
+
+    def adopt(self, worker_id: str, agent_name: str, config_fp: str, now: float) -> None:
+        """A worker a previous incarnation of this pool left running; its probe will tell."""
+        self.workers[worker_id] = Worker(worker_id, agent_name, config_fp, started_at=now, adopting=True)
+
+    def lease(self, lease_id: str, now: float) -> Worker | None:
+        """Take an idle worker: fresh settings first, then the longest idle."""
+        idle = [w for w in self.workers.values() if w.state == "idle"]
+        if not idle or self.leaving:
+            self.missed_total += 1
+            return None
+        worker = min(idle, key=lambda w: (w.config_fp != self.config_fp, w.ready_at))
+        self._mark_leased(worker, lease_id, now)
+        return worker
+
+    def return_lease(self, worker_id: str, lease_id: str) -> None:
+        """The dispatch failed before any job existed, and the worker released its claim."""
+        worker = self.workers.get(worker_id)
+        if worker and worker.state == "leased" and worker.lease_id == lease_id:
+            worker.state, worker.lease_id = "idle", None
+
+    def lease_failed(self, worker_id: str, lease_id: str, cause: LeaseFailure, now: float) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.lease_id != lease_id or worker.state != "leased":
+            return
+        if cause == "unregistered":  # it lost LiveKit since its last probe: idle once it is back
+            worker.state, worker.lease_id = "starting", None
+        elif cause == "claimed":  # leased by an earlier incarnation of this pool: leave it be
+            worker.lease_id = None
+        else:  # dispatched but never accepted: it cannot be trusted with the next caller
+            self._retire(worker, "lease_unused")
+
+    def lease_unused(self, worker_id: str, lease_no: int) -> None:
+        """The lease timer fired and the worker says it has no job."""
+        worker = self.workers.get(worker_id)
+        if worker and worker.state == "leased" and worker.lease_no == lease_no:
+            self._retire(worker, "lease_unused")
+
+    def resize(self, target: int) -> None:
+        self.target = self._clamp(target)
+
+    def reconfigure(self, min_idle: int, max_size: int, config_fp: str) -> None:
+        """New settings: stale idle workers are replaced by :meth:`reconcile`, rolling."""
+        self.min_idle, self.max_size, self.config_fp = min_idle, max_size, config_fp
+        self.target = self._clamp(self.target)
+
+    def drain(self) -> None:
+        self.leaving = True
+
+    def started(self, worker_id: str) -> bool:
+        """The backend started it; False means stop it at once (retired or unknown meanwhile)."""
+        worker = self.workers.get(worker_id)
+        return worker is not None and worker.state != "draining"
+
+    def status(self, worker_id: str, registered: bool, reported: ReportedState, lease_id: str | None, now: float) -> None:
+        """What the worker's status port says, whenever it changes."""
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.state == "draining":
+            return
+        taken = reported in ("claimed", "busy")
+        if worker.state == "starting" and registered:
+            self.failures, self.last_error = 0, None
+            worker.ready_at = now
+            self._outbox.append(BecameReady(worker_id, 0.0 if worker.adopting else now - worker.started_at))
+            worker.adopting = False
+            if taken:  # adopted mid-session, or claimed by an earlier incarnation of this pool
+                self._mark_leased(worker, lease_id, now)
+            else:
+                worker.state = "idle"
+        elif worker.state == "idle" and taken:
+            self._mark_leased(worker, lease_id, now)
+        elif worker.state == "idle" and not registered:
+            worker.state = "starting"
+            self._outbox.append(LostRegistration(worker_id))
+
+    def start_failed(self, worker_id: str, reason: str, started: bool, now: float) -> None:
+        """It never registered. ``started``: a process or container exists and must be stopped."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return
+        self._back_off(worker_id, reason, now)
+        if started:
+            self._retire(worker, "start_failed")
+        else:
+            del self.workers[worker_id]
+            self._outbox.append(Exited(worker_id, "start_failed", -1))
+
+    def exited(self, worker_id: str, exit_code: int, now: float) -> None:
+        worker = self.workers.pop(worker_id, None)
+        if worker is None:
+            return
+        cause: ExitCause
+        if worker.retire_cause:
+            cause = worker.retire_cause
+        elif worker.state == "leased":
+            cause = "session_end" if exit_code == 0 else "session_failed"
+        elif worker.state == "starting" and not worker.ready_at:
+            cause = "start_failed"
+            self._back_off(worker_id, f"exited with code {exit_code} before registering", now)
+        else:
+            cause = "crashed"
+        self._outbox.append(Exited(worker_id, cause, exit_code))
+        if worker.lease_no:  # it held a lease: the dispatcher forgets it and cleans up a failure
+            self._outbox.append(SessionOver(worker_id, failed=cause != "session_end"))
+
+    # -- the pool's size -------------------------------------------------------------------
+
+    def desired(self) -> int:
+        """Live workers to keep: the scaler's target, but always ``min_idle`` beside the leased."""
+        if self.leaving:
+            return 0
+        leased = sum(1 for w in self.workers.values() if w.state == "leased")
+        return min(self.max_size, max(self.target, leased + self.min_idle))
+
+    def reconcile(self, now: float) -> list[Effect]:
+        """Bring the pool towards its desired size; return every effect due since last time."""
+        if self.leaving:
+            for w in self._live():
+                if w.state != "leased":
+                    self._retire(w, "removed")
+            if not self.workers:
+                self._outbox.append(Drained())
+            return self._take()
+
+        live = self._live()
+        stale = [w for w in live if w.state != "leased" and w.config_fp != self.config_fp]
+        for w in stale:
+            if w.state == "starting" and not w.adopting:  # not serving anyone yet: replace now
+                self._retire(w, "reconfigured")
+        stale = [w for w in stale if w.state == "idle"]
+        fresh = [w for w in self._live() if w not in stale]
+        desired = self.desired()
+
+        need = desired - len(fresh)
+        if need > 0:
+            room = self.max_size - len(fresh) - len(stale)
+            if room < need:  # no room to surge: make it by retiring stale idle workers
+                for w in sorted(stale, key=lambda w: w.ready_at)[: need - room]:
+                    self._retire(w, "reconfigured")
+                    stale.remove(w)
+                    room += 1
+            if now < self.next_start_at:
+                self._outbox.append(WakeAt(self.next_start_at))
+            else:
+                for _ in range(min(need, room)):
+                    self._spawn(now)
+        elif len(fresh) > desired and not any(w.adopting for w in fresh):
+            # (While an adopted worker's state is unknown it may be mid-session, which would
+            # raise ``desired``: shrink only once every probe has answered.)
+            # Starting workers go first (not useful yet), then the most recently ready idle ones.
+            spare = sorted((w for w in fresh if w.state != "leased"), key=lambda w: (w.state != "starting", -w.ready_at))
+            for w in spare[: len(fresh) - desired]:
+                self._retire(w, "scaled_down")
+
+        # Stale idle workers go one by one, once the fresh ones reached the desired size and
+        # idle capacity stays at min_idle without them: a reload never drops idle below it.
+        fresh_now = [w for w in self._live() if w not in stale]
+        idle = sum(1 for w in self._live() if w.state == "idle")
+        for w in sorted(stale, key=lambda w: w.ready_at):
+            if len(fresh_now) >= desired and idle - 1 >= self.min_idle:
+                self._retire(w, "reconfigured")
+                idle -= 1
+        return self._take()
+
+    # -- what the pool looks like ------------------------------------------------------------
+
+    def count(self, state: WorkerState) -> int:
+        return sum(1 for w in self.workers.values() if w.state == state)
+
+    def backoff_s(self, now: float) -> float:
+        return max(0.0, round(self.next_start_at - now, 3))
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _live(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.state in ("starting", "idle", "leased")]
+
+    def _clamp(self, target: int) -> int:
+        return max(self.min_idle, min(target, self.max_size))
+
+    def _mark_leased(self, worker: Worker, lease_id: str | None, now: float) -> None:
+        worker.state, worker.lease_id = "leased", lease_id
+        worker.lease_no += 1
+        self._outbox.append(CheckLeaseAt(worker.id, worker.lease_no, now + self.lease_timeout_s))
+
+    def _spawn(self, now: float) -> None:
+        worker_id = self.new_id()
+        agent_name = f"{self.client_id}--{worker_id}"
+        self.workers[worker_id] = Worker(worker_id, agent_name, self.config_fp, started_at=now)
+        self._outbox.append(Spawn(worker_id, agent_name))
+
+    def _retire(self, worker: Worker, cause: ExitCause) -> None:
+        if worker.state == "draining":
+            return
+        worker.state, worker.retire_cause = "draining", cause
+        self._outbox.append(Stop(worker.id))
+
+    def _back_off(self, worker_id: str, reason: str, now: float) -> None:
+        """Consecutive failed starts delay the next one: a bad image must not crash-loop."""
+        self.failures += 1
+        self.last_error = reason
+        backoff = min(MAX_BACKOFF_S, 0.5 * 2 ** (self.failures - 1))
+        self.next_start_at = now + backoff
+        self._outbox.append(StartFailed(worker_id, reason, backoff))
+
+    def _take(self) -> list[Effect]:
+        effects, self._outbox = self._outbox, []
+        return effects
