@@ -188,6 +188,7 @@ class DispatchActor(Supervised):
             logger.warning("handoff to %s failed (%s), attempt %d", lease.agent_name, handoff.outcome,
                            flight.attempt if flight else 0)
             self._tell_pool(lease.client_id, LeaseFailed(lease.worker_id, lease.lease_id, handoff.outcome))
+            self.metrics.handoff_failures.labels(lease.client_id, handoff.outcome).inc()
             if flight is None:
                 return
             if flight.attempt < self.settings.attempts:

@@ -17,7 +17,7 @@ import json
 import logging
 from typing import Any
 
-from livekit import rtc
+from livekit import api, rtc
 from livekit.agents import Agent, AgentSession, JobContext, llm
 from livekit.agents.voice.room_io import RoomOptions
 
@@ -90,6 +90,8 @@ async def run_session(
         # The dispatched room was deleted before we joined, and joining created a new,
         # empty one of the same name: nobody will ever come. End instead of waiting.
         logger.info("room %s was deleted before the agent joined; ending the session", ctx.room.name)
+        if not ctx.room.remote_participants:  # the ghost is ours alone: take it down too
+            await ctx.api.room.delete_room(api.DeleteRoomRequest(room=ctx.room.name))
         ctx.shutdown("room deleted")
         return
     logger.info("joined room %s", ctx.room.name)

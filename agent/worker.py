@@ -114,9 +114,11 @@ class WorkerState:
         return True
 
     def load(self) -> float:
-        """What LiveKit is told: free while idle, full once taken (not the machine's CPU,
-        which LiveKit would compare with its 0.7 threshold and drop our dispatch)."""
-        return 0.0 if self.state in ("starting", "idle") else 1.0
+        """What LiveKit is told: free until the job is taken, full afterwards. Not the
+        machine's CPU, which LiveKit compares with its 0.7 threshold and then drops our
+        dispatch; and not full while merely claimed, or a status report between the claim
+        and the job request would turn that very job away."""
+        return 1.0 if self.state in ("busy", "draining") else 0.0
 
     def as_json(self) -> dict:
         return {

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -104,9 +105,12 @@ def cold_session(backend: ProcessBackend, project: LiveKitProject, arrivals: Arr
     t0 = time.perf_counter()
     handle = backend.start(spec)
     wait_until(lambda: (read_status(port) or {}).get("registered"), 60, "the cold worker to register", interval=0.01)
+    # The worker takes only the job of the lease it was claimed for (runtime/handoff.py).
+    lease_id = uuid.uuid4().hex
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/claim?lease_id={lease_id}", method="POST"))
     project.call(
         lambda lk: lk.agent_dispatch.create_dispatch(
-            api.CreateAgentDispatchRequest(agent_name=spec.agent_name, room=room, metadata=json.dumps({}))
+            api.CreateAgentDispatchRequest(agent_name=spec.agent_name, room=room, metadata=json.dumps({"lease_id": lease_id}))
         )
     )
     elapsed = arrived.result(timeout=70) - t0

@@ -81,7 +81,7 @@ class LiveKitServer:
         self.log_path = log_path
         self.webhook_urls = webhook_urls or []
         self._proc: subprocess.Popen | None = None
-        self._config_dir = tempfile.TemporaryDirectory(prefix="livekit-")
+        self._config_dir: tempfile.TemporaryDirectory | None = None
 
     @property
     def url(self) -> str:
@@ -98,6 +98,7 @@ class LiveKitServer:
         if self.webhook_urls:
             first_key = next(iter(self.keys))
             config["webhook"] = {"api_key": first_key, "urls": self.webhook_urls}
+        self._config_dir = self._config_dir or tempfile.TemporaryDirectory(prefix="livekit-")
         config_path = Path(self._config_dir.name) / "livekit.yaml"
         config_path.write_text(yaml.safe_dump(config))  # keys live in a private temp file, not argv
         config_path.chmod(0o600)
@@ -130,7 +131,9 @@ class LiveKitServer:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-        self._config_dir.cleanup()
+        if self._config_dir is not None:  # a stopped server may start again, on the same ports
+            self._config_dir.cleanup()
+            self._config_dir = None
 
     def __enter__(self) -> "LiveKitServer":
         return self.start()

@@ -26,6 +26,10 @@ class Metrics:
             ["client"], registry=r,
         )
         self.triggers = Counter("autonomite_triggers", "Triggers by outcome.", ["client", "outcome"], registry=r)
+        self.handoff_failures = Counter(
+            "autonomite_handoff_failures", "Leased workers that did not take their session (each was retried or refused).",
+            ["client", "cause"], registry=r,
+        )
         self.scale_events = Counter(
             "autonomite_scale_events", "Resizes sent by the scaler.", ["client", "direction"], registry=r
         )

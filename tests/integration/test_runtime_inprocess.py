@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+
 import pytest
 
 from actors import pool_id
@@ -20,6 +22,16 @@ def runtime(tmp_path, lk_a):
     rt.stop()
 
 
+class Inbox:
+    """Stands where the DispatchActor would: the pool answers a Lease with a ``tell``."""
+
+    def __init__(self, answers: queue.Queue) -> None:
+        self.answers = answers
+
+    def tell(self, message: object) -> None:
+        self.answers.put(message)
+
+
 def stats(rt: Runtime):
     return rt.directory.get(pool_id("alpha")).ask(GetStats(), timeout=5)
 
@@ -27,8 +39,10 @@ def stats(rt: Runtime):
 def test_a_lease_whose_job_never_arrives_is_retired(runtime):
     """A dispatch LiveKit dropped looks like this: leased, registered, and no job ever comes."""
     wait_until(lambda: stats(runtime).idle == 1, 60, "a warm worker")
-    lease = runtime.directory.get(pool_id("alpha")).ask(Lease("room-lost"), timeout=5)
-    assert isinstance(lease, Leased)  # and no dispatch is ever sent for it
+    answers: queue.Queue = queue.Queue()
+    runtime.directory.get(pool_id("alpha")).tell(Lease(1, "room-lost", reply_to=Inbox(answers)))
+    lease = answers.get(timeout=5)
+    assert isinstance(lease, Leased)  # and no claim or dispatch is ever sent for it
     wait_until(
         lambda: metric_value(runtime.metrics.render().decode(), "autonomite_worker_exits_total",
                              client="alpha", cause="lease_unused") == 1,
