@@ -114,7 +114,7 @@ def serve(config_path: Path, with_livekit: bool) -> int:
 
 
 async def _serve_http(runtime: "Runtime") -> None:
-    from runtime.gateway import create_app
+    from runtime.gateway import create_runner
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -124,7 +124,7 @@ async def _serve_http(runtime: "Runtime") -> None:
     # The supervisor gives up in its own thread; wake the loop from there.
     runtime.on_failure(lambda reason: loop.call_soon_threadsafe(stop.set))
     gw = runtime.settings.runtime.gateway
-    runner = web.AppRunner(create_app(runtime), access_log=None)
+    runner = create_runner(runtime)  # with the gateway's header timeout
     await runner.setup()
     await web.TCPSite(runner, gw.host, gw.port).start()
     logger.info("gateway listening on http://%s:%d", gw.host, gw.port)

@@ -1,8 +1,15 @@
 """The HTTP gateway (aiohttp): triggers in, stats and metrics out.
 
 It never blocks its event loop: actors are reached through ``runtime.bridge`` and file or
-supervisor work (reload) runs in an executor. Every refusal is a JSON body with a
-machine-readable ``error`` and changes nothing.
+supervisor work (reload) runs in an executor. Every refusal is a JSON body
+``{"error": code, "detail": text}`` and changes nothing: handlers raise ``Refusal``, and
+the ``json_errors`` middleware answers it, turns aiohttp's own errors (404, 405, ...) into
+the same shape, and hides unexpected exceptions behind a bare 500.
+
+Hostile input is held off here, with the pure helpers of ``runtime.http_guard``: bearer
+tokens must be printable ASCII, trigger bodies are bounded in size, time, nesting depth and
+Unicode validity, failed authentications are rate-limited per source address, and a
+connection that dawdles over its request head is closed (see ``create_runner``).
 """
 
 from __future__ import annotations
@@ -11,25 +18,146 @@ import asyncio
 import json
 import logging
 import re
+import secrets
+from typing import Literal
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from actors import pool_id
 from actors.messages import Crash, GetStats, PoolStats, Trigger, TriggerRequest, TriggerResult
 from runtime import bridge
 from runtime.app import Runtime
+from runtime.http_guard import (
+    MAX_JSON_DEPTH,
+    AuthFailureLimiter,
+    RecentIds,
+    bearer_token,
+    invalid_unicode_path,
+    nested_deeper_than,
+    retry_after_header,
+)
 from runtime.livekit import verify_webhook
 from runtime.secrets import same_secret
-from runtime.settings import ConfigError
+from runtime.settings import ConfigError, LiveKitSettings
 
 logger = logging.getLogger("autonomite.gateway")
 
 RUNTIME = web.AppKey("runtime", Runtime)
 MAX_BODY = web.AppKey("max_body", int)
-ACTOR_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
+AUTH_FAILURES = web.AppKey("auth_failures", AuthFailureLimiter)
+WEBHOOK_IDS = web.AppKey("webhook_ids", RecentIds)
 MAX_CONTEXT_BYTES = 16 * 1024
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
+_EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}")  # used with fullmatch: "x@y\n" is no address
+
+ErrorCode = Literal[
+    "unauthorized", "forbidden", "too_many_failures", "invalid_signature",  # who is asking
+    "unknown_client", "unknown_agent", "not_found", "method_not_allowed",  # what is asked for
+    "body_too_large", "request_timeout", "malformed_json", "invalid_body",  # how it is asked
+    "restarting", "timeout", "failed", "config_error", "http_error", "internal",  # what went wrong
+]
+_HTTP_ERROR_CODES: dict[int, ErrorCode] = {
+    404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "body_too_large",
+}
+
+# Webhooks for an unknown client are checked against this key pair, which nobody holds, so
+# they fail exactly as a bad signature for a known client does, in about the same time.
+_NOBODY = LiveKitSettings(url="ws://unknown.invalid", api_key="unknown-client", api_secret=secrets.token_urlsafe(32))
+
+
+class Refusal(Exception):
+    """Raised by a handler or helper; the middleware answers with this JSON refusal."""
+
+    def __init__(self, status: int, code: ErrorCode, detail: str, headers: dict[str, str] | None = None,
+                 extra: dict | None = None, close: bool = False) -> None:
+        super().__init__(code)
+        self.status, self.code, self.detail = status, code, detail
+        self.headers, self.extra, self.close = headers or {}, extra or {}, close
+
+    def response(self) -> web.Response:
+        body = {"error": self.code, "detail": self.detail, **self.extra}
+        return web.json_response(body, status=self.status, headers=self.headers or None)
+
+
+def error(status: int, code: ErrorCode, detail: str, **headers: str) -> web.Response:
+    return Refusal(status, code, detail, headers).response()
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One shape for every refusal, aiohttp's own included; nothing internal leaks out."""
+    try:
+        return await handler(request)
+    except Refusal as r:
+        resp = r.response()
+        if r.close:  # answer, then hang up at once rather than wait for the rest of a slow body
+            resp.force_close()
+            await resp.prepare(request)
+            await resp.write_eof()
+            request.protocol.force_close()
+        return resp
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise  # redirects and the like are not refusals
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else {}
+        return error(e.status, _HTTP_ERROR_CODES.get(e.status, "http_error"), e.reason, **allow)
+    except Exception:  # noqa: BLE001 - logged here with its traceback; the caller learns nothing
+        logger.exception("unhandled error answering %s %s", request.method, request.path)
+        return error(500, "internal", "the gateway failed to answer this request")
+
+
+# -- authentication and bodies -------------------------------------------------------------
+
+
+def _peer(request: web.Request) -> str:
+    """The TCP peer. Behind a proxy that is the proxy: X-Forwarded-For is anyone's to forge."""
+    return request.remote or "unknown"
+
+
+def _refuse_if_blocked(request: web.Request) -> None:
+    """429 for an address with too many recent failures, before its token is even looked at."""
+    wait = request.app[AUTH_FAILURES].retry_after(_peer(request))
+    if wait:
+        raise Refusal(429, "too_many_failures", "too many failed authentications from this address",
+                      {"Retry-After": retry_after_header(wait)})
+
+
+def _auth_failed(request: web.Request, code: ErrorCode, detail: str) -> Refusal:
+    request.app[AUTH_FAILURES].failed(_peer(request))
+    return Refusal(401, code, detail)
+
+
+def _bearer(request: web.Request) -> str | None:
+    return bearer_token(request.headers.get("Authorization", ""))
+
+
+def _is_admin(request: web.Request) -> bool:
+    token = _bearer(request)
+    expected = request.app[RUNTIME].settings.runtime.admin_token.get_secret_value()
+    return token is not None and same_secret(token, expected)
+
+
+def _require_admin(request: web.Request) -> None:
+    _refuse_if_blocked(request)
+    if not _is_admin(request):
+        raise _auth_failed(request, "unauthorized", "the admin token is required")
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The whole body, or 413 past the size limit, or 408 if it arrives too slowly."""
+    try:
+        async with asyncio.timeout(request.app[BODY_TIMEOUT_S]):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise Refusal(413, "body_too_large", f"the body exceeds {request.app[MAX_BODY]} bytes") from None
+    except TimeoutError:
+        raise Refusal(408, "request_timeout", f"the body did not arrive within {request.app[BODY_TIMEOUT_S]} s",
+                      close=True) from None
+
+
+# -- triggers --------------------------------------------------------------------------------
 
 
 class TriggerBody(BaseModel):
@@ -45,58 +173,51 @@ class TriggerBody(BaseModel):
     @field_validator("user_email")
     @classmethod
     def _email_shape(cls, v: str | None) -> str | None:
-        if v is not None and not _EMAIL.match(v):
+        if v is not None and not _EMAIL.fullmatch(v):
             raise ValueError("not an email address")
         return v
 
     @field_validator("context")
     @classmethod
-    def _context_bounded(cls, v: dict | None) -> dict | None:
+    def _context_sound(cls, v: dict | None) -> dict | None:
+        # pydantic refuses lone surrogates in str fields itself, but not inside a plain dict.
+        where = invalid_unicode_path(v) if v is not None else None
+        if where:
+            raise ValueError(f"a string at context{where} is not valid Unicode (a lone surrogate)")
         if v is not None and len(json.dumps(v)) > MAX_CONTEXT_BYTES:
             raise ValueError(f"larger than {MAX_CONTEXT_BYTES} bytes as JSON")
         return v
 
 
-def error(status: int, code: str, detail: str, **headers: str) -> web.Response:
-    return web.json_response({"error": code, "detail": detail}, status=status, headers=headers or None)
-
-
-def _bearer(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-def _is_admin(request: web.Request) -> bool:
-    token = _bearer(request)
-    expected = request.app[RUNTIME].settings.runtime.admin_token.get_secret_value()
-    return token is not None and same_secret(token, expected)
-
-
-# -- triggers --------------------------------------------------------------------------------
+def parse_trigger(raw: bytes) -> TriggerBody:
+    """The validated trigger body, or a 400/422 Refusal saying what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Refusal(400, "malformed_json", "the body is not UTF-8") from None
+    if nested_deeper_than(text, MAX_JSON_DEPTH):  # before json.loads, which would recurse
+        raise Refusal(400, "malformed_json", f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise Refusal(400, "malformed_json", "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise Refusal(400, "malformed_json", "the body must be a JSON object")
+    try:
+        return TriggerBody.model_validate(data)
+    except ValidationError as e:
+        fields = [{"field": ".".join(str(p) for p in err["loc"]), "reason": err["msg"]} for err in e.errors()]
+        raise Refusal(422, "invalid_body", "the body failed validation", extra={"fields": fields}) from None
 
 
 async def trigger(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
+    _refuse_if_blocked(request)
     token = _bearer(request)
     caller = runtime.client_by_token(token) if token else None
     if caller is None:
-        return error(401, "unauthorized", "a valid client bearer token is required")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return error(413, "body_too_large", f"the body exceeds {request.app[MAX_BODY]} bytes")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return error(400, "malformed_json", "the body is not valid JSON")
-    if not isinstance(data, dict):
-        return error(400, "malformed_json", "the body must be a JSON object")
-    try:
-        body = TriggerBody.model_validate(data)
-    except ValidationError as e:
-        fields = [{"field": ".".join(str(p) for p in err["loc"]), "reason": err["msg"]} for err in e.errors()]
-        return web.json_response({"error": "invalid_body", "detail": "the body failed validation", "fields": fields}, status=422)
+        raise _auth_failed(request, "unauthorized", "a valid client bearer token is required")
+    body = parse_trigger(await _read_body(request))
     if body.client_id != caller.id:
         if runtime.settings.client(body.client_id) is None:
             return error(404, "unknown_client", f"no client {body.client_id!r}")
@@ -109,8 +230,9 @@ async def trigger(request: web.Request) -> web.Response:
     req = TriggerRequest(
         body.client_id, body.agent, body.room_name, body.user_email, body.context, body.conversation_id
     )
+    deadline_s = runtime.settings.runtime.dispatch.deadline_s  # the dispatcher answers by then
     try:
-        result: TriggerResult = await bridge.ask(lambda reply: dispatch.tell(Trigger(req, caller, reply)), ACTOR_TIMEOUT_S)
+        result: TriggerResult = await bridge.ask(lambda reply: dispatch.tell(Trigger(req, caller, reply)), deadline_s)
     except asyncio.TimeoutError:
         return error(504, "timeout", "the dispatch did not complete in time")
     headers = {"Retry-After": str(result.retry_after_s)} if result.retry_after_s else None
@@ -121,7 +243,8 @@ async def trigger(request: web.Request) -> web.Response:
 
 
 async def pool_stats(runtime: Runtime) -> dict[str, PoolStats]:
-    pools = runtime.directory.with_prefix(pool_id(""))
+    """Every pool's stats, a removed client's still-draining pool included."""
+    pools = runtime.directory.with_prefix(pool_id(""), draining=True)
 
     async def one(ref) -> PoolStats | None:  # noqa: ANN001
         try:
@@ -134,28 +257,38 @@ async def pool_stats(runtime: Runtime) -> dict[str, PoolStats]:
 
 
 async def stats(request: web.Request) -> web.Response:
-    if not _is_admin(request):
-        return error(401, "unauthorized", "the admin token is required")
+    _require_admin(request)
     all_stats = await pool_stats(request.app[RUNTIME])
     return web.json_response({"clients": {cid: s.as_json() for cid, s in sorted(all_stats.items())}})
 
 
 async def healthz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    if runtime.failed.is_set():
+    if runtime.failed.is_set() or not runtime.supervisor.is_alive():
         return error(503, "failed", "the supervisor gave up")
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready or warming, for anyone; which clients are still warming, for the admin only.
+
+    Client ids are tenant names: an anonymous probe must not learn them. A token that is
+    presented and wrong counts as a failed authentication, like everywhere else.
+    """
+    admin = False
+    if "Authorization" in request.headers:
+        _refuse_if_blocked(request)
+        admin = _is_admin(request)
+        if not admin:
+            request.app[AUTH_FAILURES].failed(_peer(request))
     runtime = request.app[RUNTIME]
     all_stats = await pool_stats(runtime)
     waiting = sorted(
         c.id for c in runtime.settings.clients if c.id not in all_stats or all_stats[c.id].idle < c.pool.min_idle
     )
-    if waiting:
-        return web.json_response({"status": "warming", "waiting_for": waiting}, status=503)
-    return web.json_response({"status": "ready"})
+    if not waiting:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "warming", **({"waiting_for": waiting} if admin else {})}, status=503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -170,21 +303,31 @@ async def livekit_webhook(request: web.Request) -> web.Response:
     """A client's LiveKit project reports room and participant events.
 
     Nothing is believed before the signature checks out against that client's own key pair
-    (the header carries LiveKit's JWT, whose sha256 claim covers the body). Verified events
-    are counted per client and event: the per-client usage record that billing starts from.
+    (the header carries LiveKit's JWT, whose sha256 claim covers the body); an unknown
+    client gets the very same 401, so the endpoint does not tell which clients exist.
+    LiveKit retries deliveries and a signed request can be replayed while its token lives,
+    so each event id is taken once per client: a repeat is answered, not counted again.
+    Verified events are counted per client and event: the usage record billing starts from.
     """
     runtime = request.app[RUNTIME]
+    _refuse_if_blocked(request)
     client = runtime.settings.client(request.match_info["client_id"])
-    if client is None:
-        return error(404, "unknown_client", "no such client")
+    raw = await _read_body(request)
     try:
-        body = (await request.read()).decode("utf-8")
-        event = verify_webhook(client.livekit, body, request.headers.get("Authorization", ""))
-    except web.HTTPRequestEntityTooLarge:
-        return error(413, "body_too_large", "the body is too large")
+        event = verify_webhook((client.livekit if client else _NOBODY), raw.decode("utf-8"),
+                               request.headers.get("Authorization", ""))
+        if client is None:
+            raise ValueError("no such client")  # unreachable: nobody holds _NOBODY's secret
     except Exception:  # noqa: BLE001 - any failure to verify is the same answer, and says nothing more
-        logger.warning("rejected a LiveKit webhook for %s: signature did not verify", client.id)
-        return error(401, "invalid_signature", "the webhook is not signed with this client's key")
+        logger.warning("rejected a LiveKit webhook for %r: signature did not verify", request.match_info["client_id"])
+        raise _auth_failed(request, "invalid_signature", "the webhook is not signed with this client's key") from None
+    seen = request.app[WEBHOOK_IDS]
+    if event.id and (client.id, event.id) in seen:
+        logger.info("livekit %s: duplicate event %s ignored", client.id, event.id)
+        return web.json_response({"received": event.event, "duplicate": True})
+    runtime.on_livekit_event(client.id, event)  # only tells an actor: cheap, never blocks the loop
+    if event.id:  # after the hook: had it failed, LiveKit's retry would be taken afresh
+        seen.add(client.id, event.id)
     runtime.metrics.webhooks.labels(client.id, event.event or "unknown").inc()
     logger.info("livekit %s: %s in room %s", client.id, event.event, event.room.name or "-")
     return web.json_response({"received": event.event})
@@ -194,8 +337,7 @@ async def livekit_webhook(request: web.Request) -> web.Response:
 
 
 async def reload(request: web.Request) -> web.Response:
-    if not _is_admin(request):
-        return error(401, "unauthorized", "the admin token is required")
+    _require_admin(request)
     runtime = request.app[RUNTIME]
     try:
         summary = await asyncio.get_running_loop().run_in_executor(None, runtime.reload)
@@ -210,8 +352,7 @@ async def crash_pool(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     if not runtime.settings.runtime.fault_injection:
         raise web.HTTPNotFound()
-    if not _is_admin(request):
-        return error(401, "unauthorized", "the admin token is required")
+    _require_admin(request)
     ref = runtime.directory.get(pool_id(request.match_info["client_id"]))
     if ref is None:
         return error(404, "unknown_client", "no such pool")
@@ -220,10 +361,13 @@ async def crash_pool(request: web.Request) -> web.Response:
 
 
 def create_app(runtime: Runtime) -> web.Application:
-    max_body = runtime.settings.runtime.gateway.max_body_bytes
-    app = web.Application(client_max_size=max_body)
+    gw = runtime.settings.runtime.gateway
+    app = web.Application(client_max_size=gw.max_body_bytes, middlewares=[json_errors])
     app[RUNTIME] = runtime
-    app[MAX_BODY] = max_body
+    app[MAX_BODY] = gw.max_body_bytes
+    app[BODY_TIMEOUT_S] = gw.body_timeout_s
+    app[AUTH_FAILURES] = AuthFailureLimiter(gw.auth_failures.max, gw.auth_failures.window_s)
+    app[WEBHOOK_IDS] = RecentIds(per_key=10_000)
     app.router.add_post("/api/v1/trigger", trigger)
     app.router.add_get("/api/v1/containers/pool/stats", stats)
     app.router.add_post("/api/v1/admin/reload", reload)
@@ -233,3 +377,16 @@ def create_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app
+
+
+def create_runner(runtime: Runtime) -> web.AppRunner:
+    """The gateway's runner, with its connection timeouts; the caller sets it up and adds a site.
+
+    The header timeout is aiohttp's ``keepalive_timeout``: aiohttp (3.14) starts that timer
+    when a connection opens and again after each response, and when it fires closes the
+    connection if it is still waiting for a complete request head. Bytes trickling in do
+    not postpone it, so a slowloris client is cut off after ``header_timeout_s``, and so is
+    an idle keep-alive connection. ``tests/unit/test_http_guard.py`` pins that behaviour.
+    """
+    gw = runtime.settings.runtime.gateway
+    return web.AppRunner(create_app(runtime), access_log=None, keepalive_timeout=gw.header_timeout_s)

@@ -43,7 +43,8 @@ class _Model(BaseModel):
 
 
 class AuthFailureSettings(_Model):
-    """More than ``max`` failed authentications from one address within ``window_s``: 429."""
+    """After ``max`` failed authentications from one address within ``window_s``, that
+    address gets 429 until its oldest failure is ``window_s`` old."""
 
     max: int = Field(20, ge=1, le=100_000)
     window_s: float = Field(60.0, gt=0, le=86_400)

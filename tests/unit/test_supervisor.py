@@ -95,3 +95,66 @@ def test_stopping_a_child_removes_it_without_restart(tree):
     assert directory.get("a") is None and Child.stopped == ["a"]
     sup.ask(ShutdownAll())
     assert restarts == []
+
+
+def _raising_start(failures: list[int]):
+    """A child spec's start that raises ``failures[0]`` times, then starts a Child."""
+
+    def start(**child):
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise OSError("no such image")
+        return Child.start(**child)
+
+    return start
+
+
+def test_a_start_that_raises_is_retried_as_a_restart_and_the_supervisor_lives(tree):
+    sup, directory, gave_up, restarts, _ = tree
+    sup.ask(StartChild(ChildSpec("flaky", _raising_start([1]))))
+    wait_until(lambda: directory.get("flaky") is not None, 5, "the retried start")
+    assert directory.get("flaky").ask("ping") == "pong"
+    assert restarts == ["flaky"] and gave_up == [] and sup.is_alive()
+
+
+def test_a_start_that_always_raises_exhausts_the_intensity_and_gives_up(tree):
+    sup, directory, gave_up, restarts, done = tree
+    sup.ask(StartChild(ChildSpec("other", Child.start)))
+    sup.ask(StartChild(ChildSpec("broken", _raising_start([99]))))
+    assert done.wait(5), "a start that always raises must end in give-up, not kill the supervisor"
+    assert "child broken: start failed: OSError: no such image" in gave_up[0]
+    assert len(restarts) == 2 and Child.stopped == ["other"]
+
+
+class Drains(Supervised):
+    """Stops itself some time after Drain, as a pool does once its sessions ended."""
+
+    def on_receive(self, message):
+        from actors.messages import Drain
+
+        if isinstance(message, Drain):
+            self.draining = True
+        elif message == "done" and getattr(self, "draining", False):
+            self.actor_ref.stop(block=False)
+        return "pong"
+
+
+def test_a_draining_child_stays_tracked_until_it_stopped(tree):
+    sup, directory, _, restarts, _ = tree
+    sup.ask(StartChild(ChildSpec("pool:gone", Drains.start)))
+    ref = directory.get("pool:gone")
+    sup.ask(StopChild("pool:gone", graceful=True))
+    assert directory.get("pool:gone") is None  # no longer takes new work
+    assert directory.with_prefix("pool:", draining=True) == {"gone": ref}  # still in stats
+    ref.tell("done")
+    wait_until(lambda: directory.with_prefix("pool:", draining=True) == {}, 5, "the drained child to be forgotten")
+    assert restarts == []
+
+
+def test_shutdown_also_stops_draining_children(tree):
+    sup, directory, _, _, _ = tree
+    sup.ask(StartChild(ChildSpec("pool:gone", Drains.start)))
+    ref = directory.get("pool:gone")
+    sup.ask(StopChild("pool:gone", graceful=True))
+    sup.ask(ShutdownAll())
+    assert not ref.is_alive() and directory.with_prefix("", draining=True) == {}
