@@ -158,22 +158,25 @@ def test_livekit_restart_never_gives_a_200_without_an_agent(run_serve, log_root)
 def test_a_pool_crash_right_after_a_lease_never_leases_that_worker_again(run_serve, lk_a):
     alpha = Client("alpha", lk_a, min_idle=2, max_size=4)
     serve = run_serve([alpha], fault_injection=True, supervisor={"max_restarts": 10, "within_s": 60})
-    ledger, rounds = Ledger(), 3
+    ledger, delays = Ledger(), (0.0, 0.05, 0.1, 0.15, 0.2)  # into the claim-to-accept window
+    rounds = len(delays)
     crash_url = f"http://127.0.0.1:{serve.port}/api/v1/admin/fault/crash-pool/alpha"
 
-    async def crash(http: aiohttp.ClientSession) -> int:
+    async def crash(http: aiohttp.ClientSession, delay_s: float) -> int:
+        await asyncio.sleep(delay_s)  # the input under test: how long after the lease
         async with http.post(crash_url, headers={"Authorization": f"Bearer {serve.admin}"}) as r:
             return r.status
 
     async def run() -> None:
         async with aiohttp.ClientSession() as http, lk_api(alpha) as lk:
-            for n in range(rounds):
+            for n, delay_s in enumerate(delays):
                 await asyncio.to_thread(wait_until, lambda: serve.pool("alpha").get("idle", 0) >= 2, 60, "idle workers")
-                o, crashed = await asyncio.gather(trigger(http, serve, alpha, f"crash-{n}"), crash(http))
+                o, crashed = await asyncio.gather(trigger(http, serve, alpha, f"crash-{n}"), crash(http, delay_s))
                 assert crashed == 200
                 ledger.outcomes.append(o)
                 if o.status == 200:
                     o.agent_joined = await agent_in_room(lk, f"crash-{n}", o.body["worker_id"])
+                    await lk.room.delete_room(api.DeleteRoomRequest(room=f"crash-{n}"))  # the session ends
             for n in range(3):  # the restarted pools hand out only workers nobody holds
                 await asyncio.to_thread(wait_until, lambda: serve.pool("alpha").get("idle", 0) >= 1, 60, "an idle worker")
                 o = await trigger(http, serve, alpha, f"after-{n}")
@@ -185,6 +188,9 @@ def test_a_pool_crash_right_after_a_lease_never_leases_that_worker_again(run_ser
     assert metric_value(serve.metrics(), "autonomite_actor_restarts_total", actor="pool") == rounds
     assert ledger.problems() == []
     assert len(ledger.ok) >= 3
+    # A restarted pool that leased a worker an earlier incarnation had leased would have its
+    # claim refused by the worker: that must never happen.
+    assert _handoff_failures(serve, alpha.id) == 0
 
 
 @pytest.mark.parametrize("delay_s", [0.0, 0.1, 0.25, 0.5])
