@@ -1,11 +1,15 @@
 """Trigger to agent-in-room latency: warm pool against cold start, side by side in one run.
 
-    .venv/bin/python bench/trigger_latency.py [--sessions 30]
+    .venv/bin/pip install -e '.[bench]'   # matplotlib, for the chart
+    .venv/bin/python bench/trigger_latency.py [--sessions 30] [--chart docs/trigger_latency.png]
 
 warm: ``POST /api/v1/trigger`` on a running ``autonomite serve`` whose pool has an idle,
       registered worker; stop the clock when LiveKit lists the agent participant as ACTIVE.
 cold: the same agent program started at trigger time (what you get without a pool): start
       the worker, wait until it registered, create the dispatch; same stop condition.
+
+For warm sessions it also records when the 200 came back: since a 200 means the worker
+accepted the job (runtime/handoff.py), that is the caller's wait.
 
 The two kinds alternate, session by session, so machine noise hits both alike. A real
 livekit-server runs on loopback; nothing leaves the machine.
@@ -78,16 +82,18 @@ class ArrivalWatch:
         self._loop.call_soon_threadsafe(self._loop.stop)
 
 
-def warm_session(serve: Serve, client: Client, project: LiveKitProject, arrivals: ArrivalWatch) -> float:
+def warm_session(serve: Serve, client: Client, project: LiveKitProject, arrivals: ArrivalWatch) -> tuple[float, float]:
+    """(trigger to 200, trigger to agent ACTIVE in the room)."""
     wait_until(lambda: serve.pool(client.id)["idle"] >= 1, 60, "an idle worker")
     room = f"warm-{uuid.uuid4().hex[:8]}"
     arrived = arrivals.watch(room)
     t0 = time.perf_counter()
     r = serve.trigger(client, room)
+    answered = time.perf_counter() - t0
     assert r.status == 200, r.body
     elapsed = arrived.result(timeout=70) - t0
     project.delete_room(room)
-    return elapsed
+    return answered, elapsed
 
 
 def cold_session(backend: ProcessBackend, project: LiveKitProject, arrivals: ArrivalWatch) -> float:
@@ -126,6 +132,7 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sessions", type=int, default=30)
+    parser.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     project = LiveKitProject(LiveKitServer({"benchkey": "bench-" + uuid.uuid4().hex}), "benchkey", "")
@@ -136,13 +143,17 @@ def main() -> None:
     serve = Serve(work / "clients.yaml", env, work / "serve.log").start()
     backend = ProcessBackend(log_dir=work / "cold-workers")
     arrivals = ArrivalWatch(project)
+    answered: list[float] = []
     warm: list[float] = []
     cold: list[float] = []
     try:
         for i in range(args.sessions):
-            warm.append(warm_session(serve, client, project, arrivals))
+            a, w = warm_session(serve, client, project, arrivals)
+            answered.append(a)
+            warm.append(w)
             cold.append(cold_session(backend, project, arrivals))
-            print(f"session {i + 1:2d}: warm {warm[-1] * 1000:7.1f} ms   cold {cold[-1] * 1000:7.1f} ms", flush=True)
+            print(f"session {i + 1:2d}: warm 200 {a * 1000:7.1f} ms, in room {w * 1000:7.1f} ms   "
+                  f"cold {cold[-1] * 1000:7.1f} ms", flush=True)
     finally:
         arrivals.close()
         serve.stop()
@@ -152,10 +163,37 @@ def main() -> None:
     print(f"sessions: {args.sessions} warm, {args.sessions} cold, alternating")
     print("| start | p50 (ms) | p95 (ms) | min (ms) | max (ms) |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, values in (("warm pool", warm), ("cold start", cold)):
+    series = (("warm pool: trigger to 200", answered), ("warm pool: agent in room", warm), ("cold start: agent in room", cold))
+    for name, values in series:
         ms = [v * 1000 for v in values]
         print(f"| {name} | {pct(ms, 50):.0f} | {pct(ms, 95):.0f} | {min(ms):.0f} | {max(ms):.0f} |")
     print(f"cold / warm at p50: {pct(cold, 50) / pct(warm, 50):.1f}x; at p95: {pct(cold, 95) / pct(warm, 95):.1f}x")
+    if args.chart:
+        chart(series, args.chart)
+        print(f"chart: {args.chart}")
+
+
+def chart(series: tuple[tuple[str, list[float]], ...], path: Path) -> None:
+    """p50 and p95 of each series as grouped bars, in ms, on a log scale (cold is ~10x warm)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [name for name, _ in series]
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=120)
+    for offset, (q, color) in enumerate(((50, "#4c72b0"), (95, "#dd8452"))):
+        values = [pct([v * 1000 for v in vals], q) for _, vals in series]
+        bars = ax.barh([i + offset * 0.38 for i in range(len(names))], values, height=0.36, color=color, label=f"p{q}")
+        ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], padding=3, fontsize=8)
+    ax.set_yticks([i + 0.19 for i in range(len(names))], names)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("ms (log scale)")
+    ax.set_title("Trigger latency: warm pool against cold start, one run")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 if __name__ == "__main__":
