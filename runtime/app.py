@@ -22,6 +22,7 @@ from livekit import api
 
 from actors.messages import Reconfigure, RoomEvent, ShutdownAll, StartChild, StopChild
 from runtime.backends import ProcessBackend, WorkerBackend
+from runtime.client_source import SourceWatcher
 from runtime.livekit import LiveKitClient
 from runtime.metrics import Metrics
 from runtime.secrets import same_secret
@@ -61,6 +62,10 @@ class Runtime:
         self.failed = threading.Event()
         self._failure_callbacks: list[Callable[[str], None]] = []
         self._reload_lock = threading.Lock()
+        self.source: SourceWatcher | None = None
+        if settings.clients_source is not None:  # clients from Supabase: read them first
+            self.source = SourceWatcher(settings.clients_source.supabase, self.metrics)
+            self.settings = settings.model_copy(update={"clients": self.source.first_read()})
         sup = settings.runtime.supervisor
         self.supervisor = Supervisor.start(
             self.directory,
@@ -73,6 +78,8 @@ class Runtime:
     # -- the tree ------------------------------------------------------------------------
 
     def start(self) -> "Runtime":
+        if self.source is not None:
+            self.source.start(self.apply_clients)
         self._remove_strays()
         for client in self.settings.clients:
             self.supervisor.ask(StartChild(self._pool_spec(client.id)))
@@ -114,12 +121,24 @@ class Runtime:
     # -- reload --------------------------------------------------------------------------
 
     def reload(self) -> ReloadSummary:
-        """Re-read the config file; raise ConfigError and change nothing if it is bad."""
+        """Re-read the config file; raise ConfigError and change nothing if it is bad.
+
+        With a client source the file holds no clients: it is checked, and the source is
+        read at once instead of at its next poll."""
         if self.config_path is None:
             raise ConfigError("no config file to reload from")
         with self._reload_lock:
             new = load_settings(self.config_path)
-            return self.apply(new)
+            if new.clients_source != self.settings.clients_source:
+                raise ConfigError(f"{self.config_path}: clients_source: this section changes only with a restart")
+            if self.source is None:
+                return self.apply(new)
+        return self.source.poll_once() or ReloadSummary([], [], [])
+
+    def apply_clients(self, clients: list[ClientSettings]) -> ReloadSummary:
+        """A new client set from the source (its watcher's thread): the same path as a reload."""
+        with self._reload_lock:
+            return self.apply(self.settings.model_copy(update={"clients": clients}))
 
     def apply(self, new: Settings) -> ReloadSummary:
         if new.runtime != self.settings.runtime:
@@ -185,6 +204,8 @@ class Runtime:
             callback(reason)
 
     def stop(self) -> None:
+        if self.source is not None:
+            self.source.stop()
         try:
             self.supervisor.ask(ShutdownAll(), timeout=120)
             self.supervisor.stop()

@@ -39,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     serve_p.add_argument("--with-livekit", action="store_true", help="start a local livekit-server per LiveKit URL")
     check_p = sub.add_parser("check-config", help="validate a config file and print its clients")
     check_p.add_argument("file", type=Path)
+    clients_p = sub.add_parser("clients", help="the clients kept in Supabase (clients_source)")
+    clients_sub = clients_p.add_subparsers(dest="clients_command", required=True)
+    push_p = clients_sub.add_parser("push", help="upsert a YAML file's clients into Supabase")
+    push_p.add_argument("file", type=Path, help="a config file with a clients: list")
+    push_p.add_argument("--source", type=Path, help="the config naming clients_source (default: FILE itself)")
+    list_p = clients_sub.add_parser("list", help="print the clients in Supabase, secrets as fingerprints")
+    list_p.add_argument("--source", type=Path, required=True, help="the config naming clients_source")
     chat_p = sub.add_parser("chat", help="start a session and talk to its agent as the end user")
     chat_p.add_argument("--gateway", default="http://127.0.0.1:8080")
     chat_p.add_argument("--token", required=True, help="the client's api_token")
@@ -49,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config(args.file)
+    if args.command == "clients":
+        return clients_command(args)
     if args.command == "chat":
         from runtime.chat import chat
 
@@ -66,12 +75,53 @@ def check_config(path: Path) -> int:
     print(f"{path}: ok")
     print(f"runtime: backend={rt.backend} gateway={rt.gateway.host}:{rt.gateway.port} admin_token=sha256:{_fp(rt.admin_token)}")
     for c in settings.clients:
-        print(
-            f"client {c.id} ({c.name}): livekit={c.livekit.url} key=sha256:{_fp(c.livekit.api_key)} "
-            f"secret=sha256:{_fp(c.livekit.api_secret)} token=sha256:{_fp(c.api_token)} "
-            f"pool=min_idle {c.pool.min_idle}, max_size {c.pool.max_size} agents={','.join(a.name for a in c.agents)}"
-        )
+        _print_client(c)
     return 0
+
+
+def clients_command(args: argparse.Namespace) -> int:
+    """``clients push FILE``: a file-defined fleet moves to Supabase in one command;
+    ``clients list``: what Supabase holds, each row validated, secrets as fingerprints."""
+    from runtime.client_store import SupabaseStore, parse_rows
+
+    try:
+        source_settings = _source_of(args.source or args.file)
+        store = SupabaseStore(source_settings)
+        if args.clients_command == "push":
+            clients = load_settings(args.file, allow_both=True).clients
+            store.upsert(clients)
+            print(f"pushed {len(clients)} clients to {source_settings.url} ({source_settings.table}): "
+                  f"{', '.join(c.id for c in clients)}")
+            return 0
+        snapshot = parse_rows(store.rows())
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - Supabase unreachable or refusing: say so, exit 1
+        print(f"Supabase error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", file=sys.stderr)
+        return 1
+    for c in snapshot.clients.values():
+        _print_client(c)
+    for row_id in sorted(snapshot.inactive):
+        print(f"client {row_id}: inactive")
+    for error in snapshot.errors.values():
+        print(f"invalid: {error}")
+    return 0
+
+
+def _source_of(path: Path):  # noqa: ANN202
+    settings = load_settings(path, allow_both=True)
+    if settings.clients_source is None:
+        raise ConfigError(f"{path}: clients_source: not set (name a config with clients_source.supabase)")
+    return settings.clients_source.supabase
+
+
+def _print_client(c) -> None:  # noqa: ANN001
+    print(
+        f"client {c.id} ({c.name}): livekit={c.livekit.url} key=sha256:{_fp(c.livekit.api_key)} "
+        f"secret=sha256:{_fp(c.livekit.api_secret)} token=sha256:{_fp(c.api_token)} "
+        f"pool=min_idle {c.pool.min_idle}, max_size {c.pool.max_size} agents={','.join(a.name for a in c.agents)}"
+    )
 
 
 def _fp(secret) -> str:  # noqa: ANN001
@@ -90,10 +140,11 @@ def serve(config_path: Path, with_livekit: bool) -> int:
         return 1
     from runtime.app import Runtime
     from runtime.backends import BackendError
+    from runtime.client_source import SourceUnavailable
 
     try:
         runtime = Runtime(settings, config_path)
-    except BackendError as e:
+    except (BackendError, SourceUnavailable) as e:
         logger.error("cannot start: %s", e)
         return 1
     servers = start_local_livekit(settings) if with_livekit else []

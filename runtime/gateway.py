@@ -258,8 +258,12 @@ async def pool_stats(runtime: Runtime) -> dict[str, PoolStats]:
 
 async def stats(request: web.Request) -> web.Response:
     _require_admin(request)
-    all_stats = await pool_stats(request.app[RUNTIME])
-    return web.json_response({"clients": {cid: s.as_json() for cid, s in sorted(all_stats.items())}})
+    runtime = request.app[RUNTIME]
+    all_stats = await pool_stats(runtime)
+    body: dict = {"clients": {cid: s.as_json() for cid, s in sorted(all_stats.items())}}
+    if runtime.source is not None:
+        body["source"] = runtime.source.status()
+    return web.json_response(body)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -40,6 +40,13 @@ class Metrics:
         self.webhooks = Counter(
             "autonomite_livekit_webhooks", "Verified LiveKit webhook events.", ["client", "event"], registry=r
         )
+        self.source_up = Gauge(
+            "autonomite_client_source_up", "1 while the client source (Supabase) answers, 0 in an outage.", registry=r
+        )
+        self.source_bad_rows = Gauge(
+            "autonomite_client_source_bad_rows", "1 for a client row that fails validation (skipped, or its last good "
+            "configuration kept).", ["client"], registry=r,
+        )
         self.actor_restarts = Counter("autonomite_actor_restarts", "Actors restarted by the supervisor.", ["actor"], registry=r)
         self.dispatch_latency = Histogram(
             "autonomite_dispatch_latency_seconds", "Trigger received to LiveKit dispatch created.", ["client"],

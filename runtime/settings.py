@@ -227,9 +227,25 @@ class ClientSettings(_Model):
         return next((a for a in self.agents if a.name == name), None)
 
 
+class SupabaseSettings(_Model):
+    """Where the clients live when they live in Supabase (see config/supabase/schema.sql)."""
+
+    url: str = Field(pattern=r"^https?://[^\s/]+(/.*)?$")
+    service_key: SecretStr  # a service_role JWT: it reads every client's secrets
+    table: str = Field("clients", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    poll_interval_s: float = Field(10.0, gt=0, le=3600)
+    cache_file: Path | None = None  # the last good set, for a start while Supabase is down
+
+
+class ClientSourceSettings(_Model):
+    supabase: SupabaseSettings
+
+
 class Settings(_Model):
     runtime: RuntimeSettings
     clients: list[ClientSettings] = Field(default_factory=list)
+    # With a source, the file has no clients: they come from the source (runtime.client_source).
+    clients_source: ClientSourceSettings | None = None
 
     @field_validator("clients")
     @classmethod
@@ -255,8 +271,11 @@ def _reject_duplicates(values: list[str], what: str) -> None:
 # -- loading -------------------------------------------------------------------------------
 
 
-def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read, expand and validate a config file, or raise ConfigError saying exactly why not."""
+def load_settings(path: str | Path, environ: Mapping[str, str] | None = None, allow_both: bool = False) -> Settings:
+    """Read, expand and validate a config file, or raise ConfigError saying exactly why not.
+
+    ``allow_both``: a file may hold clients *and* a clients_source (``clients push`` reads
+    such a file); a runtime serves clients from one or the other."""
     path = Path(path)
     env = os.environ if environ is None else environ
     try:
@@ -268,6 +287,8 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) ->
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with 'runtime' and 'clients'")
+    if raw.get("clients_source") is not None and raw.get("clients") and not allow_both:
+        raise ConfigError(f"{path}: clients: give clients here or in clients_source, not both")
     expanded = _expand(raw, env, path, ())
     try:
         return Settings.model_validate(expanded)

@@ -83,3 +83,27 @@ def test_unreadable_and_malformed_files(tmp_path):
         load_settings(write(tmp_path, "runtime: [unclosed"), ENV)
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_settings(write(tmp_path, "- a list"), ENV)
+
+
+SOURCE = """
+runtime: {admin_token: admin-token-0123456789}
+clients_source:
+  supabase: {url: "http://127.0.0.1:54321", service_key: "${SB_KEY}", poll_interval_s: 5}
+"""
+
+
+def test_a_supabase_source_needs_no_clients_in_the_file(tmp_path):
+    settings = load_settings(write(tmp_path, SOURCE), {"SB_KEY": "service-role-jwt"})
+    assert settings.clients == [] and settings.clients_source.supabase.table == "clients"
+    assert "service-role-jwt" not in repr(settings)
+
+
+def test_clients_in_the_file_and_a_source_is_an_error_naming_the_field(tmp_path):
+    text = SOURCE + "clients: [{id: a}]\n"
+    with pytest.raises(ConfigError, match=r"clients\.yaml: clients: give clients here or in clients_source, not both"):
+        load_settings(write(tmp_path, text), {"SB_KEY": "k"})
+
+
+def test_a_bad_source_setting_names_its_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"clients_source\.supabase\.table: "):
+        load_settings(write(tmp_path, SOURCE.replace("5}", "5, table: Bad-Name}")), {"SB_KEY": "k"})
