@@ -24,6 +24,9 @@ logger = logging.getLogger("autonomite.pool")
 
 PROBE_INTERVAL_S = 0.05  # until a worker first registers: every millisecond counts then
 FOLLOW_INTERVAL_S = 0.25  # afterwards: how soon a lost LiveKit registration is noticed
+RESEND_S = 2.0  # what a worker says is told again this often, changed or not: a pool that
+# set a worker aside on a failed claim learns that it is fine again
+SILENT_PROBES = 4  # a ready worker that answers none of this many probes counts as unregistered
 
 
 def tell(ref: pykka.ActorRef, message: object) -> bool:
@@ -75,13 +78,17 @@ def _follow(backend: WorkerBackend, handle: WorkerHandle, pool: pykka.ActorRef, 
     threading.Thread(target=wait_for_exit, name=f"wait-{handle.worker_id}", daemon=True).start()
     deadline = time.monotonic() + ready_timeout_s
     last: tuple | None = None
-    ever_registered = False
+    sent_at, silent, ever_registered = 0.0, 0, False
     while not exited.is_set() and pool.is_alive():  # a dead pool's successor probes for itself
         status = read_status(handle.status_port)
+        silent = 0 if status is not None else silent + 1
+        if status is None and ever_registered and silent >= SILENT_PROBES:
+            status = {"registered": False, "state": "starting"}  # hung, or gone: not idle
         if status is not None:
             seen = (bool(status.get("registered")), status.get("state", "starting"), status.get("lease_id"))
-            if seen != last and (ever_registered or seen[0]):
+            if (ever_registered or seen[0]) and (seen != last or time.monotonic() - sent_at >= RESEND_S):
                 tell(pool, WorkerStatus(handle.worker_id, *seen))
+                sent_at = time.monotonic()
             last, ever_registered = seen, ever_registered or seen[0]
             if seen[1] == "draining":
                 return  # on its way out: the exit will be reported

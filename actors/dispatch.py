@@ -160,7 +160,8 @@ class DispatchActor(Supervised):
         metadata = json.dumps(build_metadata(client, agent, request, lease_id=lease.lease_id))
         future = self.livekit.submit(
             hand_off(
-                self.livekit, self.control, client.livekit, port=lease.status_port, lease_id=lease.lease_id,
+                self.livekit, self.control, lease.livekit, port=lease.status_port, lease_id=lease.lease_id,
+                worker_id=lease.worker_id,
                 agent_name=lease.agent_name, room=request.room_name, metadata=metadata,
                 accept_timeout_s=self.settings.accept_timeout_s,
             )
@@ -169,8 +170,8 @@ class DispatchActor(Supervised):
 
         def done(f) -> None:  # noqa: ANN001 - runs on the LiveKit adapter's thread
             handoff = f.result() if f.exception() is None else Handoff("livekit_error", error=describe(f.exception()))
-            if not _watch.tell(me, HandoffDone(lease.trigger_id, lease, handoff)) and handoff.outcome != "accepted":
-                self._tell_pool(lease.client_id, LeaseFailed(lease.worker_id, lease.lease_id, "not_accepted"))
+            if not _watch.tell(me, HandoffDone(lease.trigger_id, lease, handoff)):  # this dispatcher died
+                self._tell_pool(lease.client_id, _settle(lease, handoff))
 
         future.add_done_callback(done)
 
@@ -178,8 +179,8 @@ class DispatchActor(Supervised):
         lease, handoff = message.lease, message.handoff
         flight = self.in_flight.get(message.trigger_id)
         if handoff.outcome == "livekit_error":
-            logger.error("dispatch to %s failed: %s; lease returned", lease.agent_name, handoff.error)
-            self._tell_pool(lease.client_id, ReturnLease(lease.worker_id, lease.lease_id))
+            logger.error("dispatch to %s failed: %s", lease.agent_name, handoff.error)
+            self._tell_pool(lease.client_id, _settle(lease, handoff))
             if flight is not None:
                 self._answer(message.trigger_id, TriggerResult(502, {"error": "livekit_error", "detail": handoff.error}),
                              "livekit_error")
@@ -198,7 +199,7 @@ class DispatchActor(Supervised):
         if flight is None:  # cannot happen: a trigger is answered only once its handoff is over
             return
         trigger, client = flight.trigger, lease.client_id
-        room, lk = trigger.request.room_name, trigger.client.livekit
+        room, lk = trigger.request.room_name, lease.livekit  # where the worker is registered
         self.sessions[(client, lease.worker_id)] = _Session(lk, handoff.dispatch_id, room, lease.status_port)
         self.rooms[(client, room)] = lease.worker_id
         self.metrics.dispatch_latency.labels(client).observe(time.perf_counter() - flight.started_at)
@@ -253,13 +254,30 @@ class DispatchActor(Supervised):
         flight.trigger.reply(result)
 
     def _tell_pool(self, client_id: str, message: object) -> None:
-        pool = self.directory.get(pool_id(client_id))
+        pool = self.directory.get(pool_id(client_id), draining=True)
         if pool is not None:
             _watch.tell(pool, message)
 
     def on_stop(self) -> None:
         self.livekit.submit(self.control.close())
         super().on_stop()
+
+    def on_failure(self, exc_type, exc_value, tb) -> None:  # noqa: ANN001
+        """Crashed: no trigger in flight is left to the gateway's deadline."""
+        for trigger_id in list(self.in_flight):
+            self._refuse(trigger_id, "no_idle_worker", "the dispatcher is restarting")
+        self.livekit.submit(self.control.close())
+        super().on_failure(exc_type, exc_value, tb)
+
+
+def _settle(lease: Leased, handoff: Handoff) -> object:
+    """What the pool must hear about a handoff that did not end in an accepted job."""
+    if handoff.outcome == "livekit_error" and handoff.released:
+        return ReturnLease(lease.worker_id, lease.lease_id)
+    if handoff.outcome in ("unregistered", "claimed"):
+        return LeaseFailed(lease.worker_id, lease.lease_id, handoff.outcome)
+    # Not accepted, or a claim that could not be released (the job may have reached the worker).
+    return LeaseFailed(lease.worker_id, lease.lease_id, "not_accepted")
 
 
 def _user_identity(email: str | None) -> str:

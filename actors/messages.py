@@ -2,8 +2,8 @@
 
 Messages that are asked from outside the actor system (the gateway's asyncio loop) carry a
 ``reply`` callable instead of relying on pykka's blocking futures: the actor calls it when
-the answer is ready, and the bridge resolves an asyncio future thread-safely. Actors that
-ask each other use pykka's ``ask`` and the handler's return value.
+the answer is ready, and the bridge resolves an asyncio future thread-safely. Actors never
+``ask`` each other: they answer with a ``tell`` to a ``reply_to`` ref or callable.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from actors.pool_machine import LeaseFailure, ReportedState, WorkerState
+from actors.pool_machine import LeaseFailure, WorkerState
+from agent.status import ReportedState
 from runtime.backends.base import WorkerHandle
-from runtime.settings import ClientSettings
+from runtime.settings import ClientSettings, LiveKitSettings
 
 Reply = Callable[[Any], None]
 
@@ -44,6 +45,7 @@ class Leased:
     agent_name: str
     status_port: int
     lease_id: str  # the worker accepts only a job that carries this id
+    livekit: LiveKitSettings = field(repr=False)  # the project this worker registered with
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ class Drain:
 
 @dataclass(frozen=True)
 class Tick:
-    """A timer fired: retry starts after a backoff, expire stale leases."""
+    """A timer fired: reconcile again (a start backoff ended, a lost worker timed out)."""
 
 
 @dataclass(frozen=True)
@@ -293,6 +295,7 @@ class PoolStatsReport:
 class ChildFailed:
     child_id: str
     error: str
+    ref: Any = None  # which incarnation crashed (None: its start failed, there is none)
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ from runtime.backends.base import WorkerBackend, WorkerHandle, WorkerSpec
 from runtime.devserver import free_port
 from runtime.metrics import WORKER_STATES, Metrics
 from runtime.secrets import fingerprint
-from runtime.settings import ClientSettings, WorkerSettings
+from runtime.settings import ClientSettings, LiveKitSettings, WorkerSettings
 
 logger = logging.getLogger("autonomite.pool")
 
@@ -96,10 +96,14 @@ class PoolActor(Supervised):
         self.metrics = metrics
         self.executor = executor
         self.machine = PoolMachine(
-            client.id, client.pool.min_idle, client.pool.max_size, config_fingerprint(client), settings.lease_timeout_s
+            client.id, client.pool.min_idle, client.pool.max_size, config_fingerprint(client),
+            lease_timeout_s=settings.lease_timeout_s, lost_timeout_s=settings.ready_timeout_s,
         )
         self.handles: dict[str, WorkerHandle] = {}
         self.ports: dict[str, int] = {}
+        # The LiveKit project each worker registered with: a dispatch must go there, even
+        # while a reload that moved the client to another project rolls its workers over.
+        self.projects: dict[str, LiveKitSettings] = {}
         self.wake_timer = None
         self.wake_at = 0.0
 
@@ -158,6 +162,7 @@ class PoolActor(Supervised):
                 m.exited(worker_id, exit_code, now)
                 self.handles.pop(worker_id, None)
                 self.ports.pop(worker_id, None)
+                self.projects.pop(worker_id, None)
             case Crash():
                 raise RuntimeError(f"injected crash in pool {self.client.id}")
             case _:
@@ -174,9 +179,11 @@ class PoolActor(Supervised):
         else:
             logger.info("pool %s leased %s for room %s", self.client.id, worker.id, message.room_name)
             answer = Leased(
-                message.trigger_id, self.client.id, worker.id, worker.agent_name, self.ports[worker.id], worker.lease_id
+                message.trigger_id, self.client.id, worker.id, worker.agent_name, self.ports[worker.id], worker.lease_id,
+                self.projects.get(worker.id, self.client.livekit),
             )
-        _watch.tell(message.reply_to, answer)
+        if not _watch.tell(message.reply_to, answer) and worker is not None:  # the dispatcher died meanwhile
+            self.machine.return_lease(worker.id, worker.lease_id)
 
     def _stats(self) -> PoolStats:
         m, now = self.machine, time.monotonic()
@@ -244,7 +251,7 @@ class PoolActor(Supervised):
 
     def _spawn(self, worker_id: str, agent_name: str) -> None:
         port = free_port()
-        self.ports[worker_id] = port
+        self.ports[worker_id], self.projects[worker_id] = port, self.client.livekit
         spec = WorkerSpec(
             client_id=self.client.id,
             worker_id=worker_id,

@@ -19,13 +19,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Union
 
+from agent.status import ReportedState
+
 WorkerState = Literal["starting", "idle", "leased", "draining"]
 ExitCause = Literal[
-    "session_end", "session_failed", "scaled_down", "reconfigured", "removed", "start_failed", "lease_unused", "crashed"
+    "session_end", "session_failed", "scaled_down", "reconfigured", "removed", "start_failed", "lease_unused",
+    "lost_livekit", "crashed",
 ]
 LeaseFailure = Literal["unregistered", "claimed", "not_accepted"]
-# What a worker says about itself on its status port (agent/worker.py).
-ReportedState = Literal["starting", "idle", "claimed", "busy", "draining"]
 
 MAX_BACKOFF_S = 30.0
 
@@ -47,6 +48,7 @@ class Worker:
     lease_id: str | None = None
     lease_no: int = 0  # how many leases it had (0 or 1: a worker serves one session)
     adopting: bool = False  # found running when the pool started; its state is not known yet
+    lost_at: float | None = None  # when a ready worker lost its LiveKit registration
 
 
 # -- effects: what the actor must do after an event ---------------------------------------
@@ -125,6 +127,7 @@ class PoolMachine:
     max_size: int
     config_fp: str
     lease_timeout_s: float = 60.0
+    lost_timeout_s: float = 60.0  # a worker unregistered this long is replaced
     workers: dict[str, Worker] = field(default_factory=dict)
     target: int = -1  # set from min_idle below
     missed_total: int = 0
@@ -195,16 +198,20 @@ class PoolMachine:
         return worker is not None and worker.state != "draining"
 
     def status(self, worker_id: str, registered: bool, reported: ReportedState, lease_id: str | None, now: float) -> None:
-        """What the worker's status port says, whenever it changes."""
+        """What the worker's status port says (on every change, and again every few seconds)."""
         worker = self.workers.get(worker_id)
         if worker is None or worker.state == "draining":
             return
         taken = reported in ("claimed", "busy")
-        if worker.state == "starting" and registered:
-            self.failures, self.last_error = 0, None
-            worker.ready_at = now
-            self._outbox.append(BecameReady(worker_id, 0.0 if worker.adopting else now - worker.started_at))
-            worker.adopting = False
+        if reported == "draining":  # on its way out by itself: nobody may lease it
+            if worker.state != "leased":
+                worker.state = "draining"
+        elif worker.state == "starting" and registered:
+            if not worker.ready_at:  # its first registration, not a return after a lost one
+                self.failures, self.last_error = 0, None
+                self._outbox.append(BecameReady(worker_id, 0.0 if worker.adopting else now - worker.started_at))
+                worker.ready_at = now
+            worker.adopting, worker.lost_at = False, None
             if taken:  # adopted mid-session, or claimed by an earlier incarnation of this pool
                 self._mark_leased(worker, lease_id, now)
             else:
@@ -212,8 +219,9 @@ class PoolMachine:
         elif worker.state == "idle" and taken:
             self._mark_leased(worker, lease_id, now)
         elif worker.state == "idle" and not registered:
-            worker.state = "starting"
+            worker.state, worker.lost_at = "starting", now
             self._outbox.append(LostRegistration(worker_id))
+            self._outbox.append(WakeAt(now + self.lost_timeout_s))
 
     def start_failed(self, worker_id: str, reason: str, started: bool, now: float) -> None:
         """It never registered. ``started``: a process or container exists and must be stopped."""
@@ -236,7 +244,7 @@ class PoolMachine:
             cause = worker.retire_cause
         elif worker.state == "leased":
             cause = "session_end" if exit_code == 0 else "session_failed"
-        elif worker.state == "starting" and not worker.ready_at:
+        elif worker.state == "starting" and not worker.ready_at and not worker.adopting:
             cause = "start_failed"
             self._back_off(worker_id, f"exited with code {exit_code} before registering", now)
         else:
@@ -264,6 +272,9 @@ class PoolMachine:
                 self._outbox.append(Drained())
             return self._take()
 
+        for w in self._live():  # lost LiveKit and never came back: replace it
+            if w.lost_at is not None and now - w.lost_at >= self.lost_timeout_s:
+                self._retire(w, "lost_livekit")
         live = self._live()
         stale = [w for w in live if w.state != "leased" and w.config_fp != self.config_fp]
         for w in stale:

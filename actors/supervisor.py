@@ -60,9 +60,11 @@ class Directory:
         self._refs: dict[str, pykka.ActorRef] = {}
         self._draining: dict[str, pykka.ActorRef] = {}
 
-    def get(self, child_id: str) -> pykka.ActorRef | None:
+    def get(self, child_id: str, draining: bool = False) -> pykka.ActorRef | None:
+        """The running child; with ``draining``, else the one on its way out (a removed
+        client's pool still settles its leases)."""
         with self._lock:
-            return self._refs.get(child_id)
+            return self._refs.get(child_id) or (self._draining.get(child_id) if draining else None)
 
     def with_prefix(self, prefix: str, draining: bool = False) -> dict[str, pykka.ActorRef]:
         """Running children by id without the prefix; with ``draining``, also the children
@@ -118,7 +120,7 @@ class Supervised(pykka.ThreadingActor):
     def _report(self, error: BaseException | None) -> None:
         if self.supervisor is not None:
             try:
-                self.supervisor.tell(ChildFailed(self.child_id, f"{type(error).__name__}: {error}"))
+                self.supervisor.tell(ChildFailed(self.child_id, f"{type(error).__name__}: {error}", self.actor_ref))
             except pykka.ActorDeadError:
                 pass
 
@@ -149,8 +151,8 @@ class Supervisor(pykka.ThreadingActor):
                 return self._start_child(spec)
             case StopChild(child_id, graceful):
                 return self._stop_child(child_id, graceful)
-            case ChildFailed(child_id, error):
-                return self._child_failed(child_id, error)
+            case ChildFailed(child_id, error, ref):
+                return self._child_failed(child_id, error, ref)
             case RestartChild(child_id):
                 return self._restart(child_id)
             case ChildStopped(child_id, ref):
@@ -193,7 +195,12 @@ class Supervisor(pykka.ThreadingActor):
             self.directory._set_draining(child_id, None)
             logger.info("child %s drained and stopped", child_id)
 
-    def _child_failed(self, child_id: str, error: str) -> None:
+    def _child_failed(self, child_id: str, error: str, ref: pykka.ActorRef | None = None) -> None:
+        if ref is not None and self.draining.get(child_id, (None, None))[1] == ref:
+            logger.error("draining child %s crashed (%s); its workers are left to the sweep at shutdown", child_id, error)
+            return self._child_stopped(child_id, ref)
+        if ref is not None and self.directory.get(child_id) not in (None, ref):
+            return  # an older incarnation (the client was removed and added again meanwhile)
         spec = self.specs.get(child_id)
         if spec is None or self.gave_up:
             return  # removed on purpose, or we are already going down
@@ -224,8 +231,8 @@ class Supervisor(pykka.ThreadingActor):
         spec = self.specs.get(child_id)
         if spec is None or self.gave_up:
             return
+        self._start(spec)  # first, so that whoever sees the restart counted finds the new child
         self.on_restart(child_id)
-        self._start(spec)
 
     def _shutdown_all(self) -> None:
         children = [(cid, self.specs.pop(cid), self.directory.get(cid)) for cid in reversed(list(self.specs))]

@@ -19,15 +19,19 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
+
+from agent.status import ReportedState
 
 from aiohttp import web
 
 logger = logging.getLogger("autonomite.agent")
 
 DRAIN_TIMEOUT_S = 8  # a stopped worker lets its session wrap up this long, then goes
+CLAIM_TIMEOUT_S = 30.0  # claimed and no job by then: the runtime lost track of it; exit
 
 
 @dataclass
@@ -65,9 +69,6 @@ class WorkerConfig:
         )
 
 
-ReportedState = Literal["starting", "idle", "claimed", "busy", "draining"]
-
-
 class WorkerState:
     """What this worker says about itself on its status port, and its end of the lease protocol.
 
@@ -84,6 +85,8 @@ class WorkerState:
         self.lease_id: str | None = None
         self.accepted_job: str | None = None
         self.job_accepted = asyncio.Event()
+        self.assignment_failed = False
+        self.claimed_at = 0.0
         self.end_session: Callable[[str, bool], None] | None = None  # set once a job runs
         self._is_connected = is_connected
 
@@ -92,10 +95,13 @@ class WorkerState:
         """Registered with LiveKit *now*: false from the moment its connection drops."""
         return self.state != "starting" and self._is_connected()
 
-    def claim(self, lease_id: str) -> bool:
-        if self.state != "idle" or not self.registered:
+    def claim(self, lease_id: str, worker_id: str) -> bool:
+        """``worker_id``: the runtime means this worker (a status port reused by another
+        worker must not be claimed by mistake)."""
+        if self.state != "idle" or not self.registered or worker_id != self.config.worker_id or not lease_id:
             return False
         self.state, self.lease_id = "claimed", lease_id
+        self.claimed_at = time.monotonic()
         return True
 
     def release(self, lease_id: str) -> bool:
@@ -106,12 +112,20 @@ class WorkerState:
         return True
 
     def accept(self, job_id: str, lease_id: str | None) -> bool:
-        """One job, and only the one dispatched for this worker's current lease."""
+        """One job, and only the one dispatched for this worker's current lease. The runtime
+        hears of it (``job_accepted``) only once LiveKit assigned it: see ``assigned``."""
         if self.state != "claimed" or self.accepted_job is not None or lease_id != self.lease_id:
             return False
         self.state, self.accepted_job = "busy", job_id
-        self.job_accepted.set()
         return True
+
+    def assigned(self, ok: bool) -> None:
+        """LiveKit assigned the accepted job (or did not: then /job answers no)."""
+        self.assignment_failed = not ok
+        self.job_accepted.set()
+
+    def claim_expired(self, now: float) -> bool:
+        return self.state == "claimed" and now - self.claimed_at > CLAIM_TIMEOUT_S
 
     def load(self) -> float:
         """What LiveKit is told: free until the job is taken, full afterwards. Not the
@@ -139,7 +153,7 @@ async def _serve_status(state: WorkerState) -> web.AppRunner:
         return web.json_response(state.as_json())
 
     async def claim(request: web.Request) -> web.Response:
-        ok = state.claim(request.query.get("lease_id", ""))
+        ok = state.claim(request.query.get("lease_id", ""), request.query.get("worker_id", ""))
         return web.json_response(state.as_json(), status=200 if ok else 409)
 
     async def release(request: web.Request) -> web.Response:
@@ -148,19 +162,27 @@ async def _serve_status(state: WorkerState) -> web.AppRunner:
 
     async def job(request: web.Request) -> web.Response:
         """Long poll: answers as soon as this lease's job is accepted, or at ``wait``."""
-        wait = min(float(request.query.get("wait", "0") or 0), 60.0)
+        try:
+            wait = min(max(float(request.query.get("wait", "0") or 0), 0.0), 60.0)
+        except ValueError:
+            return web.json_response(state.as_json(), status=400)
         try:
             await asyncio.wait_for(state.job_accepted.wait(), wait)
         except asyncio.TimeoutError:
             pass
-        ok = state.accepted_job is not None and state.lease_id == request.query.get("lease_id")
+        ok = (state.job_accepted.is_set() and not state.assignment_failed
+              and state.lease_id == request.query.get("lease_id"))
         return web.json_response(state.as_json(), status=200 if ok else 409)
 
     async def end(request: web.Request) -> web.Response:
         """The room ended (a LiveKit webhook): end the session now."""
         if state.end_session is None:
             return web.json_response(state.as_json(), status=409)
-        state.end_session(request.query.get("reason", "ended by the runtime"), request.query.get("if_no_users") == "1")
+        try:
+            state.end_session(request.query.get("reason", "ended by the runtime")[:100],
+                              request.query.get("if_no_users") == "1")
+        except RuntimeError:  # the job's loop is closed: the session is over already
+            return web.json_response(state.as_json(), status=409)
         return web.json_response(state.as_json())
 
     app = web.Application()
@@ -219,7 +241,12 @@ async def run_worker(config: WorkerConfig) -> int:
             logger.warning("rejecting job %s: not the job of this worker's lease (state %s)", req.id, state.state)
             await req.reject()
             return
-        await req.accept(identity=f"agent-{config.worker_id}")
+        try:  # returns once LiveKit assigned the job to us: only then may the runtime say 200
+            await req.accept(identity=f"agent-{config.worker_id}")
+        except BaseException:
+            state.assigned(False)
+            raise
+        state.assigned(True)
 
     @server.rtc_session(agent_name=config.agent_name, on_request=on_request)
     async def entry(ctx: JobContext) -> None:
@@ -241,8 +268,12 @@ async def run_worker(config: WorkerConfig) -> int:
         loop.add_signal_handler(sig, stop_requested.set)
 
     async def job_gone() -> None:
-        """Backstop for a job that died without its shutdown callback (a crashed runner)."""
-        while not (state.accepted_job and not server.active_jobs):
+        """Backstop for a job that died without its shutdown callback (a crashed runner),
+        and for a claim whose job never came (the runtime that claimed us lost track)."""
+        while not (state.job_accepted.is_set() and not server.active_jobs):
+            if state.claim_expired(time.monotonic()):
+                logger.warning("claimed %g s ago and no job came; ending this worker", CLAIM_TIMEOUT_S)
+                return
             await asyncio.sleep(1.0)
         await asyncio.sleep(5.0)  # an accepted job shows up in active_jobs within moments
         while server.active_jobs:

@@ -21,6 +21,7 @@ import re
 import secrets
 from typing import Literal
 
+import pykka
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -233,6 +234,8 @@ async def trigger(request: web.Request) -> web.Response:
     deadline_s = runtime.settings.runtime.dispatch.deadline_s  # the dispatcher answers by then
     try:
         result: TriggerResult = await bridge.ask(lambda reply: dispatch.tell(Trigger(req, caller, reply)), deadline_s)
+    except pykka.ActorDeadError:  # it died between the look-up and the tell
+        return error(503, "restarting", "the dispatcher is restarting", **{"Retry-After": "1"})
     except asyncio.TimeoutError:
         return error(504, "timeout", "the dispatch did not complete in time")
     headers = {"Retry-After": str(result.retry_after_s)} if result.retry_after_s else None

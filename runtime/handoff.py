@@ -41,6 +41,7 @@ class Handoff:
     outcome: Outcome
     dispatch_id: str | None = None
     error: str | None = None  # for livekit_error: a short, secret-free description
+    released: bool = False  # for livekit_error: the worker gave its claim back (it took no job)
 
 
 class WorkerControl:
@@ -73,12 +74,13 @@ async def hand_off(
     *,
     port: int,
     lease_id: str,
+    worker_id: str,
     agent_name: str,
     room: str,
     metadata: str,
     accept_timeout_s: float,
 ) -> Handoff:
-    claim = await control.call("POST", port, "/claim", lease_id=lease_id)
+    claim = await control.call("POST", port, "/claim", lease_id=lease_id, worker_id=worker_id)
     if claim is None or not claim["ok"]:
         taken = claim is not None and claim.get("state") in ("claimed", "busy")
         return Handoff("claimed" if taken else "unregistered")
@@ -87,8 +89,10 @@ async def hand_off(
             livekit.create_dispatch(lk, agent_name, room, metadata), 2 * CALL_TIMEOUT_S
         )
     except Exception as e:  # noqa: BLE001 - any LiveKit failure is a 502, with a safe text
-        await control.call("POST", port, "/release", lease_id=lease_id)
-        return Handoff("livekit_error", error=describe(e))
+        # LiveKit may have created the dispatch all the same: only a worker that gives its
+        # claim back (it took no job) may serve the next lease.
+        released = await control.call("POST", port, "/release", lease_id=lease_id)
+        return Handoff("livekit_error", error=describe(e), released=bool(released and released["ok"]))
     answer = await control.call(
         "GET", port, "/job", timeout=accept_timeout_s + CALL_TIMEOUT_S, lease_id=lease_id, wait=str(accept_timeout_s)
     )

@@ -49,7 +49,7 @@ class Metrics:
         )
         self.actor_restarts = Counter("autonomite_actor_restarts", "Actors restarted by the supervisor.", ["actor"], registry=r)
         self.dispatch_latency = Histogram(
-            "autonomite_dispatch_latency_seconds", "Trigger received to LiveKit dispatch created.", ["client"],
+            "autonomite_dispatch_latency_seconds", "Trigger received to the leased worker's job accepted (the 200).", ["client"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )

@@ -105,9 +105,10 @@ class DispatchSettings(_Model):
 
     @property
     def deadline_s(self) -> float:
-        """The longest a trigger can take: each attempt's claim (2 s), dispatch (4 s), accept
-        and deleting an unaccepted dispatch (4 s), all bounded in runtime/handoff.py."""
-        return self.attempts * (self.accept_timeout_s + 12.0) + 1.0
+        """The longest a trigger can take: each attempt's pool answer (2 s), claim (2 s),
+        dispatch (4 s), accept and deleting an unaccepted dispatch (4 s), all bounded in
+        actors/dispatch.py and runtime/handoff.py."""
+        return self.attempts * (self.accept_timeout_s + 14.0) + 1.0
 
 
 class RuntimeSettings(_Model):

@@ -97,7 +97,9 @@ def test_a_saturated_cpu_never_costs_a_caller_their_agent(run_serve, lk_a):
 
     async def calls() -> None:
         async with aiohttp.ClientSession() as http, lk_api(alpha) as lk:
-            await asyncio.sleep(3)  # one load report (every 2.5 s) under the saturated CPU
+            # The input under test is a CPU saturated for at least one of the workers' load
+            # reports (every 2.5 s), so wait that long; nothing to observe from outside.
+            await asyncio.sleep(3)
             for k in range(6):  # a caller each time a worker is idle: refills run on the hot CPU
                 await asyncio.to_thread(wait_until, lambda: serve.pool("alpha")["idle"] >= 1, 90, "an idle worker")
                 o = await trigger(http, serve, alpha, f"hot-{k}")
@@ -187,7 +189,9 @@ def test_a_pool_crash_right_after_a_lease_never_leases_that_worker_again(run_ser
     asyncio.run(asyncio.wait_for(run(), 400))
     assert metric_value(serve.metrics(), "autonomite_actor_restarts_total", actor="pool") == rounds
     assert ledger.problems() == []
-    assert len(ledger.ok) >= 3
+    crash_rounds = [o for o in ledger.outcomes if o.room.startswith("crash-")]
+    assert sum(o.status == 200 for o in crash_rounds) >= 2, "no lease lived through a crash: the test tested nothing"
+    assert len(ledger.ok) >= 5
     # A restarted pool that leased a worker an earlier incarnation had leased would have its
     # claim refused by the worker: that must never happen.
     assert _handoff_failures(serve, alpha.id) == 0

@@ -224,3 +224,10 @@ def test_aiohttp_closes_a_connection_whose_request_head_is_late():
 
     for held in asyncio.run(run()):
         assert timeout * 0.9 <= held < timeout + 1.0
+
+
+@pytest.mark.timeout(5)  # a guard against a hang, not a benchmark: quadratic took 12 s on 64 KiB
+def test_the_depth_check_stays_linear_on_an_unclosed_string_of_escaped_quotes():
+    text = '{"a":"' + '\\"' * 32_000
+    assert not nested_deeper_than(text, 32)
+    assert nested_deeper_than('{"s": "\\\\", "t": ' + "[" * 40 + "]" * 40 + "}", 32)  # an escaped backslash ends no string early

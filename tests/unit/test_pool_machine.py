@@ -119,10 +119,11 @@ def test_an_adopted_worker_that_says_claimed_or_busy_is_leased_never_leased_agai
     m.reconcile(0)
     m.status("a1", True, "claimed", "L-old", 1)  # an earlier incarnation leased it
     m.status("a2", True, "busy", "L-older", 1)  # mid-session
-    m.reconcile(1)
+    fresh = spawned(m.reconcile(1))  # two leased: the idle floor needs a new worker
     assert m.workers["a1"].state == "leased" and m.workers["a2"].state == "leased"
-    w = m.lease("L-new", 2)
-    assert w is None or w.id not in ("a1", "a2")
+    m.status(fresh[0], True, "idle", None, 2)
+    assert m.lease("L-new", 2).id == fresh[0]
+    assert m.lease("L-newer", 2) is None
 
 
 def test_an_idle_worker_claimed_behind_the_pools_back_becomes_leased():
@@ -277,3 +278,33 @@ def test_the_lease_timer_retires_a_worker_whose_job_never_came():
     assert m.workers["w1"].state == "leased"
     m.lease_unused("w1", lease_no=1)
     assert "w1" in stopped(m.reconcile(62))
+
+
+def test_a_worker_that_lost_livekit_and_never_came_back_is_replaced():
+    m = machine(min_idle=1, max_size=1)
+    warm(m)
+    m.status("w1", False, "idle", None, 10)
+    assert WakeAt(70) in m.reconcile(10)
+    assert stopped(m.reconcile(69)) == []
+    effects = m.reconcile(70)
+    assert stopped(effects) == ["w1"] and m.workers["w1"].retire_cause == "lost_livekit"
+    assert spawned(effects) == ["w2"]
+
+
+def test_coming_back_to_livekit_is_not_a_new_start():
+    m = machine()
+    warm(m)
+    m.status("w1", False, "idle", None, 10)
+    m.status("w1", True, "idle", None, 500)
+    effects = m.reconcile(500)
+    assert m.workers["w1"].state == "idle" and not [e for e in effects if isinstance(e, BecameReady)]
+    assert stopped(m.reconcile(1000)) == []  # back in time: no replacement
+
+
+def test_an_adopted_worker_that_is_shutting_down_is_never_leased():
+    m = machine(min_idle=1, max_size=3)
+    m.adopt("a1", "acme--a1", "v1", 0)
+    m.reconcile(0)
+    m.status("a1", True, "draining", None, 1)
+    m.reconcile(1)
+    assert m.workers["a1"].state == "draining" and m.lease("L1", 1) is None

@@ -1,0 +1,61 @@
+"""The worker's end of the lease protocol (agent/worker.py: WorkerState), without LiveKit."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.worker import CLAIM_TIMEOUT_S, WorkerConfig, WorkerState
+
+
+@pytest.fixture
+def state() -> WorkerState:
+    s = WorkerState(WorkerConfig("w1", "acme", "acme--w1", 1234, []))
+    s.state = "idle"  # registered
+    return s
+
+
+def test_only_an_idle_registered_worker_can_be_claimed_and_only_by_its_own_id(state):
+    assert not state.claim("L1", "someone-else")
+    assert state.claim("L1", "w1") and state.state == "claimed"
+    assert not state.claim("L2", "w1")  # claimed already: a second lease is refused
+
+
+def test_a_worker_that_lost_livekit_cannot_be_claimed():
+    s = WorkerState(WorkerConfig("w1", "acme", "acme--w1", 1234, []), is_connected=lambda: False)
+    s.state = "idle"
+    assert not s.registered and not s.claim("L1", "w1")
+
+
+def test_only_the_job_of_the_current_lease_is_accepted_and_only_once(state):
+    state.claim("L1", "w1")
+    assert not state.accept("J0", "L0")  # a stale dispatch of an earlier lease
+    assert state.accept("J1", "L1") and state.state == "busy"
+    assert not state.accept("J2", "L1")
+    assert not state.job_accepted.is_set()  # not until LiveKit assigned it
+    state.assigned(True)
+    assert state.job_accepted.is_set() and not state.assignment_failed
+
+
+def test_a_claim_is_released_only_by_its_lease_and_only_before_a_job(state):
+    state.claim("L1", "w1")
+    assert not state.release("L0")
+    assert state.release("L1") and state.state == "idle"
+    state.claim("L2", "w1")
+    state.accept("J1", "L2")
+    assert not state.release("L2") and state.state == "busy"
+
+
+def test_load_is_free_until_busy(state):
+    assert state.load() == 0.0
+    state.claim("L1", "w1")
+    assert state.load() == 0.0  # a status report between claim and job must not turn the job away
+    state.accept("J1", "L1")
+    assert state.load() == 1.0
+
+
+def test_a_claim_without_a_job_expires(state):
+    state.claim("L1", "w1")
+    assert not state.claim_expired(state.claimed_at + CLAIM_TIMEOUT_S - 1)
+    assert state.claim_expired(state.claimed_at + CLAIM_TIMEOUT_S + 1)
+    state.accept("J1", "L1")
+    assert not state.claim_expired(state.claimed_at + 10 * CLAIM_TIMEOUT_S)
