@@ -79,6 +79,8 @@ class SourceWatcher:
         self.apply = apply
         self._thread = threading.Thread(target=self._run, name="client-source", daemon=True)
         self._thread.start()
+        if self.settings.database_url is not None:
+            threading.Thread(target=self._listen, name="client-source-listen", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -94,6 +96,25 @@ class SourceWatcher:
             self._poll_now.clear()
             if not self._stop.is_set():
                 self.poll_once()
+
+    def _listen(self) -> None:
+        """LISTEN for the table's NOTIFY and poll at once on each. The poll stays the
+        backstop: a lost connection is retried, and nothing is missed meanwhile for long."""
+        import psycopg
+
+        dsn = self.settings.database_url.get_secret_value()
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute("LISTEN autonomite_clients")
+                    logger.info("client source: listening for changes to the clients table")
+                    self.refresh()  # whatever changed while we were not listening
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                            self.refresh()
+            except Exception as e:  # noqa: BLE001 - the DSN's password is never in psycopg's text
+                logger.warning("client source: LISTEN failed (%s); polling meanwhile", type(e).__name__)
+                self._stop.wait(5.0)
 
     def refresh(self) -> None:
         """Poll now (a reload, SIGHUP), without waiting for the interval."""

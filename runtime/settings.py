@@ -236,6 +236,9 @@ class SupabaseSettings(_Model):
     table: str = Field("clients", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     poll_interval_s: float = Field(10.0, gt=0, le=3600)
     cache_file: Path | None = None  # the last good set, for a start while Supabase is down
+    # Optional: the project's Postgres URL. The watcher then LISTENs for the table's NOTIFY
+    # (config/supabase/schema.sql) and reads at once on a change instead of at the next poll.
+    database_url: SecretStr | None = None
 
 
 class ClientSourceSettings(_Model):

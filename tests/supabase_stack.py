@@ -70,6 +70,11 @@ class SupabaseStack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def database_url(self) -> str:
+        """Postgres itself, for LISTEN/NOTIFY (a Supabase project's direct connection)."""
+        return f"postgresql://postgres@127.0.0.1:{self.pg_port}/postgres"
+
     # -- the three servers ---------------------------------------------------------------
 
     def start(self) -> "SupabaseStack":

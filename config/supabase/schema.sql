@@ -36,6 +36,20 @@ drop trigger if exists clients_touch on public.clients;
 create trigger clients_touch before update on public.clients
     for each row execute function public.clients_touch();
 
+-- One NOTIFY per changing statement: a runtime configured with the database URL reads the
+-- table at once instead of at its next poll (the payload says nothing; it reads the rows).
+create or replace function public.clients_notify() returns trigger
+language plpgsql as $$
+begin
+    perform pg_notify('autonomite_clients', '');
+    return null;
+end;
+$$;
+
+drop trigger if exists clients_notify on public.clients;
+create trigger clients_notify after insert or update or delete or truncate on public.clients
+    for each statement execute function public.clients_notify();
+
 alter table public.clients enable row level security;
 -- No policy for anon or authenticated: they see nothing. service_role bypasses RLS.
 revoke all on public.clients from anon, authenticated;

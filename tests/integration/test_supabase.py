@@ -86,6 +86,15 @@ def test_clients_in_supabase_get_pools_and_triggers_land_on_their_own_livekit(ta
     serve.start_session(gamma, "room-gamma")
 
 
+def test_with_the_database_url_a_change_arrives_by_notify_not_at_the_next_poll(table, serve_from, stack, lk_a):
+    serve = serve_from(poll_interval_s=3600, database_url=stack.database_url)
+    wait_until(lambda: "listening for changes to the clients table" in serve.log(), 30, "the LISTEN")
+    gamma = Client("gamma", lk_a)
+    table.insert(row(gamma)).execute()  # the next poll is an hour away
+    wait_until(lambda: serve.pool("gamma").get("idle", 0) >= 1, 60, "the notified client's pool to be ready")
+    serve.start_session(gamma, "room-notified")
+
+
 def test_a_changed_row_replaces_idle_workers_and_leaves_the_leased_session(table, serve_from, lk_a):
     alpha = Client("alpha", lk_a, min_idle=1, max_size=3)
     table.insert(row(alpha)).execute()
