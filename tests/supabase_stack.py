@@ -118,6 +118,8 @@ error_log {self.log_dir}/supabase-nginx.log warn;
 events {{ worker_connections 64; }}
 http {{
     access_log off;
+    client_max_body_size 16m;
+    client_body_buffer_size 16m;  # bodies stay in memory: the workers may not write to this directory
     client_body_temp_path {self.dir}/nginx-body;
     proxy_temp_path {self.dir}/nginx-proxy;
     fastcgi_temp_path {self.dir}/nginx-fastcgi;
