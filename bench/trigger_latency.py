@@ -113,7 +113,7 @@ def cold_session(backend: ProcessBackend, project: LiveKitProject, arrivals: Arr
     wait_until(lambda: (read_status(port) or {}).get("registered"), 60, "the cold worker to register", interval=0.01)
     # The worker takes only the job of the lease it was claimed for (runtime/handoff.py).
     lease_id = uuid.uuid4().hex
-    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/claim?lease_id={lease_id}", method="POST"))
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/claim?lease_id={lease_id}&worker_id={worker_id}", method="POST"))
     project.call(
         lambda lk: lk.agent_dispatch.create_dispatch(
             api.CreateAgentDispatchRequest(agent_name=spec.agent_name, room=room, metadata=json.dumps({"lease_id": lease_id}))
