@@ -29,6 +29,7 @@ from typing import Callable
 
 import pykka
 
+from actors import _watch
 from actors.messages import ChildFailed, ChildStopped, Drain, RestartChild, ShutdownAll, StartChild, StopChild
 
 logger = logging.getLogger("autonomite.supervisor")
@@ -184,7 +185,7 @@ class Supervisor(pykka.ThreadingActor):
         if graceful:
             self.draining[child_id] = (spec, ref)
             self.directory._set_draining(child_id, ref)
-            _tell(ref, Drain())  # the child stops itself once its work is done
+            _watch.tell(ref, Drain())  # the child stops itself once its work is done
         else:
             _stop(child_id, ref, spec.shutdown_timeout_s)
 
@@ -243,13 +244,6 @@ class Supervisor(pykka.ThreadingActor):
             self.directory._set_draining(child_id, None)
             if ref is not None:
                 _stop(child_id, ref, spec.shutdown_timeout_s)
-
-
-def _tell(ref: pykka.ActorRef, message: object) -> None:
-    try:
-        ref.tell(message)
-    except pykka.ActorDeadError:
-        pass
 
 
 def _stop(child_id: str, ref: pykka.ActorRef, timeout_s: float) -> None:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import pykka
 
-from actors import ChildSpec, Directory, DispatchActor, PoolActor, Restart, ScalerActor, Supervisor, pool_id
+from actors import ChildSpec, Directory, DispatchActor, PoolActor, Restart, ScalerActor, Supervisor, _watch, pool_id
 from livekit import api
 
 from actors.messages import Reconfigure, RoomEvent, ShutdownAll, StartChild, StopChild
@@ -176,11 +176,8 @@ class Runtime:
 
     @staticmethod
     def _tell(ref: pykka.ActorRef | None, message: object) -> None:
-        try:
-            if ref is not None:
-                ref.tell(message)
-        except pykka.ActorDeadError:
-            pass  # restarting: the new incarnation starts from what it finds
+        if ref is not None:  # a dead one is restarting: the new incarnation starts from what it finds
+            _watch.tell(ref, message)
 
     # -- failure and shutdown ------------------------------------------------------------
 
