@@ -42,7 +42,8 @@ from actors.messages import (
     TriggerResult,
 )
 from actors.supervisor import Directory, Supervised
-from runtime.handoff import Handoff, WorkerControl, describe, hand_off
+from runtime.errors import describe
+from runtime.handoff import Handoff, WorkerControl, hand_off
 from runtime.livekit import LiveKitClient, participant_token
 from runtime.metrics import Metrics
 from runtime.settings import AgentSettings, ClientSettings, DispatchSettings, LiveKitSettings

@@ -88,12 +88,12 @@ class WorkerState:
         self.assignment_failed = False
         self.claimed_at = 0.0
         self.end_session: Callable[[str, bool], None] | None = None  # set once a job runs
-        self._is_connected = is_connected
+        self.is_connected = is_connected  # set to the LiveKit connection once the server exists
 
     @property
     def registered(self) -> bool:
         """Registered with LiveKit *now*: false from the moment its connection drops."""
-        return self.state != "starting" and self._is_connected()
+        return self.state != "starting" and self.is_connected()
 
     def claim(self, lease_id: str, worker_id: str) -> bool:
         """``worker_id``: the runtime means this worker (a status port reused by another
@@ -204,10 +204,7 @@ async def run_worker(config: WorkerConfig) -> int:
     from agent.rag import KnowledgeBase
     from agent.session import end_session, run_session
 
-    server_box: list = []
-    # livekit-agents keeps no public flag for "connected right now"; ``_connecting`` is set
-    # for as long as it (re)connects (checked in livekit-agents 1.8, pinned below 1.9).
-    state = WorkerState(config, is_connected=lambda: bool(server_box) and not server_box[0]._connecting)
+    state = WorkerState(config)
     # livekit-agents' job-runner warm-up loads local VAD and end-of-turn models (~250 MB)
     # into every worker. Only voice input uses them: a text-only catalog skips them.
     if not any(agent.get("stt") for agent in config.catalog):
@@ -230,7 +227,9 @@ async def run_worker(config: WorkerConfig) -> int:
         load_threshold=float("inf"),
         load_fnc=state.load,
     )
-    server_box.append(server)
+    # livekit-agents keeps no public flag for "connected right now"; ``_connecting`` is set
+    # for as long as it (re)connects (checked in livekit-agents 1.8, pinned below 1.9).
+    state.is_connected = lambda: not server._connecting
 
     async def on_request(req: JobRequest) -> None:
         # A second dispatch to this name (a crashed lease book, a retried request) must

@@ -98,7 +98,9 @@ def clients_command(args: argparse.Namespace) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - Supabase unreachable or refusing: say so, exit 1
-        print(f"Supabase error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", file=sys.stderr)
+        from runtime.errors import describe
+
+        print(f"Supabase error: {describe(e)}", file=sys.stderr)
         return 1
     for c in snapshot.clients.values():
         _print_client(c)

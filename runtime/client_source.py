@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from runtime.errors import describe
 from runtime.client_store import RowError, SupabaseStore, load_cache, merge, parse_rows, save_cache
 from runtime.metrics import Metrics
 from runtime.settings import ClientSettings, SupabaseSettings
@@ -188,5 +189,4 @@ def _describe(error: BaseException) -> str:
     (``postgrest.APIError``) carry a code and a message: those, not the proxy's HTML."""
     if getattr(error, "code", None) and getattr(error, "message", None):
         return f"{type(error).__name__} {error.code}: {str(error.message)[:160]}"
-    text = str(error).splitlines()[0][:160] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return describe(error, 160)

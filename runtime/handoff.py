@@ -26,6 +26,7 @@ from typing import Literal
 
 import aiohttp
 
+from runtime.errors import describe
 from runtime.livekit import LiveKitClient
 from runtime.settings import LiveKitSettings
 
@@ -104,8 +105,3 @@ async def hand_off(
         logger.error("deleting unaccepted dispatch %s: %s", dispatch_id, describe(e))
     return Handoff("not_accepted", dispatch_id)
 
-
-def describe(error: BaseException) -> str:
-    """A short error text for logs and the 502 body: type and message, no request data."""
-    text = str(error).splitlines()[0][:200] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
