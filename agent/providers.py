@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.offline_llm import OfflineLLM
 
-_PLUGIN_MODULES = {
+PLUGIN_MODULES = {
     "openai": "livekit.plugins.openai",
     "deepgram": "livekit.plugins.deepgram",
     "cartesia": "livekit.plugins.cartesia",
@@ -26,16 +26,16 @@ class ProviderError(Exception):
 
 def _plugin(provider: str) -> Any:
     try:
-        return importlib.import_module(_PLUGIN_MODULES[provider])
+        return importlib.import_module(PLUGIN_MODULES[provider])
     except ImportError as e:
-        raise ProviderError(f"provider {provider!r} needs {_PLUGIN_MODULES[provider]} ({e})") from None
+        raise ProviderError(f"provider {provider!r} needs {PLUGIN_MODULES[provider]} ({e})") from None
 
 
 def preload(catalog: list[dict]) -> None:
     for agent in catalog:
         for kind in ("llm", "stt", "tts"):
             chosen = agent.get(kind) or {}
-            if chosen.get("provider") in _PLUGIN_MODULES:
+            if chosen.get("provider") in PLUGIN_MODULES:
                 _plugin(chosen["provider"])
 
 

@@ -46,7 +46,7 @@ def make_backend(settings: Settings) -> WorkerBackend:
         from runtime.backends.docker import DockerBackend  # imported only when used
 
         return DockerBackend(settings.runtime.workers.log_dir, settings.runtime.workers.volumes)
-    return ProcessBackend(log_dir=settings.runtime.workers.log_dir)
+    return ProcessBackend(log_dir=settings.runtime.workers.log_dir, zygote=settings.runtime.workers.zygote)
 
 
 class Runtime:

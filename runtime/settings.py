@@ -88,6 +88,9 @@ class WorkerSettings(_Model):
     lease_timeout_s: float = Field(60.0, gt=0)  # a leased worker with no job by then is retired
     user_join_timeout_s: float = Field(120.0, gt=0)  # a session whose user never joins ends then
     log_dir: Path = Path("logs/workers")
+    # process backend: fork workers from a pre-imported zygote (agent/zygote.py) instead of
+    # starting each with a fresh interpreter; a plain start remains the fallback.
+    zygote: bool = True
     image: str = "autonomite-agent:latest"  # docker backend; a client may name its own
     volumes: list[str] = Field(default_factory=list)  # docker backend: "host:container[:ro]"
 

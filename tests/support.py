@@ -273,11 +273,30 @@ def backend_of(serve: Serve) -> str:
 
 
 def worker_environ(serve: Serve, ref: str) -> str:
-    """A worker's environment as the OS (or Docker) holds it, whatever the backend."""
+    """What a worker holds, whatever the backend: for a container, its configured environment;
+    for a process, its whole memory (its live environment included: ``/proc/PID/environ``
+    shows only what it was exec'd with, which for a forked worker is the zygote's)."""
     if backend_of(serve) == "process":
-        return open(f"/proc/{ref}/environ", "rb").read().decode()
+        return process_memory(int(ref)).decode("latin-1")
     out = subprocess.run(["docker", "inspect", "--format", "{{json .Config.Env}}", ref], capture_output=True, text=True)
     return "\0".join(json.loads(out.stdout))
+
+
+def process_memory(pid: int) -> bytes:
+    """Every readable byte of a process's memory (root, or the same user and ptrace allowed)."""
+    chunks = []
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r") or line.rstrip().endswith(("[vvar]", "[vsyscall]", "[vvar_vclock]")):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                chunks.append(mem.read(end - start))
+            except OSError:
+                continue
+    return b"".join(chunks)
 
 
 def worker_alive(serve: Serve, ref: str) -> bool:

@@ -1,0 +1,183 @@
+"""The zygote: one pre-imported, single-threaded process that forks warm workers.
+
+A worker spends nearly all of its start importing livekit-agents (seconds of CPU, ~100 MB
+of private memory each). The zygote pays that once: it imports everything a worker needs,
+freezes the garbage collector's view of those objects (``gc.freeze``, so collections in
+the children do not write to, and so un-share, the inherited pages) and forks one child
+per worker start. The child then runs the same program as a plainly started worker
+(``agent.worker.main``), with the modules already in memory, shared copy-on-write.
+
+Why it is safe to fork here:
+
+- **One OS thread at every fork.** Forking a process that has native threads (the LiveKit
+  FFI's tokio runtime, OpenBLAS, onnxruntime) copies their locks but not the threads:
+  undefined behaviour. The zygote starts no thread, no event loop and no LiveKit
+  connection; numpy's OpenBLAS pool, the one import that starts a thread, is held to one
+  thread (``OPENBLAS_NUM_THREADS=1``, set by the runtime); and before every fork the
+  zygote counts ``/proc/self/task`` and refuses (and exits) if it is not exactly 1.
+- **No client data.** The zygote never reads a worker's settings: the runtime writes them
+  (credentials included) into a memfd and passes the descriptor with the fork request
+  (SCM_RIGHTS); only the child reads it. The zygote's own environment is the runtime's
+  allow-list, without any client's credentials.
+- **Parentage.** The child forks once more and the middle process exits, so the worker is
+  re-parented to the runtime (a child subreaper, see ``runtime/backends/zygote.py``). The
+  worker then sets PR_SET_PDEATHSIG toward the runtime: it dies with the runtime, not with
+  the zygote, so a crashed zygote costs no live session, and the runtime can wait for
+  the worker's exit code as for any child of its own.
+
+The protocol, on a Unix socket the runtime holds the other end of: the runtime sends
+``fork <runtime pid>`` with two descriptors (the settings memfd, the log file); the zygote
+answers ``{"pid": N, "threads": 1}`` or ``{"error": ...}``. End of file on the socket
+means the runtime is gone: the zygote exits.
+"""
+
+from __future__ import annotations
+
+import array
+import gc
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+_PR_SET_PDEATHSIG = 1
+MAX_FDS = 2
+# Everything a worker imports, so the fork inherits it (``providers`` imports plugins lazily).
+PRELOAD = (
+    "livekit.rtc", "livekit.api", "livekit.agents", "aiohttp", "numpy", "bm25s",
+    "agent.worker", "agent.session", "agent.rag", "agent.providers", "agent.offline_llm", "agent.priming",
+)
+
+
+def threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def preload(extra: list[str]) -> list[str]:
+    """Import what a worker needs; return the optional plugins that could not be imported."""
+    import importlib
+
+    from agent.providers import PLUGIN_MODULES
+
+    missing = []
+    for name in (*PRELOAD, *PLUGIN_MODULES.values(), *extra):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+        if threads() != 1:  # fail here, naming the culprit, rather than fork a threaded process
+            raise SystemExit(f"zygote: importing {name} started a thread; not forking from this process")
+    return missing
+
+
+def serve(sock: socket.socket) -> None:
+    """Fork one worker per request until the runtime closes the socket."""
+    while True:
+        fds = array.array("i")
+        try:
+            msg, ancdata, _, _ = sock.recvmsg(256, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+        except InterruptedError:
+            continue
+        if not msg:
+            return  # the runtime is gone
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        try:
+            reply = _fork_worker(int(msg.split()[1]), list(fds)) if len(fds) == 2 else {"error": "expected 2 fds"}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        sock.sendall(json.dumps(reply).encode() + b"\n")
+        if reply.get("fatal"):
+            return
+
+
+def _fork_worker(runtime_pid: int, fds: list[int]) -> dict:
+    count = threads()
+    if count != 1:
+        return {"error": f"zygote has {count} threads; refusing to fork", "fatal": True}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    middle = os.fork()
+    if middle == 0:  # the middle process: fork the worker, tell its pid, go
+        try:
+            os.close(read_end)
+            worker = os.fork()
+            if worker == 0:
+                os.close(write_end)
+                _become_worker(runtime_pid, os.getppid(), *fds)
+            os.write(write_end, str(worker).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        pid = pipe.read()
+    os.waitpid(middle, 0)  # once it is reaped, the worker's parent is the runtime
+    if not pid:
+        return {"error": "the fork did not report a worker pid"}
+    return {"pid": int(pid), "threads": count}
+
+
+def _become_worker(runtime_pid: int, middle_pid: int, settings_fd: int, log_fd: int) -> None:
+    """In the worker: detach from the zygote, take this worker's settings, run it. Never returns."""
+    code = 1
+    try:
+        os.setsid()  # its own session: the runtime can tell its descendants apart
+        deadline = time.monotonic() + 5.0
+        while os.getppid() == middle_pid and time.monotonic() < deadline:
+            time.sleep(0.001)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != runtime_pid:  # the runtime died before we were re-parented to it
+            os._exit(1)
+        with os.fdopen(settings_fd, "rb", closefd=True) as f:
+            settings = json.loads(f.read())
+        os.environ.clear()
+        os.environ.update(settings["env"])
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.closerange(3, 1 << 16)  # the zygote's socket, the log fd: nothing else of the zygote
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        from agent.worker import main
+
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - in a forked child nothing may unwind into the zygote
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            import logging
+
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def main() -> None:
+    fd = int(sys.argv[1])
+    sock = socket.socket(fileno=fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runtime stops us by closing the socket
+    missing = preload(sys.argv[2:])
+    gc.freeze()  # from here on, collections in the children leave the inherited objects alone
+    print(f"zygote {os.getpid()} ready; optional modules not installed: {', '.join(missing) or 'none'}", flush=True)
+    sock.sendall(json.dumps({"ready": os.getpid(), "threads": threads()}).encode() + b"\n")
+    serve(sock)
+
+
+if __name__ == "__main__":
+    main()

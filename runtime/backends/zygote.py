@@ -1,0 +1,224 @@
+"""The runtime's end of the zygote (``agent/zygote.py``): boot it, ask it to fork, keep it alive.
+
+:class:`Zygote` owns one zygote process. A keeper thread boots it, waits for it to exit and
+boots it again after a backoff, so a dead zygote comes back by itself. :meth:`Zygote.fork`
+returns a :class:`ForkedChild`, or None whenever the zygote is not serving (still booting,
+restarting, or failed): the process backend then starts the worker plainly, so a zygote
+failure never stops the pools.
+
+The runtime makes itself a *child subreaper* (PR_SET_CHILD_SUBREAPER): a worker forked by
+the zygote is re-parented to the runtime, not to init. So the runtime waits for its exit
+code like for any child, and nothing is orphaned when the zygote dies.
+
+Threads: ``fork`` may be called from any thread (one request at a time, under a lock);
+the keeper thread alone starts and reaps the zygote process.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import IO, Mapping
+
+from runtime._proc import die_with_parent
+
+logger = logging.getLogger("autonomite.zygote")
+
+_PR_SET_CHILD_SUBREAPER = 36
+BOOT_TIMEOUT_S = 120.0  # importing livekit-agents on a cold disk cache, on a busy machine
+FIRST_BOOT_WAIT_S = 60.0  # a start during the very first boot waits for it, not plainly
+REPLY_TIMEOUT_S = 10.0
+MAX_BACKOFF_S = 30.0
+
+
+class ForkedChild:
+    """A worker forked by the zygote, re-parented to us: the part of ``Popen`` the backend uses.
+
+    A pidfd names the process, so a signal can never reach a recycled pid, and waiting
+    with a timeout does not reap it (only :meth:`poll`/:meth:`wait` reap, once, under a lock).
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._pidfd = os.pidfd_open(pid)
+        self._lock = threading.Lock()
+
+    def poll(self) -> int | None:
+        return self._reap(0.0)
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self._reap(timeout)
+        if code is None:
+            raise subprocess.TimeoutExpired(str(self.pid), timeout or 0.0)
+        return code
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    signal.pidfd_send_signal(self._pidfd, sig)
+                except ProcessLookupError:
+                    pass
+
+    def _reap(self, timeout: float | None) -> int | None:
+        if self.returncode is None:
+            select.select([self._pidfd], [], [], timeout)  # readable once the process exited
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:  # not ours after all (the runtime died mid-fork)
+                    pid, status = self.pid, 255 << 8
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+                    os.close(self._pidfd)
+            return self.returncode
+
+
+class Zygote:
+    def __init__(self, log_path: Path, python: str, env: Mapping[str, str], modules: tuple[str, ...] = ()) -> None:
+        self._log_path = log_path
+        self._python = python
+        self._env = dict(env)
+        self._modules = modules
+        self._lock = threading.Lock()  # one fork request at a time on the socket
+        self._changed = threading.Condition()
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen | None = None
+        self._booted_once = False
+        self._closed = False
+        self.pid: int | None = None  # the serving zygote, for tests and stats
+        self.forks = 0
+        self.restarts = 0
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        self._keeper = threading.Thread(target=self._keep, name="zygote-keeper", daemon=True)
+        self._keeper.start()
+
+    def fork(self, env: Mapping[str, str], log: IO[bytes]) -> ForkedChild | None:
+        """Fork a worker with this environment and log file; None if the zygote cannot now."""
+        with self._changed:
+            if not self._booted_once:
+                self._changed.wait_for(lambda: self._booted_once or self._closed, FIRST_BOOT_WAIT_S)
+            sock = self._sock
+        if sock is None:
+            return None
+        settings = os.memfd_create("autonomite-worker", os.MFD_CLOEXEC)
+        try:
+            os.write(settings, json.dumps({"env": dict(env)}).encode())
+            os.lseek(settings, 0, os.SEEK_SET)
+            with self._lock:
+                sock.sendmsg(
+                    [f"fork {os.getpid()}".encode()],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [settings, log.fileno()]))],
+                )
+                reply = json.loads(_read_line(sock))
+        except (OSError, ValueError) as e:
+            logger.error("zygote %s failed a fork (%s); restarting it, plain starts meanwhile", self.pid, e)
+            self._kill(sock)
+            return None
+        finally:
+            os.close(settings)
+        if "pid" not in reply:
+            logger.error("zygote %s refused a fork: %s", self.pid, reply.get("error"))
+            if reply.get("fatal"):
+                self._kill(sock)
+            return None
+        self.forks += 1
+        return ForkedChild(reply["pid"])
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()  # end of file: the zygote exits by itself
+        self._keeper.join(timeout=5.0)
+
+    # -- the keeper thread ------------------------------------------------------------------
+
+    def _keep(self) -> None:
+        failures = 0
+        while not self._closed:
+            started, self._proc = time.monotonic(), None
+            try:
+                self._boot()
+            except (OSError, ValueError, TimeoutError) as e:
+                logger.error("zygote failed to boot: %s; plain starts meanwhile", e)
+            with self._changed:
+                self._booted_once = True
+                self._changed.notify_all()
+            if self._proc is not None:
+                code = self._proc.wait()
+                if not self._closed:
+                    logger.warning("zygote %s exited with %s; restarting it, plain starts meanwhile", self.pid, code)
+            with self._changed:
+                sock, self._sock, self.pid = self._sock, None, None
+            if sock is not None:
+                sock.close()
+            if self._closed:
+                return
+            failures = 0 if time.monotonic() - started > MAX_BACKOFF_S else failures + 1
+            self.restarts += 1
+            with self._changed:
+                self._changed.wait_for(lambda: self._closed, min(MAX_BACKOFF_S, 0.5 * 2 ** (failures - 1)))
+
+    def _boot(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(self._log_path, "ab") as log:
+                self._proc = subprocess.Popen(
+                    [self._python, "-m", "agent.zygote", str(theirs.fileno()), *self._modules],
+                    env=self._env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    pass_fds=[theirs.fileno()], preexec_fn=die_with_parent,
+                )
+        finally:
+            theirs.close()
+        try:
+            ours.settimeout(BOOT_TIMEOUT_S)
+            ready = json.loads(_read_line(ours))
+            if ready.get("threads") != 1:
+                raise ValueError(f"zygote booted with {ready.get('threads')} threads")
+            ours.settimeout(REPLY_TIMEOUT_S)
+        except BaseException:
+            ours.close()
+            self._proc.kill()
+            raise
+        with self._changed:
+            self._sock, self.pid = ours, self._proc.pid
+        logger.info("zygote %s ready", self.pid)
+
+    def _kill(self, sock: socket.socket) -> None:
+        """A zygote that failed a request is not trusted with the next: the keeper restarts it."""
+        with self._changed:
+            if self._sock is sock and self._proc is not None:
+                self._sock = None
+                self._proc.kill()
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise OSError("the zygote closed its socket")
+        data += chunk
+    return data
