@@ -9,8 +9,10 @@ A 200 means the leased worker accepted the job. A handoff that fails (the worker
 LiveKit, was claimed already, or did not accept in time) is tried once more on another
 idle worker, then refused with 503 and Retry-After: a second worker usually succeeds
 where the first failed (each failure is that worker's), and more tries would keep the
-caller waiting. No idle worker is an immediate 503 (the pool counts the miss, the
-scaler reads it): nothing queues without bound. A LiveKit error is a 502 (another worker
+caller waiting. With no idle worker, the trigger waits in its pool's queue for a worker
+being started, up to ``max_wait_s`` in all, and only while the pool is below
+``max_size`` (the pool counts the miss, the scaler reads it); then it is a 503: nothing
+queues without bound. A LiveKit error is a 502 (another worker
 would meet the same server); the lease goes back.
 
 State owned by this actor's thread: the triggers in flight and the live sessions.
@@ -129,7 +131,8 @@ class DispatchActor(Supervised):
             case Leased():
                 return self._leased(message)
             case NoIdleWorker(trigger_id, _):
-                return self._refuse(trigger_id, "no_idle_worker", "all warm workers are busy")
+                return self._refuse(trigger_id, "no_idle_worker", "all warm workers are busy and the pool is at max_size, "
+                                    "or none became ready within max_wait_s")
             case LeaseTimeout(trigger_id, attempt):
                 flight = self.in_flight.get(trigger_id)
                 if flight and flight.attempt == attempt and not flight.leased:
@@ -146,9 +149,12 @@ class DispatchActor(Supervised):
     def _ask_pool(self, trigger_id: int) -> None:
         flight = self.in_flight[trigger_id]
         pool = self.directory.get(pool_id(flight.trigger.client.id))
-        if pool is None or not _watch.tell(pool, Lease(trigger_id, flight.trigger.request.room_name, self.actor_ref)):
+        # What is left of the wait budget: a retry after a failed handoff may wait too.
+        wait_s = max(0.0, self.settings.max_wait_s - (time.perf_counter() - flight.started_at))
+        lease = Lease(trigger_id, flight.trigger.request.room_name, self.actor_ref, wait_s=round(wait_s, 3))
+        if pool is None or not _watch.tell(pool, lease):
             return self._refuse(trigger_id, "no_idle_worker", "the pool is restarting")
-        _watch.after(POOL_ANSWER_TIMEOUT_S, self.actor_ref, LeaseTimeout(trigger_id, flight.attempt))
+        _watch.after(POOL_ANSWER_TIMEOUT_S + wait_s, self.actor_ref, LeaseTimeout(trigger_id, flight.attempt))
 
     def _leased(self, lease: Leased) -> None:
         flight = self.in_flight.get(lease.trigger_id)

@@ -30,11 +30,13 @@ Reply = Callable[[Any], None]
 
 @dataclass(frozen=True)
 class Lease:
-    """Take one idle, registered worker for this trigger; answer to ``reply_to``."""
+    """Take one idle, registered worker for this trigger; answer to ``reply_to``. With none
+    idle, wait up to ``wait_s`` for one the pool is starting (a burst), then NoIdleWorker."""
 
     trigger_id: int
     room_name: str
     reply_to: Any = field(compare=False)  # the DispatchActor's ref
+    wait_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class PoolStats:
     backoff_s: float
     workers: tuple[WorkerInfo, ...]
     last_error: str | None = None  # why the last worker start failed, until one succeeds
+    waiting: int = 0  # leases queued for a worker being started (a burst)
 
     @property
     def total(self) -> int:
@@ -129,6 +132,7 @@ class PoolStats:
             "target": self.target,
             "utilization": round(self.utilization, 4),
             "missed_total": self.missed_total,
+            "waiting": self.waiting,
             "backoff_s": self.backoff_s,
             "last_error": self.last_error,
             "workers": [

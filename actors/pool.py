@@ -51,6 +51,8 @@ from actors.pool_machine import (
     Drained,
     Effect,
     Exited,
+    GaveUp,
+    Granted,
     LostRegistration,
     PoolMachine,
     SessionOver,
@@ -106,6 +108,7 @@ class PoolActor(Supervised):
         self.projects: dict[str, LiveKitSettings] = {}
         self.wake_timer = None
         self.wake_at = 0.0
+        self.waiting: dict[str, Lease] = {}  # queued leases by lease id, until Granted or GaveUp
 
     def setup(self) -> None:
         """Adopt the workers a previous incarnation of this pool left running."""
@@ -173,16 +176,23 @@ class PoolActor(Supervised):
     # -- the mailbox ---------------------------------------------------------------------
 
     def _lease(self, message: Lease, now: float) -> None:
-        worker = self.machine.lease(uuid.uuid4().hex, now)
-        if worker is None:
-            answer: object = NoIdleWorker(message.trigger_id, self.client.id)
+        lease_id = uuid.uuid4().hex
+        worker = self.machine.lease(lease_id, now)
+        if worker is not None:
+            self._answer_lease(message, worker.id)
+        elif message.wait_s > 0 and self.machine.wait(lease_id, now, now + message.wait_s):
+            self.waiting[lease_id] = message  # answered by a Granted or GaveUp effect
         else:
-            logger.info("pool %s leased %s for room %s", self.client.id, worker.id, message.room_name)
-            answer = Leased(
-                message.trigger_id, self.client.id, worker.id, worker.agent_name, self.ports[worker.id], worker.lease_id,
-                self.projects.get(worker.id, self.client.livekit),
-            )
-        if not _watch.tell(message.reply_to, answer) and worker is not None:  # the dispatcher died meanwhile
+            _watch.tell(message.reply_to, NoIdleWorker(message.trigger_id, self.client.id))
+
+    def _answer_lease(self, message: Lease, worker_id: str) -> None:
+        worker = self.machine.workers[worker_id]
+        logger.info("pool %s leased %s for room %s", self.client.id, worker.id, message.room_name)
+        answer = Leased(
+            message.trigger_id, self.client.id, worker.id, worker.agent_name, self.ports[worker.id], worker.lease_id,
+            self.projects.get(worker.id, self.client.livekit),
+        )
+        if not _watch.tell(message.reply_to, answer):  # the dispatcher died meanwhile
             self.machine.return_lease(worker.id, worker.lease_id)
 
     def _stats(self) -> PoolStats:
@@ -197,6 +207,7 @@ class PoolActor(Supervised):
             max_size=m.max_size,
             target=m.target,
             missed_total=m.missed_total,
+            waiting=len(m.waiters),
             backoff_s=m.backoff_s(now),
             workers=tuple(
                 WorkerInfo(w.id, w.state, w.agent_name, self.handles[w.id].ref if w.id in self.handles else "")
@@ -232,6 +243,11 @@ class PoolActor(Supervised):
                     if seconds:
                         self.metrics.start_to_ready.labels(cid).observe(seconds)
                     logger.info("pool %s: worker %s ready in %.2f s", cid, worker_id, seconds)
+                case Granted(lease_id, worker_id):
+                    self._answer_lease(self.waiting.pop(lease_id), worker_id)
+                case GaveUp(lease_id):
+                    message = self.waiting.pop(lease_id)
+                    _watch.tell(message.reply_to, NoIdleWorker(message.trigger_id, cid))
                 case LostRegistration(worker_id):
                     logger.warning("pool %s: worker %s lost its LiveKit registration; not idle until it is back", cid, worker_id)
                 case Drained():
@@ -299,6 +315,8 @@ class PoolActor(Supervised):
         """A normal stop (shutdown or drained, not a crash): the workers go with the pool."""
         if self.wake_timer is not None:
             self.wake_timer.cancel()
+        for message in self.waiting.values():  # queued leases are refused, not left to time out
+            _watch.tell(message.reply_to, NoIdleWorker(message.trigger_id, self.client.id))
         for f in [self.executor.submit(self.backend.stop, h) for h in self.handles.values()]:
             f.result()
         self.handles.clear()

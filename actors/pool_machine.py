@@ -8,7 +8,8 @@ on reload), so it is unit-tested in milliseconds against plain data
 (``tests/unit/test_pool_machine.py``).
 
 A worker moves ``starting -> idle -> leased -> gone``, or to ``draining`` when the pool
-retires it. It is idle only while its own status says it is registered with LiveKit; a
+retires it. A lease that finds no idle worker may *wait* for one the pool is starting
+(a burst): waiters are served first come, first served, each until its deadline. It is idle only while its own status says it is registered with LiveKit; a
 worker that loses its registration (LiveKit restarted) goes back to ``starting`` until
 it registers again. Owned by one PoolActor's thread; never shared.
 """
@@ -34,6 +35,14 @@ MAX_BACKOFF_S = 30.0
 def _new_id() -> str:
     """Random, so ids never repeat across pool restarts (the backend keys on them)."""
     return uuid.uuid4().hex[:8]
+
+
+@dataclass(frozen=True)
+class Waiter:
+    """A lease waiting for a worker that is being started; its lease id is its ticket."""
+
+    lease_id: str
+    deadline: float
 
 
 @dataclass
@@ -113,11 +122,29 @@ class LostRegistration:
 
 
 @dataclass(frozen=True)
+class Granted:
+    """A waiting lease got its worker (now leased under that lease id)."""
+
+    lease_id: str
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class GaveUp:
+    """A waiting lease's deadline passed (or the pool is leaving): refuse it."""
+
+    lease_id: str
+
+
+@dataclass(frozen=True)
 class Drained:
     """The client was removed and its last worker is gone: the pool may stop."""
 
 
-Effect = Union[Spawn, Stop, WakeAt, CheckLeaseAt, SessionOver, Exited, StartFailed, BecameReady, LostRegistration, Drained]
+Effect = Union[
+    Spawn, Stop, WakeAt, CheckLeaseAt, SessionOver, Exited, StartFailed, BecameReady, LostRegistration, Granted, GaveUp,
+    Drained,
+]
 
 
 @dataclass
@@ -129,6 +156,7 @@ class PoolMachine:
     lease_timeout_s: float = 60.0
     lost_timeout_s: float = 60.0  # a worker unregistered this long is replaced
     workers: dict[str, Worker] = field(default_factory=dict)
+    waiters: list[Waiter] = field(default_factory=list)  # first come, first served
     target: int = -1  # set from min_idle below
     missed_total: int = 0
     failures: int = 0  # consecutive failed starts
@@ -149,14 +177,32 @@ class PoolMachine:
         self.workers[worker_id] = Worker(worker_id, agent_name, config_fp, started_at=now, adopting=True)
 
     def lease(self, lease_id: str, now: float) -> Worker | None:
-        """Take an idle worker: fresh settings first, then the longest idle."""
-        idle = [w for w in self.workers.values() if w.state == "idle"]
-        if not idle or self.leaving:
+        """Take an idle worker: fresh settings first, then the longest idle. None is a miss
+        (the scaler reads ``missed_total``), even if the caller then waits."""
+        worker = self._best_idle()
+        if worker is None or self.leaving or self.waiters:  # nobody jumps the queue
             self.missed_total += 1
             return None
-        worker = min(idle, key=lambda w: (w.config_fp != self.config_fp, w.ready_at))
         self._mark_leased(worker, lease_id, now)
         return worker
+
+    def wait(self, lease_id: str, now: float, deadline: float) -> bool:
+        """After a miss: queue for a worker that is starting or can be started, if one can
+        come for this waiter (within ``max_size``, and no start backoff past the deadline).
+        It is answered by a :class:`Granted` or :class:`GaveUp` effect."""
+        if self.leaving or deadline <= now:
+            return False
+        if any(w.lost_at is not None for w in self._live()):  # LiveKit is unreachable: fail fast,
+            return False  # as a worker started now would not register either
+        starting = self.count("starting")
+        room = self.max_size - len(self._live())
+        if starting + room <= len(self.waiters):
+            return False
+        if not starting and self.next_start_at > deadline:
+            return False
+        self.waiters.append(Waiter(lease_id, deadline))
+        self._outbox.append(WakeAt(deadline))
+        return True
 
     def return_lease(self, worker_id: str, lease_id: str) -> None:
         """The dispatch failed before any job existed, and the worker released its claim."""
@@ -260,10 +306,11 @@ class PoolMachine:
         if self.leaving:
             return 0
         leased = sum(1 for w in self.workers.values() if w.state == "leased")
-        return min(self.max_size, max(self.target, leased + self.min_idle))
+        return min(self.max_size, max(self.target, leased + len(self.waiters) + self.min_idle))
 
     def reconcile(self, now: float) -> list[Effect]:
         """Bring the pool towards its desired size; return every effect due since last time."""
+        self._serve_waiters(now)
         if self.leaving:
             for w in self._live():
                 if w.state != "leased":
@@ -324,6 +371,20 @@ class PoolMachine:
         return max(0.0, round(self.next_start_at - now, 3))
 
     # -- internals -------------------------------------------------------------------------
+
+    def _serve_waiters(self, now: float) -> None:
+        """Refuse the waiters whose time is up, then hand idle workers to the rest, in order."""
+        for waiter in [w for w in self.waiters if self.leaving or w.deadline <= now]:
+            self.waiters.remove(waiter)
+            self._outbox.append(GaveUp(waiter.lease_id))
+        while self.waiters and (worker := self._best_idle()) is not None:
+            waiter = self.waiters.pop(0)
+            self._mark_leased(worker, waiter.lease_id, now)
+            self._outbox.append(Granted(waiter.lease_id, worker.id))
+
+    def _best_idle(self) -> Worker | None:
+        idle = [w for w in self.workers.values() if w.state == "idle"]
+        return min(idle, key=lambda w: (w.config_fp != self.config_fp, w.ready_at)) if idle else None
 
     def _live(self) -> list[Worker]:
         return [w for w in self.workers.values() if w.state in ("starting", "idle", "leased")]

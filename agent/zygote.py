@@ -43,6 +43,7 @@ import sys
 import time
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 MAX_FDS = 2
 # Everything a worker imports, so the fork inherits it (``providers`` imports plugins lazily).
 PRELOAD = (
@@ -53,6 +54,12 @@ PRELOAD = (
 
 def threads() -> int:
     return len(os.listdir("/proc/self/task"))
+
+
+def _prctl(option: int, value: int | bytes) -> None:
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, value)
 
 
 def preload(extra: list[str]) -> list[str]:
@@ -90,6 +97,8 @@ def serve(sock: socket.socket) -> None:
         finally:
             for fd in fds:
                 os.close(fd)
+        if "pid" in reply:
+            print(f"forked worker {reply['pid']} with {reply['threads']} thread(s) in the zygote", flush=True)
         sock.sendall(json.dumps(reply).encode() + b"\n")
         if reply.get("fatal"):
             return
@@ -130,9 +139,8 @@ def _become_worker(runtime_pid: int, middle_pid: int, settings_fd: int, log_fd: 
         deadline = time.monotonic() + 5.0
         while os.getppid() == middle_pid and time.monotonic() < deadline:
             time.sleep(0.001)
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        _prctl(_PR_SET_NAME, b"worker")  # what ps and top show (its cmdline stays the zygote's)
         if os.getppid() != runtime_pid:  # the runtime died before we were re-parented to it
             os._exit(1)
         with os.fdopen(settings_fd, "rb", closefd=True) as f:
@@ -172,6 +180,7 @@ def main() -> None:
     fd = int(sys.argv[1])
     sock = socket.socket(fileno=fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runtime stops us by closing the socket
+    _prctl(_PR_SET_NAME, b"zygote")
     missing = preload(sys.argv[2:])
     gc.freeze()  # from here on, collections in the children leave the inherited objects alone
     print(f"zygote {os.getpid()} ready; optional modules not installed: {', '.join(missing) or 'none'}", flush=True)

@@ -105,13 +105,16 @@ class DispatchSettings(_Model):
 
     accept_timeout_s: float = Field(4.0, gt=0, le=60)
     attempts: int = Field(2, ge=1, le=5)
+    # A trigger that finds no idle worker while its pool may still grow waits this long for
+    # the worker started for it (a burst), first come, first served; then 503. 0 turns it off.
+    max_wait_s: float = Field(3.0, ge=0, le=60)
 
     @property
     def deadline_s(self) -> float:
-        """The longest a trigger can take: each attempt's pool answer (2 s), claim (2 s),
-        dispatch (4 s), accept and deleting an unaccepted dispatch (4 s), all bounded in
-        actors/dispatch.py and runtime/handoff.py."""
-        return self.attempts * (self.accept_timeout_s + 14.0) + 1.0
+        """The longest a trigger can take: the wait for a worker, then each attempt's pool
+        answer (2 s), claim (2 s), dispatch (4 s), accept and deleting an unaccepted
+        dispatch (4 s), all bounded in actors/dispatch.py and runtime/handoff.py."""
+        return self.max_wait_s + self.attempts * (self.accept_timeout_s + 14.0) + 1.0
 
 
 class RuntimeSettings(_Model):

@@ -252,6 +252,35 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def proc_stat(pid: int) -> tuple[str, int, int]:
+    """(state, parent pid, session id) of a process, from /proc/PID/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rfind(")") + 2:].split()
+    return fields[0], int(fields[1]), int(fields[3])
+
+
+def children_of(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                state, ppid, _ = proc_stat(int(entry.name))
+            except (OSError, IndexError):
+                continue
+            if ppid == pid and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def comm(pid: int) -> str:
+    """The process name ps shows: ``zygote`` and ``worker`` for the zygote and its forks."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def metric_value(text: str, name: str, **labels: str) -> float:
     """The value of one sample in Prometheus text, 0 if absent."""
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))

@@ -82,6 +82,29 @@ def test_concurrent_triggers_never_lease_a_worker_twice(run_serve, backend, lk_a
     assert metric_value(text, "autonomite_triggers_total", client="alpha", outcome="no_idle_worker") == len(refused)
 
 
+def test_a_burst_within_max_size_waits_for_its_workers_and_beyond_it_is_refused(run_serve, backend, lk_a):
+    alpha = Client("alpha", lk_a, min_idle=2, max_size=6)
+    # The wait is generous here: this tests who gets served, not how fast (bench/burst.py does).
+    serve = run_serve([alpha], dispatch={"max_wait_s": 30}, **backend)
+    rooms = [f"room-wave-{i}" for i in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(lambda room: serve.trigger(alpha, room), rooms))
+
+    ok = [r for r in responses if r.status == 200]
+    refused = [r for r in responses if r.status != 200]
+    assert len(ok) == 6, [r.body for r in responses]  # 2 idle, 4 started for the waiting triggers
+    assert len({r.body["worker_id"] for r in ok}) == 6, "a worker was leased twice"
+    assert len(refused) == 2 and all(r.status == 503 and r.headers.get("Retry-After") for r in refused)
+    for r in ok:  # every 200 has its own worker's agent in its room
+        room, identity = r.body["room_name"], f"agent-{r.body['worker_id']}"
+        wait_until(lambda: identity in [p.identity for p in lk_a.active_agents(room)], 30, f"agent in {room}")
+        lk_a.delete_room(room)
+    text = serve.metrics()
+    assert metric_value(text, "autonomite_triggers_total", client="alpha", outcome="no_idle_worker") == 2
+    assert serve.pool("alpha")["missed_total"] >= 6  # the scaler saw the burst
+    wait_until(lambda: serve.pool("alpha")["leased"] == 0, 60, "every lease to end with its session")
+
+
 def test_sigterm_leaves_no_worker_behind(run_serve, backend, lk_a):
     alpha = Client("alpha", lk_a, min_idle=2, max_size=3)
     serve = run_serve([alpha], **backend)

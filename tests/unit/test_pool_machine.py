@@ -11,6 +11,8 @@ from actors.pool_machine import (
     CheckLeaseAt,
     Drained,
     Exited,
+    GaveUp,
+    Granted,
     LostRegistration,
     PoolMachine,
     SessionOver,
@@ -308,3 +310,87 @@ def test_an_adopted_worker_that_is_shutting_down_is_never_leased():
     m.status("a1", True, "draining", None, 1)
     m.reconcile(1)
     assert m.workers["a1"].state == "draining" and m.lease("L1", 1) is None
+
+
+# -- bursts: leases that wait for a worker being started ----------------------------------
+
+
+def test_a_burst_waits_for_the_workers_started_for_it_first_come_first_served():
+    m = machine(min_idle=1, max_size=3)
+    warm(m)
+    assert m.lease("L1", 2).id == "w1"
+    assert spawned(m.reconcile(2)) == ["w2"]  # the idle floor
+    assert m.lease("L2", 2) is None and m.wait("L2", 2, 5)
+    assert spawned(m.reconcile(2)) == ["w3"]  # one more, for the waiter
+    assert m.lease("L3", 2.1) is None and m.wait("L3", 2.1, 5.1)
+    assert spawned(m.reconcile(2.1)) == []  # max_size reached
+    # Beyond max_size, a lease cannot wait: both starting workers are spoken for.
+    assert m.lease("L4", 2.2) is None and not m.wait("L4", 2.2, 5.2)
+    assert m.missed_total == 3  # the scaler still sees every miss
+    m.status("w3", True, "idle", None, 2.5)  # the later worker is ready first: it goes to L2
+    assert Granted("L2", "w3") in m.reconcile(2.5)
+    m.status("w2", True, "idle", None, 2.6)
+    assert Granted("L3", "w2") in m.reconcile(2.6)
+    assert m.workers["w2"].lease_id == "L3" and m.count("leased") == 3 and not m.waiters
+
+
+def test_a_waiter_gives_up_at_its_deadline():
+    m = machine(min_idle=1, max_size=2)
+    warm(m)
+    m.lease("L1", 2)
+    m.reconcile(2)
+    assert m.lease("L2", 2) is None and m.wait("L2", 2, 4)
+    effects = m.reconcile(2)
+    assert WakeAt(4) in effects
+    assert not any(isinstance(e, GaveUp) for e in m.reconcile(3.9))
+    assert GaveUp("L2") in m.reconcile(4)
+    m.status("w2", True, "idle", None, 4.5)  # too late for L2: it stays idle for the next caller
+    assert not any(isinstance(e, Granted) for e in m.reconcile(4.5)) and m.count("idle") == 1
+
+
+def test_nothing_waits_at_max_size_when_nothing_is_starting_or_while_leaving():
+    m = machine(min_idle=1, max_size=1)
+    warm(m)
+    m.lease("L1", 2)
+    m.reconcile(2)
+    assert m.lease("L2", 2) is None and not m.wait("L2", 2, 5)
+    m = machine(min_idle=1, max_size=3)
+    warm(m)
+    m.lease("L1", 2)
+    m.reconcile(2)
+    assert m.wait("L2", 2, 5)
+    m.drain()
+    assert GaveUp("L2") in m.reconcile(2.1) and not m.wait("L3", 2.1, 5)
+
+
+def test_a_waiter_does_not_wait_out_a_start_backoff_longer_than_its_deadline():
+    m = machine(min_idle=1, max_size=3)
+    ids = spawned(m.reconcile(0))
+    m.exited(ids[0], 1, 0.5)  # exited before registering: back off
+    for _ in range(5):
+        wid = spawned(m.reconcile(m.next_start_at))[0]
+        m.exited(wid, 1, m.next_start_at)
+    assert m.backoff_s(m.next_start_at - 8) > 3 and m.count("starting") == 0
+    now = m.next_start_at - 8
+    assert m.lease("L1", now) is None and not m.wait("L1", now, now + 3)
+
+
+def test_a_lease_never_jumps_the_queue():
+    m = machine(min_idle=1, max_size=4)
+    warm(m)
+    m.lease("L1", 2)
+    m.reconcile(2)
+    assert m.lease("L2", 2) is None and m.wait("L2", 2, 5)
+    m.reconcile(2)
+    m.status("w2", True, "idle", None, 2.5)  # ready, but its status is not reconciled yet
+    assert m.lease("L3", 2.5) is None  # L2 came first
+    assert Granted("L2", "w2") in m.reconcile(2.5)
+
+
+def test_nothing_waits_while_the_pool_has_lost_livekit():
+    m = machine(min_idle=2, max_size=4)
+    warm(m)
+    m.status("w1", False, "idle", None, 2)  # LiveKit went away
+    m.status("w2", False, "idle", None, 2)
+    m.reconcile(2)
+    assert m.lease("L1", 2.5) is None and not m.wait("L1", 2.5, 5.5)
