@@ -315,6 +315,14 @@ def test_an_adopted_worker_that_is_shutting_down_is_never_leased():
 # -- bursts: leases that wait for a worker being started ----------------------------------
 
 
+def one_leased_one_waiting(m: PoolMachine, deadline: float) -> None:
+    """The only idle worker goes to L1 at t=2; L2 finds none and waits until ``deadline``."""
+    warm(m)
+    m.lease("L1", 2)
+    m.reconcile(2)
+    assert m.lease("L2", 2) is None and m.wait("L2", 2, deadline)
+
+
 def test_a_burst_waits_for_the_workers_started_for_it_first_come_first_served():
     m = machine(min_idle=1, max_size=3)
     warm(m)
@@ -336,10 +344,7 @@ def test_a_burst_waits_for_the_workers_started_for_it_first_come_first_served():
 
 def test_a_waiter_gives_up_at_its_deadline():
     m = machine(min_idle=1, max_size=2)
-    warm(m)
-    m.lease("L1", 2)
-    m.reconcile(2)
-    assert m.lease("L2", 2) is None and m.wait("L2", 2, 4)
+    one_leased_one_waiting(m, 4)
     effects = m.reconcile(2)
     assert WakeAt(4) in effects
     assert not any(isinstance(e, GaveUp) for e in m.reconcile(3.9))
@@ -377,10 +382,7 @@ def test_a_waiter_does_not_wait_out_a_start_backoff_longer_than_its_deadline():
 
 def test_a_lease_never_jumps_the_queue():
     m = machine(min_idle=1, max_size=4)
-    warm(m)
-    m.lease("L1", 2)
-    m.reconcile(2)
-    assert m.lease("L2", 2) is None and m.wait("L2", 2, 5)
+    one_leased_one_waiting(m, 5)
     m.reconcile(2)
     m.status("w2", True, "idle", None, 2.5)  # ready, but its status is not reconciled yet
     assert m.lease("L3", 2.5) is None  # L2 came first
