@@ -141,7 +141,7 @@ def main() -> None:
     client = Client("bench", project, min_idle=1, max_size=2)
     env = write_config(work / "clients.yaml", [client])
     serve = Serve(work / "clients.yaml", env, work / "serve.log").start()
-    backend = ProcessBackend(log_dir=work / "cold-workers")
+    backend = ProcessBackend(log_dir=work / "cold-workers", zygote=False)  # cold: a fresh interpreter
     arrivals = ArrivalWatch(project)
     answered: list[float] = []
     warm: list[float] = []
@@ -170,30 +170,14 @@ def main() -> None:
     print(f"cold / warm at p50: {pct(cold, 50) / pct(warm, 50):.1f}x; at p95: {pct(cold, 95) / pct(warm, 95):.1f}x")
     if args.chart:
         chart(series, args.chart)
-        print(f"chart: {args.chart}")
 
 
 def chart(series: tuple[tuple[str, list[float]], ...], path: Path) -> None:
     """p50 and p95 of each series as grouped bars, in ms."""
-    import matplotlib
+    from bench.charts import Panel, grouped_bars
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [name for name, _ in series]
-    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=120)
-    for offset, (q, color) in enumerate(((50, "#4c72b0"), (95, "#dd8452"))):
-        values = [pct([v * 1000 for v in vals], q) for _, vals in series]
-        bars = ax.barh([i + offset * 0.38 for i in range(len(names))], values, height=0.36, color=color, label=f"p{q}")
-        ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], padding=3, fontsize=8)
-    ax.set_yticks([i + 0.19 for i in range(len(names))], names)
-    ax.invert_yaxis()
-    ax.set_xlim(0, max(pct([v * 1000 for v in vals], 95) for _, vals in series) * 1.15)
-    ax.set_xlabel("ms")
-    ax.set_title("Trigger latency: warm pool against cold start, one run")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
+    grouped_bars(path, "Trigger latency: warm pool against cold start, one run", [name for name, _ in series],
+                 Panel("ms", {f"p{q}": [pct([v * 1000 for v in vals], q) for _, vals in series] for q in (50, 95)}))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""Worker start-to-ready time and idle memory: docker against process, side by side in one run.
+"""Worker start-to-ready and idle memory: zygote fork, plain start and docker, side by side in one run.
 
-    .venv/bin/python bench/worker_start.py [--workers 10]
+    .venv/bin/pip install -e '.[bench]'   # matplotlib, for the chart
+    .venv/bin/python bench/worker_start.py [--workers 10] [--no-docker] [--chart docs/worker_start.png]
 
-Each round starts one worker on each backend (alternating which goes first), times start()
-until the worker reports itself registered with a real livekit-server on loopback, lets it
-sit idle 2 s, then reads its memory: the RSS of every process of the worker (for docker, the
-container's processes as the host sees them, from ``docker top``) and, for docker, the
-container's cgroup usage too. Needs a Docker engine; it builds the registry-free
-test image (``tests.support.build_test_image``).
+Each round starts one worker on each backend (rotating which goes first) and times
+``start()`` until the worker's status says it is registered with a real livekit-server on
+loopback. Every worker stays up, idle, until the end, as a warm pool's do; then the bench
+reads each worker's memory as PSS (``/proc/PID/smaps_rollup``, summed over the worker's
+processes: a page shared by n processes counts 1/n to each), so the zygote's shared pages
+are counted fairly. The zygote itself is reported on its own line.
+
+docker needs an engine; it runs the registry-free test image (``tests.support.build_test_image``).
 """
 
 from __future__ import annotations
@@ -22,16 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import docker  # noqa: E402
-
 from actors._watch import read_status  # noqa: E402
-from bench.trigger_latency import machine  # noqa: E402
 from agent.worker import WorkerConfig  # noqa: E402
-from runtime.backends import ProcessBackend, WorkerSpec  # noqa: E402
-from runtime.backends.docker import DockerBackend  # noqa: E402
+from bench.trigger_latency import machine  # noqa: E402
+from runtime.backends import ProcessBackend, WorkerBackend, WorkerHandle, WorkerSpec  # noqa: E402
 from runtime.devserver import LiveKitServer, free_port  # noqa: E402
-from tests.support import TEST_IMAGE, build_test_image, wait_until  # noqa: E402
-
+from tests.support import TEST_IMAGE, wait_until  # noqa: E402
 
 
 def spec_for(server: LiveKitServer, key: str, secret: str) -> WorkerSpec:
@@ -47,73 +46,106 @@ def spec_for(server: LiveKitServer, key: str, secret: str) -> WorkerSpec:
     )
 
 
-def rss_mb(pids: list[int]) -> float:
+def pss_mb(pids: list[int]) -> float:
+    """Proportional set size, summed: shared pages are split among the processes sharing them."""
     total = 0
     for pid in pids:
         try:
-            for line in open(f"/proc/{pid}/status"):
-                if line.startswith("VmRSS:"):
+            for line in open(f"/proc/{pid}/smaps_rollup"):
+                if line.startswith("Pss:"):
                     total += int(line.split()[1])
         except FileNotFoundError:
             pass
     return total / 1024
 
 
-def children(pid: int) -> list[int]:
+def tree(pid: int) -> list[int]:
+    """A process and all its descendants."""
     out = [pid]
     for task in Path(f"/proc/{pid}/task").iterdir():
         for child in (task / "children").read_text().split():
-            out += children(int(child))
+            out += tree(int(child))
     return out
+
+
+def worker_pids(name: str, handle: WorkerHandle) -> list[int]:
+    if name != "docker":
+        return tree(int(handle.ref))
+    import docker
+
+    container = docker.from_env(version="auto").containers.get(handle.ref)
+    return [int(row[1]) for row in container.top()["Processes"]]
+
+
+def backends(work: Path, with_docker: bool) -> dict[str, WorkerBackend]:
+    found: dict[str, WorkerBackend] = {
+        "zygote fork": ProcessBackend(log_dir=work / "zygote", zygote=True),
+        "plain start": ProcessBackend(log_dir=work / "plain", zygote=False),
+    }
+    if with_docker:
+        import docker
+
+        from runtime.backends.docker import DockerBackend
+        from tests.support import build_test_image
+
+        image = build_test_image(docker.from_env(version="auto"), work / "image")
+        found["docker"] = DockerBackend(log_dir=work / "docker", volumes=image["volumes"])
+    zygote = found["zygote fork"].zygote
+    wait_until(lambda: zygote.pid, 120, "the zygote to boot (before any clock starts)")
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", type=int, default=10)
+    parser.add_argument("--no-docker", action="store_true")
+    parser.add_argument("--chart", type=Path, default=None)
     args = parser.parse_args()
     key, secret = "benchkey", "bench-" + uuid.uuid4().hex
-    engine = docker.from_env(version="auto")
-    image = build_test_image(engine, Path(tempfile.mkdtemp(prefix="image-")))
-    volumes = image["volumes"]
-    backends = {
-        "process": ProcessBackend(log_dir=Path("/tmp/bench-workers")),
-        "docker": DockerBackend(log_dir=Path("/tmp/bench-workers"), volumes=volumes),
-    }
-    results: dict[str, dict[str, list[float]]] = {name: {"ready": [], "rss": [], "cgroup": []} for name in backends}
+    kinds = backends(Path(tempfile.mkdtemp(prefix="bench-start-")), not args.no_docker)
+    names = list(kinds)
+    ready: dict[str, list[float]] = {n: [] for n in names}
+    handles: dict[str, list[WorkerHandle]] = {n: [] for n in names}
     with LiveKitServer({key: secret}) as server:
-        for i in range(args.workers):
-            order = ["process", "docker"] if i % 2 == 0 else ["docker", "process"]
-            for name in order:
-                backend, spec = backends[name], spec_for(server, key, secret)
-                t0 = time.perf_counter()
-                handle = backend.start(spec)
-                wait_until(lambda: (read_status(spec.status_port) or {}).get("registered"), 60, "registration",
-                           interval=0.01)
-                results[name]["ready"].append(time.perf_counter() - t0)
-                time.sleep(2)  # idle, as a warm worker sits
-                if name == "process":
-                    results[name]["rss"].append(rss_mb(children(int(handle.ref))))
-                else:
-                    c = engine.containers.get(handle.ref)
-                    pids = [int(row[1]) for row in c.top()["Processes"]]
-                    results[name]["rss"].append(rss_mb(pids))
-                    results[name]["cgroup"].append(c.stats(stream=False)["memory_stats"]["usage"] / 2**20)
-                backend.stop(handle)
-                backend.wait(handle)
-            print(f"round {i + 1}: " + ", ".join(
-                f"{n} ready {results[n]['ready'][-1]:.2f} s rss {results[n]['rss'][-1]:.0f} MB" for n in order), flush=True)
+        try:
+            for i in range(args.workers):
+                order = names[i % len(names):] + names[: i % len(names)]
+                for name in order:
+                    spec = spec_for(server, key, secret)
+                    t0 = time.perf_counter()
+                    handles[name].append(kinds[name].start(spec))
+                    wait_until(lambda: (read_status(spec.status_port) or {}).get("registered"), 120, "registration",
+                               interval=0.005)
+                    ready[name].append(time.perf_counter() - t0)
+                print(f"round {i + 1}: " + ", ".join(f"{n} {ready[n][-1]:.2f} s" for n in order), flush=True)
+            time.sleep(3)  # idle, as a warm worker sits; then read memory with every worker up
+            pss = {n: [pss_mb(worker_pids(n, h)) for h in handles[n]] for n in names}
+            zygote_pss = pss_mb([kinds["zygote fork"].zygote.pid])
+        finally:
+            for name in names:
+                for h in handles[name]:
+                    kinds[name].stop(h)
+                    kinds[name].wait(h)
+                kinds[name].close()
     print()
     print(f"machine: {machine()}")
-    print(f"workers: {args.workers} per backend, alternating")
-    print("| backend | start-to-ready p50 (s) | max (s) | idle RSS p50 (MB) | cgroup usage p50 (MB) |")
+    print(f"workers: {args.workers} per kind, all idle at once when memory is read")
+    print("| kind | start-to-ready p50 (s) | p95 (s) | max (s) | idle PSS per worker p50 (MB) |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, r in results.items():
-        cg = f"{statistics.median(r['cgroup']):.0f}" if r["cgroup"] else "n/a"
-        print(f"| {name} | {statistics.median(r['ready']):.2f} | {max(r['ready']):.2f} | "
-              f"{statistics.median(r['rss']):.0f} | {cg} |")
-    ratio = statistics.median(results["docker"]["ready"]) / statistics.median(results["process"]["ready"])
-    print(f"docker / process start-to-ready at p50: {ratio:.2f}x")
+    for n in names:
+        r = sorted(ready[n])
+        print(f"| {n} | {statistics.median(r):.3f} | {r[int(0.95 * (len(r) - 1))]:.3f} | {max(r):.3f} | "
+              f"{statistics.median(pss[n]):.1f} |")
+    print(f"| (the zygote itself, once per runtime) | | | | {zygote_pss:.1f} |")
+    plain, fork = statistics.median(ready["plain start"]), statistics.median(ready["zygote fork"])
+    print(f"plain / zygote start-to-ready at p50: {plain / fork:.1f}x; "
+          f"idle PSS: {statistics.median(pss['plain start']) / statistics.median(pss['zygote fork']):.1f}x")
+    if args.chart:
+        from bench.charts import Panel, grouped_bars
 
+        grouped_bars(args.chart, f"Worker start and idle memory, {args.workers} workers of each kind, one run", names,
+                     Panel("start to registered, p50 (s)", {"p50": [statistics.median(ready[n]) for n in names]}, "{:.2f}"),
+                     Panel("idle PSS per worker, p50 (MB)", {"PSS": [statistics.median(pss[n]) for n in names]}))
 
 if __name__ == "__main__":
     main()

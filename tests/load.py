@@ -59,7 +59,8 @@ async def trigger(http: aiohttp.ClientSession, serve: Serve, client: Client, roo
         return Outcome(room, r.status, payload, r.headers.get("Retry-After"))
 
 
-async def agent_in_room(lk: api.LiveKitAPI, room: str, worker_id: str, timeout: float = 20.0) -> bool:
+async def agent_in_room(lk: api.LiveKitAPI, room: str, worker_id: str, timeout: float = 20.0,
+                        interval: float = 0.1) -> bool:
     """Whether the leased worker's agent became an active participant of the room in time."""
     identity = f"agent-{worker_id}"
     deadline = time.monotonic() + timeout
@@ -69,7 +70,7 @@ async def agent_in_room(lk: api.LiveKitAPI, room: str, worker_id: str, timeout: 
             people = (await lk.room.list_participants(api.ListParticipantsRequest(room=room))).participants
             if any(p.identity == identity and p.state == api.ParticipantInfo.State.ACTIVE for p in people):
                 return True
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(interval)
     return False
 
 

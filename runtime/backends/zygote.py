@@ -27,6 +27,7 @@ import socket
 import subprocess
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import IO, Mapping
 
@@ -52,6 +53,8 @@ class ForkedChild:
         self.pid = pid
         self.returncode: int | None = None
         self._pidfd = os.pidfd_open(pid)
+        # Closed only once nobody can use it any more: another thread may be in select() on it.
+        weakref.finalize(self, os.close, self._pidfd)
         self._lock = threading.Lock()
 
     def poll(self) -> int | None:
@@ -88,7 +91,6 @@ class ForkedChild:
                     pid, status = self.pid, 255 << 8
                 if pid:
                     self.returncode = os.waitstatus_to_exitcode(status)
-                    os.close(self._pidfd)
             return self.returncode
 
 

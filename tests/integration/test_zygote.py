@@ -120,3 +120,18 @@ def test_sigkill_of_serve_leaves_no_zygote_and_no_worker(run_serve, lk_a):
     serve.proc.send_signal(signal.SIGKILL)
     serve.proc.wait(10)
     wait_until(lambda: not any(pid_alive(p) for p in [zygote, *workers]), 30, "the zygote and every worker gone")
+
+
+def test_serve_keeps_its_pools_full_while_the_zygote_is_down_and_gets_it_back(run_serve, lk_a):
+    alpha = Client("alpha", lk_a, min_idle=2, max_size=3)
+    serve = run_serve([alpha])
+    first_zygote = zygote_of(serve.proc.pid)
+    survivor, victim = sorted(refs(serve, "alpha"))
+    os.kill(first_zygote, signal.SIGKILL)
+    kill_worker(serve, victim)
+    wait_until(lambda: (r := refs(serve, "alpha")) and victim not in r and serve.pool("alpha")["idle"] == 2,
+               60, "the pool refilled")
+    wait_until(lambda: zygote_of(serve.proc.pid) != first_zygote, 60, "a new zygote")
+    # The worker forked by the dead zygote was never orphaned: still the runtime's, still serving.
+    assert pid_alive(int(survivor)) and proc_stat(int(survivor))[1] == serve.proc.pid
+    serve.start_session(alpha, "room-after-zygote-death")
