@@ -47,7 +47,12 @@ _PR_SET_NAME = 15
 MAX_FDS = 2
 # Everything a worker imports, so the fork inherits it (``providers`` imports plugins lazily).
 PRELOAD = (
-    "livekit.rtc", "livekit.api", "livekit.agents", "aiohttp", "numpy", "bm25s",
+    "livekit.rtc", "livekit.rtc.resources", "livekit.api", "livekit.agents", "livekit.agents.ipc._preload",
+    "aiohttp", "numpy", "bm25s",
+    # what a worker would still import while it starts (found by diffing sys.modules after a fork)
+    "multiprocessing.connection", "multiprocessing.forkserver", "multiprocessing.resource_tracker",
+    "multiprocessing.spawn", "runpy", "httpcore2", "h2.connection", "anyio.streams.tls", "truststore",
+    "openai.resources",
     "agent.worker", "agent.session", "agent.rag", "agent.providers", "agent.offline_llm", "agent.priming",
 )
 

@@ -88,6 +88,7 @@ def backends(work: Path, with_docker: bool) -> dict[str, WorkerBackend]:
         from runtime.backends.docker import DockerBackend
         from tests.support import build_test_image
 
+        (work / "image").mkdir()
         image = build_test_image(docker.from_env(version="auto"), work / "image")
         found["docker"] = DockerBackend(log_dir=work / "docker", volumes=image["volumes"])
     zygote = found["zygote fork"].zygote

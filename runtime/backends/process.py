@@ -26,8 +26,14 @@ from runtime.backends.base import BackendError, WorkerHandle, WorkerSpec
 from runtime.backends.zygote import Zygote
 
 _PASSTHROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
-# numpy's OpenBLAS starts a thread pool when imported; the zygote must hold one thread.
-_ZYGOTE_ENV = {"OPENBLAS_NUM_THREADS": "1"}
+_ZYGOTE_ENV = {
+    # numpy's OpenBLAS starts a thread pool when imported; the zygote must hold one thread.
+    "OPENBLAS_NUM_THREADS": "1",
+    # The zygote runs livekit-agents' own warm-up (``livekit.agents.ipc._preload``: the rtc
+    # library, the SSL context, the HTTP client), without its ~260 MB of local VAD and
+    # end-of-turn models, which only voice input needs.
+    "LIVEKIT_AGENTS_PRELOAD_LOCAL_INFERENCE": "0",
+}
 
 
 class _Child(Protocol):
