@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+import urllib.parse
 import urllib.request
 from concurrent.futures import Executor
 import pykka
@@ -22,11 +23,12 @@ from runtime.backends.base import WorkerBackend, WorkerHandle, WorkerSpec
 
 logger = logging.getLogger("autonomite.pool")
 
-PROBE_INTERVAL_S = 0.05  # until a worker first registers: every millisecond counts then
-FOLLOW_INTERVAL_S = 0.25  # afterwards: how soon a lost LiveKit registration is noticed
+PROBE_INTERVAL_S = 0.05  # until a starting worker's status port answers
+FOLLOW_INTERVAL_S = 0.25  # between failed probes of a worker that answered before
 RESEND_S = 2.0  # what a worker says is told again this often, changed or not: a pool that
-# set a worker aside on a failed claim learns that it is fine again
-SILENT_PROBES = 4  # a ready worker that answers none of this many probes counts as unregistered
+# set a worker aside on a failed claim learns that it is fine again. Also the long poll's
+# length: a worker's status answers at once when it changes, else after this long.
+SILENT_PROBES = 3  # a ready worker that answers none of this many probes counts as unregistered
 
 
 def tell(ref: pykka.ActorRef, message: object) -> bool:
@@ -79,8 +81,12 @@ def _follow(backend: WorkerBackend, handle: WorkerHandle, pool: pykka.ActorRef, 
     deadline = time.monotonic() + ready_timeout_s
     last: tuple | None = None
     sent_at, silent, ever_registered = 0.0, 0, False
+    etag = None
     while not exited.is_set() and pool.is_alive():  # a dead pool's successor probes for itself
-        status = read_status(handle.status_port)
+        # A long poll: the answer comes when the status changes, or after RESEND_S.
+        status = read_status(handle.status_port, wait=RESEND_S, since=etag)
+        etag = status.get("etag") if status is not None else None
+        long_polled = etag is not None  # else (no answer, or a worker without long polls) pace ourselves
         silent = 0 if status is not None else silent + 1
         if status is None and ever_registered and silent >= SILENT_PROBES:
             status = {"registered": False, "state": "starting"}  # hung, or gone: not idle
@@ -95,7 +101,8 @@ def _follow(backend: WorkerBackend, handle: WorkerHandle, pool: pykka.ActorRef, 
         if not ever_registered and time.monotonic() > deadline:
             tell(pool, WorkerStartFailed(handle.worker_id, f"not registered within {ready_timeout_s:g} s", started=True))
             return
-        exited.wait(FOLLOW_INTERVAL_S if ever_registered else PROBE_INTERVAL_S)
+        if not long_polled:
+            exited.wait(FOLLOW_INTERVAL_S if ever_registered else PROBE_INTERVAL_S)
 
 
 def check_job_arrived(executor: Executor, port: int, worker_id: str, lease_no: int, pool: pykka.ActorRef) -> None:
@@ -107,9 +114,11 @@ def check_job_arrived(executor: Executor, port: int, worker_id: str, lease_no: i
     executor.submit(run)
 
 
-def read_status(port: int, timeout: float = 1.0) -> dict | None:
+def read_status(port: int, timeout: float = 1.0, wait: float = 0.0, since: str | None = None) -> dict | None:
+    """A worker's status; with ``since``, once it differs from that etag (or after ``wait``)."""
+    query = f"?since={urllib.parse.quote(since)}&wait={wait:g}" if since else ""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=timeout) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status{query}", timeout=timeout + (wait if since else 0)) as r:
             return json.loads(r.read())
     except (OSError, ValueError):
         return None

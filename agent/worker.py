@@ -81,7 +81,8 @@ class WorkerState:
 
     def __init__(self, config: WorkerConfig, is_connected: Callable[[], bool] = lambda: True) -> None:
         self.config = config
-        self.state: ReportedState = "starting"
+        self.changed = asyncio.Event()  # set on every state change: wakes the status long polls
+        self._state: ReportedState = "starting"
         self.lease_id: str | None = None
         self.accepted_job: str | None = None
         self.job_accepted = asyncio.Event()
@@ -89,6 +90,30 @@ class WorkerState:
         self.claimed_at = 0.0
         self.end_session: Callable[[str, bool], None] | None = None  # set once a job runs
         self.is_connected = is_connected  # set to the LiveKit connection once the server exists
+
+    @property
+    def state(self) -> ReportedState:
+        return self._state
+
+    @state.setter
+    def state(self, value: ReportedState) -> None:
+        self._state = value
+        self.changed.set()
+
+    def etag(self) -> str:
+        """Names what the runtime follows: a status long poll answers when it changes."""
+        return f"{self.state}:{int(self.registered)}:{self.lease_id or ''}"
+
+    async def changed_from(self, etag: str, wait: float) -> None:
+        """Return once the status differs from ``etag``, or after ``wait`` seconds. State
+        changes wake it at once; a lost LiveKit connection (a flag, no event) within 0.1 s."""
+        deadline = time.monotonic() + wait
+        while self.etag() == etag and (remaining := deadline - time.monotonic()) > 0:
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), min(remaining, 0.1))
+            except asyncio.TimeoutError:
+                pass
 
     @property
     def registered(self) -> bool:
@@ -143,13 +168,24 @@ class WorkerState:
             "registered": self.registered,
             "lease_id": self.lease_id,
             "job_id": self.accepted_job,
+            "etag": self.etag(),
         }
 
 
 async def _serve_status(state: WorkerState) -> web.AppRunner:
     """The runtime's window into this worker, on loopback only."""
 
-    async def status(_: web.Request) -> web.Response:
+    async def status(request: web.Request) -> web.Response:
+        """With ``since=<etag>&wait=S``, a long poll: answers when the status is no longer
+        ``since``, or after S seconds. The runtime follows each worker this way, so a
+        change reaches it at once while an unchanged worker costs one request per S."""
+        since = request.query.get("since")
+        if since:
+            try:
+                wait = min(max(float(request.query.get("wait", "0") or 0), 0.0), 30.0)
+            except ValueError:
+                return web.json_response(state.as_json(), status=400)
+            await state.changed_from(since, wait)
         return web.json_response(state.as_json())
 
     async def claim(request: web.Request) -> web.Response:

@@ -59,3 +59,30 @@ def test_a_claim_without_a_job_expires(state):
     assert state.claim_expired(state.claimed_at + CLAIM_TIMEOUT_S + 1)
     state.accept("J1", "L1")
     assert not state.claim_expired(state.claimed_at + 10 * CLAIM_TIMEOUT_S)
+
+
+def test_the_status_long_poll_answers_on_a_change_not_before():
+    import asyncio
+    import time
+
+    async def scenario() -> tuple[float, float, float]:
+        connected = [True]
+        s = WorkerState(WorkerConfig("w1", "acme", "acme--w1", 1234, []), is_connected=lambda: connected[0])
+        s.state = "idle"
+        t0 = time.monotonic()
+        await s.changed_from(s.etag(), 0.3)  # nothing changes: it waits the whole time
+        unchanged = time.monotonic() - t0
+        etag = s.etag()
+        asyncio.get_running_loop().call_later(0.05, s.claim, "L1", "w1")
+        t0 = time.monotonic()
+        await s.changed_from(etag, 5)  # a claim wakes it at once
+        claimed = time.monotonic() - t0
+        etag = s.etag()
+        asyncio.get_running_loop().call_later(0.05, connected.__setitem__, 0, False)
+        t0 = time.monotonic()
+        await s.changed_from(etag, 5)  # a lost LiveKit connection (a flag, no event) too
+        return unchanged, claimed, time.monotonic() - t0
+
+    unchanged, claimed, lost = asyncio.run(scenario())
+    assert unchanged >= 0.3
+    assert claimed < 1 and lost < 1  # well before the 5 s the poll would otherwise last
