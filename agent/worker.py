@@ -32,6 +32,7 @@ logger = logging.getLogger("autonomite.agent")
 
 DRAIN_TIMEOUT_S = 8  # a stopped worker lets its session wrap up this long, then goes
 CLAIM_TIMEOUT_S = 30.0  # claimed and no job by then: the runtime lost track of it; exit
+FLAG_CHECK_S = 0.5  # how often a status long poll looks at the LiveKit connection flag
 
 
 @dataclass
@@ -106,13 +107,15 @@ class WorkerState:
 
     async def changed_from(self, etag: str, wait: float) -> None:
         """Return once the status differs from ``etag``, or after ``wait`` seconds. State
-        changes wake it at once; a lost LiveKit connection (a flag, no event) within 0.1 s."""
+        changes wake it at once; a lost LiveKit connection (a flag, no event) within
+        ``FLAG_CHECK_S``: each idle worker wakes twice a second for that, and no more."""
         deadline = time.monotonic() + wait
         while self.etag() == etag and (remaining := deadline - time.monotonic()) > 0:
             self.changed.clear()
             try:
-                await asyncio.wait_for(self.changed.wait(), min(remaining, 0.1))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(min(remaining, FLAG_CHECK_S)):
+                    await self.changed.wait()
+            except TimeoutError:
                 pass
 
     @property

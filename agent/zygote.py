@@ -81,7 +81,21 @@ def preload(extra: list[str]) -> list[str]:
             missing.append(name)
         if threads() != 1:  # fail here, naming the culprit, rather than fork a threaded process
             raise SystemExit(f"zygote: importing {name} started a thread; not forking from this process")
+    _warm_up()
     return missing
+
+
+def _warm_up() -> None:
+    """One-time work a worker would otherwise do while it starts: building the default TLS
+    context parses the whole CA bundle (~20 ms of a forked worker's ~55 ms of CPU to
+    registered). livekit-agents caches it per trust configuration (a private helper,
+    checked in 1.8; if it moves, the worker just builds its own)."""
+    try:
+        from livekit.agents.utils import http_context
+
+        http_context._create_ssl_context()
+    except (ImportError, AttributeError):
+        pass
 
 
 def serve(sock: socket.socket) -> None:

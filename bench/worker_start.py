@@ -63,7 +63,11 @@ def tree(pid: int) -> list[int]:
     """A process and all its descendants."""
     out = [pid]
     for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:  # the thread or process ended meanwhile
+            continue
+        for child in children:
             out += tree(int(child))
     return out
 
