@@ -134,10 +134,11 @@ def _fork_worker(runtime_pid: int, fds: list[int]) -> dict:
     if middle == 0:  # the middle process: fork the worker, tell its pid, go
         try:
             os.close(read_end)
+            me = os.getpid()  # not the child's getppid(): by then this process may be gone
             worker = os.fork()
             if worker == 0:
                 os.close(write_end)
-                _become_worker(runtime_pid, os.getppid(), *fds)
+                _become_worker(runtime_pid, me, *fds)
             os.write(write_end, str(worker).encode())
         finally:
             os._exit(0)
@@ -171,8 +172,10 @@ def _become_worker(runtime_pid: int, middle_pid: int, settings_fd: int, log_fd: 
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.closerange(3, 1 << 16)  # the zygote's socket, the log fd: nothing else of the zygote
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_DFL)
+        # As a fresh interpreter has them: SIGINT raises KeyboardInterrupt, SIGPIPE stays
+        # ignored (a write to a closed socket is an error, not death), SIGTERM the default.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         from agent.worker import main
 
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.support import Client, converse
+from tests.support import Client, comm, converse
 
 SUPPORT = {"name": "support", "system_prompt": "You are Acme's support agent.", "enable_rag": True}
 
@@ -14,6 +14,8 @@ def test_priming_reaches_the_agent_and_its_first_words_know_the_user(run_serve, 
     serve = run_serve([alpha])
     r = serve.trigger(alpha, "room-dana", user_email="dana@example.com", context={"name": "Dana", "plan": "gold"})
     assert r.status == 200
+    worker = next(w for w in serve.pool("alpha")["workers"] if w["id"] == r.body["worker_id"])
+    assert comm(int(worker["ref"])) == "worker", "the process backend forks its workers from the zygote"
     greeting, reply = asyncio.run(converse(r.body["livekit_url"], r.body["participant_token"], ["Hi, what can you do?"]))
     assert "Dana" in greeting and "Alpha Inc" in greeting
     assert "Dana" in reply

@@ -36,6 +36,8 @@ def assert_forked(pid: int, runtime_pid: int) -> None:
     assert comm(pid) == "worker", "not forked by the zygote"
     assert ppid == runtime_pid, "a forked worker is the runtime's child, not the zygote's"
     assert session == pid, "a forked worker leads its own session"
+    ignored = int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigIgn:")).split()[1], 16)
+    assert ignored & (1 << (signal.SIGPIPE - 1)), "SIGPIPE stays ignored, as in a fresh interpreter"
 
 
 def test_a_worker_forked_for_one_client_never_holds_another_clients_secrets(run_serve, lk_a, lk_b):
