@@ -19,6 +19,7 @@ from concurrent.futures import Executor
 import pykka
 
 from actors.messages import LeaseUnused, WorkerExited, WorkerStarted, WorkerStartFailed, WorkerStatus
+from agent.status import StatusAddress
 from runtime.backends.base import WorkerBackend, WorkerHandle, WorkerSpec
 
 logger = logging.getLogger("autonomite.pool")
@@ -40,7 +41,8 @@ def tell(ref: pykka.ActorRef, message: object) -> bool:
 
 
 def start_worker(
-    executor: Executor, backend: WorkerBackend, spec: WorkerSpec, pool: pykka.ActorRef, ready_timeout_s: float
+    executor: Executor, backend: WorkerBackend, spec: WorkerSpec, pool: pykka.ActorRef, ready_timeout_s: float,
+    token: str,
 ) -> None:
     def run() -> None:
         try:
@@ -51,15 +53,19 @@ def start_worker(
         if not tell(pool, WorkerStarted(spec.worker_id, handle)):
             backend.stop(handle)
             return
-        adopt_worker(backend, handle, pool, ready_timeout_s)
+        adopt_worker(backend, handle, pool, ready_timeout_s, token)
 
     executor.submit(run)
 
 
-def adopt_worker(backend: WorkerBackend, handle: WorkerHandle, pool: pykka.ActorRef, ready_timeout_s: float) -> None:
+def adopt_worker(
+    backend: WorkerBackend, handle: WorkerHandle, pool: pykka.ActorRef, ready_timeout_s: float, token: str
+) -> None:
     """Follow a running worker in a thread of its own (for its whole life: not the executor's)."""
+    address = StatusAddress(handle.status_host, handle.status_port, token)
     threading.Thread(
-        target=_follow, args=(backend, handle, pool, ready_timeout_s), name=f"follow-{handle.worker_id}", daemon=True
+        target=_follow, args=(backend, handle, address, pool, ready_timeout_s), name=f"follow-{handle.worker_id}",
+        daemon=True,
     ).start()
 
 
@@ -67,7 +73,9 @@ def stop_worker(executor: Executor, backend: WorkerBackend, handle: WorkerHandle
     executor.submit(backend.stop, handle)
 
 
-def _follow(backend: WorkerBackend, handle: WorkerHandle, pool: pykka.ActorRef, ready_timeout_s: float) -> None:
+def _follow(
+    backend: WorkerBackend, handle: WorkerHandle, address: StatusAddress, pool: pykka.ActorRef, ready_timeout_s: float
+) -> None:
     """Wait for the worker's exit in a thread of its own; meanwhile probe it for its whole
     life and tell the pool whenever what it says changes (registered, state, lease)."""
     exited = threading.Event()
@@ -84,7 +92,7 @@ def _follow(backend: WorkerBackend, handle: WorkerHandle, pool: pykka.ActorRef, 
     etag = None
     while not exited.is_set() and pool.is_alive():  # a dead pool's successor probes for itself
         # A long poll: the answer comes when the status changes, or after RESEND_S.
-        status = read_status(handle.status_port, wait=RESEND_S, since=etag)
+        status = read_status(address, wait=RESEND_S, since=etag)
         etag = status.get("etag") if status is not None else None
         long_polled = etag is not None  # else (no answer, or a worker without long polls) pace ourselves
         silent = 0 if status is not None else silent + 1
@@ -105,20 +113,23 @@ def _follow(backend: WorkerBackend, handle: WorkerHandle, pool: pykka.ActorRef, 
             exited.wait(FOLLOW_INTERVAL_S if ever_registered else PROBE_INTERVAL_S)
 
 
-def check_job_arrived(executor: Executor, port: int, worker_id: str, lease_no: int, pool: pykka.ActorRef) -> None:
+def check_job_arrived(
+    executor: Executor, address: StatusAddress, worker_id: str, lease_no: int, pool: pykka.ActorRef
+) -> None:
     def run() -> None:
-        status = read_status(port)
+        status = read_status(address)
         if status is not None and status.get("job_id") is None:
             tell(pool, LeaseUnused(worker_id, lease_no))
 
     executor.submit(run)
 
 
-def read_status(port: int, timeout: float = 1.0, wait: float = 0.0, since: str | None = None) -> dict | None:
+def read_status(address: StatusAddress, timeout: float = 1.0, wait: float = 0.0, since: str | None = None) -> dict | None:
     """A worker's status; with ``since``, once it differs from that etag (or after ``wait``)."""
     query = f"?since={urllib.parse.quote(since)}&wait={wait:g}" if since else ""
+    request = urllib.request.Request(address.url(f"/status{query}"), headers=address.headers())
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status{query}", timeout=timeout + (wait if since else 0)) as r:
+        with urllib.request.urlopen(request, timeout=timeout + (wait if since else 0)) as r:
             return json.loads(r.read())
     except (OSError, ValueError):
         return None

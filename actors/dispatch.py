@@ -44,6 +44,7 @@ from actors.messages import (
     TriggerResult,
 )
 from actors.supervisor import Directory, Supervised
+from agent.status import StatusAddress
 from runtime.errors import describe
 from runtime.handoff import Handoff, WorkerControl, hand_off
 from runtime.livekit import LiveKitClient, participant_token
@@ -96,7 +97,7 @@ class _Session:
     livekit: LiveKitSettings
     dispatch_id: str
     room: str
-    port: int  # the worker's status port: where "the room ended" is told
+    worker: StatusAddress  # the worker's status port: where "the room ended" is told
 
 
 class DispatchActor(Supervised):
@@ -167,7 +168,7 @@ class DispatchActor(Supervised):
         metadata = json.dumps(build_metadata(client, agent, request, lease_id=lease.lease_id))
         future = self.livekit.submit(
             hand_off(
-                self.livekit, self.control, lease.livekit, port=lease.status_port, lease_id=lease.lease_id,
+                self.livekit, self.control, lease.livekit, worker=lease.status, lease_id=lease.lease_id,
                 worker_id=lease.worker_id,
                 agent_name=lease.agent_name, room=request.room_name, metadata=metadata,
                 accept_timeout_s=self.settings.accept_timeout_s,
@@ -207,7 +208,7 @@ class DispatchActor(Supervised):
             return
         trigger, client = flight.trigger, lease.client_id
         room, lk = trigger.request.room_name, lease.livekit  # where the worker is registered
-        self.sessions[(client, lease.worker_id)] = _Session(lk, handoff.dispatch_id, room, lease.status_port)
+        self.sessions[(client, lease.worker_id)] = _Session(lk, handoff.dispatch_id, room, lease.status)
         self.rooms[(client, room)] = lease.worker_id
         self.metrics.dispatch_latency.labels(client).observe(time.perf_counter() - flight.started_at)
         identity = _user_identity(trigger.request.user_email)
@@ -247,7 +248,7 @@ class DispatchActor(Supervised):
             return
         logger.info("%s in room %s: telling worker %s", event, room, worker_id)
         params = {"reason": event, "if_no_users": "1" if event == "participant_left" else "0"}
-        self.livekit.submit(self.control.call("POST", session.port, "/end", **params))
+        self.livekit.submit(self.control.call("POST", session.worker, "/end", **params))
 
     def _refuse(self, trigger_id: int, code: str, detail: str) -> None:
         result = TriggerResult(503, {"error": "no_idle_worker", "detail": detail}, RETRY_AFTER_S)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from actors.pool_machine import LeaseFailure, WorkerState
-from agent.status import ReportedState
+from agent.status import ReportedState, StatusAddress
 from runtime.backends.base import WorkerHandle
 from runtime.settings import ClientSettings, LiveKitSettings
 
@@ -45,7 +45,7 @@ class Leased:
     client_id: str
     worker_id: str
     agent_name: str
-    status_port: int
+    status: StatusAddress  # the worker's status port, with its token
     lease_id: str  # the worker accepts only a job that carries this id
     livekit: LiveKitSettings = field(repr=False)  # the project this worker registered with
 

@@ -62,6 +62,7 @@ from actors.pool_machine import (
     WakeAt,
 )
 from actors.supervisor import Supervised
+from agent.status import StatusAddress, status_token
 from agent.worker import WorkerConfig
 from runtime.backends.base import WorkerBackend, WorkerHandle, WorkerSpec
 from runtime.devserver import free_port
@@ -73,9 +74,10 @@ logger = logging.getLogger("autonomite.pool")
 
 
 def config_fingerprint(client: ClientSettings) -> str:
-    """Changes when the credentials or the agent catalog change: then idle workers are stale."""
+    """Changes when the credentials, the agent catalog or the placement change: then idle
+    workers are stale (and replaced, rolling)."""
     catalog = json.dumps([a.for_worker() for a in client.agents], sort_keys=True)
-    return fingerprint(client.livekit.fingerprint + catalog + str(client.knowledge_dir))
+    return fingerprint(client.livekit.fingerprint + catalog + str(client.knowledge_dir) + str(client.pool.placement))
 
 
 class PoolActor(Supervised):
@@ -87,11 +89,13 @@ class PoolActor(Supervised):
         metrics: Metrics,
         executor: Executor,
         on_session_end: Callable[[SessionEnded], None] = lambda _: None,
+        status_key: str = "",
         supervisor=None,  # noqa: ANN001
         child_id: str = "",
     ) -> None:
         super().__init__(supervisor, child_id)
         self.on_session_end = on_session_end
+        self.status_key = status_key  # workers' status tokens are derived from it (agent/status.py)
         self.client = client
         self.backend = backend
         self.settings = settings
@@ -102,7 +106,7 @@ class PoolActor(Supervised):
             lease_timeout_s=settings.lease_timeout_s, lost_timeout_s=settings.ready_timeout_s,
         )
         self.handles: dict[str, WorkerHandle] = {}
-        self.ports: dict[str, int] = {}
+        self.addresses: dict[str, StatusAddress] = {}  # known once the backend started the worker
         # The LiveKit project each worker registered with: a dispatch must go there, even
         # while a reload that moved the client to another project rolls its workers over.
         self.projects: dict[str, LiveKitSettings] = {}
@@ -115,8 +119,10 @@ class PoolActor(Supervised):
         now = time.monotonic()
         for handle in self.backend.list(self.client.id):
             self.machine.adopt(handle.worker_id, handle.agent_name, handle.credentials_fp, now)
-            self.handles[handle.worker_id], self.ports[handle.worker_id] = handle, handle.status_port
-            _watch.adopt_worker(self.backend, handle, self.actor_ref, self.settings.ready_timeout_s)
+            self.handles[handle.worker_id] = handle
+            self.addresses[handle.worker_id] = self._address(handle)
+            _watch.adopt_worker(self.backend, handle, self.actor_ref, self.settings.ready_timeout_s,
+                                self._token(handle.worker_id))
         if self.handles:
             logger.info("pool %s adopted %d live workers", self.client.id, len(self.handles))
         self._apply(self.machine.reconcile(now))
@@ -134,8 +140,8 @@ class PoolActor(Supervised):
                 logger.warning("pool %s: handoff to %s failed (%s)", self.client.id, worker_id, cause)
                 m.lease_failed(worker_id, lease_id, cause, now)
             case CheckLease(worker_id, lease_no):
-                if worker_id in self.ports:
-                    _watch.check_job_arrived(self.executor, self.ports[worker_id], worker_id, lease_no, self.actor_ref)
+                if worker_id in self.addresses:
+                    _watch.check_job_arrived(self.executor, self.addresses[worker_id], worker_id, lease_no, self.actor_ref)
             case LeaseUnused(worker_id, lease_no):
                 logger.warning("pool %s: worker %s got no job within its lease timeout; retiring it", self.client.id, worker_id)
                 m.lease_unused(worker_id, lease_no)
@@ -154,7 +160,7 @@ class PoolActor(Supervised):
             case Tick():
                 pass
             case WorkerStarted(worker_id, handle):
-                self.handles[worker_id] = handle
+                self.handles[worker_id], self.addresses[worker_id] = handle, self._address(handle)
                 if not m.started(worker_id):  # retired before the backend even answered
                     _watch.stop_worker(self.executor, self.backend, handle)
             case WorkerStatus(worker_id, registered, state, lease_id):
@@ -164,7 +170,7 @@ class PoolActor(Supervised):
             case WorkerExited(worker_id, exit_code):
                 m.exited(worker_id, exit_code, now)
                 self.handles.pop(worker_id, None)
-                self.ports.pop(worker_id, None)
+                self.addresses.pop(worker_id, None)
                 self.projects.pop(worker_id, None)
             case Crash():
                 raise RuntimeError(f"injected crash in pool {self.client.id}")
@@ -189,7 +195,7 @@ class PoolActor(Supervised):
         worker = self.machine.workers[worker_id]
         logger.info("pool %s leased %s for room %s", self.client.id, worker.id, message.room_name)
         answer = Leased(
-            message.trigger_id, self.client.id, worker.id, worker.agent_name, self.ports[worker.id], worker.lease_id,
+            message.trigger_id, self.client.id, worker.id, worker.agent_name, self.addresses[worker.id], worker.lease_id,
             self.projects.get(worker.id, self.client.livekit),
         )
         if not _watch.tell(message.reply_to, answer):  # the dispatcher died meanwhile
@@ -267,7 +273,7 @@ class PoolActor(Supervised):
 
     def _spawn(self, worker_id: str, agent_name: str) -> None:
         port = free_port()
-        self.ports[worker_id], self.projects[worker_id] = port, self.client.livekit
+        self.projects[worker_id] = self.client.livekit
         spec = WorkerSpec(
             client_id=self.client.id,
             worker_id=worker_id,
@@ -279,8 +285,16 @@ class PoolActor(Supervised):
             memory_mb=self.client.pool.memory_mb,
             image=self.client.image or self.settings.image,
             knowledge_dir=str(self.client.knowledge_dir) if self.client.knowledge_dir else None,
+            placement=tuple(self.client.pool.placement),
         )
-        _watch.start_worker(self.executor, self.backend, spec, self.actor_ref, self.settings.ready_timeout_s)
+        _watch.start_worker(self.executor, self.backend, spec, self.actor_ref, self.settings.ready_timeout_s,
+                            self._token(worker_id))
+
+    def _token(self, worker_id: str) -> str:
+        return status_token(self.status_key, worker_id) if self.status_key else ""
+
+    def _address(self, handle: WorkerHandle) -> StatusAddress:
+        return StatusAddress(handle.status_host, handle.status_port, self._token(handle.worker_id))
 
     def _worker_env(self, worker_id: str, agent_name: str, port: int) -> dict[str, str]:
         """Only this client's credentials and catalog: nothing of any other client."""
@@ -292,6 +306,7 @@ class PoolActor(Supervised):
             status_port=port,
             catalog=[a.for_worker() for a in self.client.agents],
             user_join_timeout_s=self.settings.user_join_timeout_s,
+            status_token=self._token(worker_id),
         )
         return {
             "LIVEKIT_URL": lk.url,

@@ -13,6 +13,7 @@ health server built into livekit-agents does not say so.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -47,9 +48,13 @@ class WorkerConfig:
     status_port: int
     catalog: list[dict]
     user_join_timeout_s: float = 120.0
+    status_host: str = "127.0.0.1"  # where the status port listens (another node's runtime probes it)
+    status_token: str = field(default="", repr=False)  # every status call must carry it
 
     def to_env(self) -> dict[str, str]:
         return {
+            "AUTONOMITE_STATUS_HOST": self.status_host,
+            "AUTONOMITE_STATUS_TOKEN": self.status_token,
             "AUTONOMITE_WORKER_ID": self.worker_id,
             "AUTONOMITE_CLIENT_ID": self.client_id,
             "AUTONOMITE_AGENT_NAME": self.agent_name,
@@ -67,6 +72,8 @@ class WorkerConfig:
             status_port=int(os.environ["AUTONOMITE_STATUS_PORT"]),
             catalog=json.loads(os.environ.get("AUTONOMITE_CATALOG", "[]")),
             user_join_timeout_s=float(os.environ.get("AUTONOMITE_USER_JOIN_TIMEOUT_S", "120")),
+            status_host=os.environ.get("AUTONOMITE_STATUS_HOST", "127.0.0.1"),
+            status_token=os.environ.get("AUTONOMITE_STATUS_TOKEN", ""),
         )
 
 
@@ -176,7 +183,8 @@ class WorkerState:
 
 
 async def _serve_status(state: WorkerState) -> web.AppRunner:
-    """The runtime's window into this worker, on loopback only."""
+    """The runtime's window into this worker: on loopback unless the runtime says otherwise
+    (a worker on another node), and only for callers with this worker's token."""
 
     async def status(request: web.Request) -> web.Response:
         """With ``since=<etag>&wait=S``, a long poll: answers when the status is no longer
@@ -224,7 +232,15 @@ async def _serve_status(state: WorkerState) -> web.AppRunner:
             return web.json_response(state.as_json(), status=409)
         return web.json_response(state.as_json())
 
-    app = web.Application()
+    @web.middleware
+    async def authenticated(request: web.Request, handler):  # noqa: ANN001, ANN202
+        token = state.config.status_token
+        given = request.headers.get("Authorization", "")
+        if token and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return web.json_response({"error": "unauthorized", "detail": "a valid worker token is required"}, status=401)
+        return await handler(request)
+
+    app = web.Application(middlewares=[authenticated])
     app.router.add_get("/status", status)
     app.router.add_post("/claim", claim)
     app.router.add_post("/release", release)
@@ -232,7 +248,7 @@ async def _serve_status(state: WorkerState) -> web.AppRunner:
     app.router.add_post("/end", end)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", state.config.status_port).start()
+    await web.TCPSite(runner, state.config.status_host, state.config.status_port).start()
     return runner
 
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from livekit import api  # noqa: E402
 
 from actors._watch import read_status  # noqa: E402
+from agent.status import StatusAddress  # noqa: E402
 from agent.worker import WorkerConfig  # noqa: E402
 from runtime.backends import ProcessBackend, WorkerSpec  # noqa: E402
 from runtime.devserver import LiveKitServer, free_port  # noqa: E402
@@ -110,7 +111,8 @@ def cold_session(backend: ProcessBackend, project: LiveKitProject, arrivals: Arr
     arrived = arrivals.watch(room)
     t0 = time.perf_counter()
     handle = backend.start(spec)
-    wait_until(lambda: (read_status(port) or {}).get("registered"), 60, "the cold worker to register", interval=0.01)
+    address = StatusAddress("127.0.0.1", port)
+    wait_until(lambda: (read_status(address) or {}).get("registered"), 60, "the cold worker to register", interval=0.01)
     # The worker takes only the job of the lease it was claimed for (runtime/handoff.py).
     lease_id = uuid.uuid4().hex
     urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/claim?lease_id={lease_id}&worker_id={worker_id}", method="POST"))

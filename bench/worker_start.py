@@ -10,12 +10,13 @@ reads each worker's memory as PSS (``/proc/PID/smaps_rollup``, summed over the w
 processes: a page shared by n processes counts 1/n to each), so the zygote's shared pages
 are counted fairly. The zygote itself is reported on its own line.
 
-docker needs an engine; it runs the registry-free test image (``tests.support.build_test_image``).
+docker needs an engine; it runs the worker image as deployed (``autonomite image build``).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import statistics
 import sys
 import tempfile
@@ -26,11 +27,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors._watch import read_status  # noqa: E402
+from agent.status import StatusAddress  # noqa: E402
 from agent.worker import WorkerConfig  # noqa: E402
 from bench.trigger_latency import machine  # noqa: E402
 from runtime.backends import ProcessBackend, WorkerBackend, WorkerHandle, WorkerSpec  # noqa: E402
 from runtime.devserver import LiveKitServer, free_port  # noqa: E402
-from tests.support import TEST_IMAGE, wait_until  # noqa: E402
+from tests.support import wait_until  # noqa: E402
+
+IMAGE = "autonomite-agent:bench"
 
 
 def spec_for(server: LiveKitServer, key: str, secret: str) -> WorkerSpec:
@@ -38,7 +42,7 @@ def spec_for(server: LiveKitServer, key: str, secret: str) -> WorkerSpec:
     port = free_port()
     return WorkerSpec(
         client_id="bench", worker_id=worker_id, agent_name=f"bench--{worker_id}", status_port=port,
-        credentials_fp="", image=TEST_IMAGE,
+        credentials_fp="", image=IMAGE,
         env={
             "LIVEKIT_URL": server.url, "LIVEKIT_API_KEY": key, "LIVEKIT_API_SECRET": secret,
             **WorkerConfig(worker_id, "bench", f"bench--{worker_id}", port, []).to_env(),
@@ -72,16 +76,19 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def worker_pids(name: str, handle: WorkerHandle) -> list[int]:
-    if name != "docker":
-        return tree(int(handle.ref))
-    import docker
+ENGINES: dict[str, object] = {}  # kind -> the docker.DockerClient its containers run on
 
-    container = docker.from_env(version="auto").containers.get(handle.ref)
+
+def worker_pids(name: str, handle: WorkerHandle) -> list[int]:
+    if name not in ENGINES:
+        return tree(int(handle.ref))
+    engine = ENGINES[name]
+    label = f"autonomite.worker={handle.worker_id}"
+    [container] = engine.containers.list(filters={"label": label})
     return [int(row[1]) for row in container.top()["Processes"]]
 
 
-def backends(work: Path, with_docker: bool) -> dict[str, WorkerBackend]:
+def backends(work: Path, with_docker: bool, with_swarm: bool) -> dict[str, WorkerBackend]:
     found: dict[str, WorkerBackend] = {
         "zygote fork": ProcessBackend(log_dir=work / "zygote", zygote=True),
         "plain start": ProcessBackend(log_dir=work / "plain", zygote=False),
@@ -90,11 +97,21 @@ def backends(work: Path, with_docker: bool) -> dict[str, WorkerBackend]:
         import docker
 
         from runtime.backends.docker import DockerBackend
-        from tests.support import build_test_image
+        from runtime.image import build
 
-        (work / "image").mkdir()
-        image = build_test_image(docker.from_env(version="auto"), work / "image")
-        found["docker"] = DockerBackend(log_dir=work / "docker", volumes=image["volumes"])
+        built = build(docker.from_env(version="auto", timeout=600), IMAGE)
+        print(f"image {built.tag}: {built.size_mb:.0f} MB ({'reused' if built.reused else 'built'} in {built.seconds:.0f} s)")
+        found["docker"] = DockerBackend(log_dir=work / "docker")
+        ENGINES["docker"] = docker.from_env(version="auto")
+        if with_swarm:  # a private engine in swarm mode, one node (tests/swarm_stack.py)
+            from runtime.backends.swarm import SwarmBackend
+            from tests.swarm_stack import PrivateSwarm
+
+            swarm = PrivateSwarm(work / "dockerd-swarm.log").start()
+            atexit.register(swarm.stop)
+            swarm.load(ENGINES["docker"], IMAGE)
+            found["swarm"] = SwarmBackend(log_dir=work / "swarm", engine_url=swarm.url)
+            ENGINES["swarm"] = swarm.engine
     zygote = found["zygote fork"].zygote
     wait_until(lambda: zygote.pid, 120, "the zygote to boot (before any clock starts)")
     return found
@@ -104,12 +121,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", type=int, default=10)
     parser.add_argument("--no-docker", action="store_true")
+    parser.add_argument("--swarm", action="store_true", help="also a one-node swarm (a private dockerd)")
     parser.add_argument("--chart", type=Path, default=None)
     args = parser.parse_args()
     key, secret = "benchkey", "bench-" + uuid.uuid4().hex
-    kinds = backends(Path(tempfile.mkdtemp(prefix="bench-start-")), not args.no_docker)
+    kinds = backends(Path(tempfile.mkdtemp(prefix="bench-start-")), not args.no_docker, args.swarm)
     names = list(kinds)
     ready: dict[str, list[float]] = {n: [] for n in names}
+    removal: dict[str, list[float]] = {n: [] for n in names}
     handles: dict[str, list[WorkerHandle]] = {n: [] for n in names}
     with LiveKitServer({key: secret}) as server:
         try:
@@ -119,7 +138,8 @@ def main() -> None:
                     spec = spec_for(server, key, secret)
                     t0 = time.perf_counter()
                     handles[name].append(kinds[name].start(spec))
-                    wait_until(lambda: (read_status(spec.status_port) or {}).get("registered"), 120, "registration",
+                    address = StatusAddress("127.0.0.1", spec.status_port)
+                    wait_until(lambda: (read_status(address) or {}).get("registered"), 120, "registration",
                                interval=0.005)
                     ready[name].append(time.perf_counter() - t0)
                 print(f"round {i + 1}: " + ", ".join(f"{n} {ready[n][-1]:.2f} s" for n in order), flush=True)
@@ -129,19 +149,21 @@ def main() -> None:
         finally:
             for name in names:
                 for h in handles[name]:
-                    kinds[name].stop(h)
+                    t0 = time.perf_counter()
+                    kinds[name].stop(h)  # until the worker is gone (a removed service, for swarm)
+                    removal[name].append(time.perf_counter() - t0)
                     kinds[name].wait(h)
                 kinds[name].close()
     print()
     print(f"machine: {machine()}")
     print(f"workers: {args.workers} per kind, all idle at once when memory is read")
-    print("| kind | start-to-ready p50 (s) | p95 (s) | max (s) | idle PSS per worker p50 (MB) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| kind | start-to-ready p50 (s) | p95 (s) | max (s) | idle PSS per worker p50 (MB) | stop p50 (s) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for n in names:
         r = sorted(ready[n])
         print(f"| {n} | {statistics.median(r):.3f} | {r[int(0.95 * (len(r) - 1))]:.3f} | {max(r):.3f} | "
-              f"{statistics.median(pss[n]):.1f} |")
-    print(f"| (the zygote itself, once per runtime) | | | | {zygote_pss:.1f} |")
+              f"{statistics.median(pss[n]):.1f} | {statistics.median(removal[n]):.2f} |")
+    print(f"| (the zygote itself, once per runtime) | | | | {zygote_pss:.1f} | |")
     plain, fork = statistics.median(ready["plain start"]), statistics.median(ready["zygote fork"])
     print(f"plain / zygote start-to-ready at p50: {plain / fork:.1f}x; "
           f"idle PSS: {statistics.median(pss['plain start']) / statistics.median(pss['zygote fork']):.1f}x")

@@ -42,6 +42,10 @@ class ReloadSummary:
 
 
 def make_backend(settings: Settings) -> WorkerBackend:
+    if settings.runtime.backend == "swarm":
+        from runtime.backends.swarm import SwarmBackend  # imported only when used
+
+        return SwarmBackend(settings.runtime.workers.log_dir, settings.runtime.workers.engine_url)
     if settings.runtime.backend == "docker":
         from runtime.backends.docker import DockerBackend  # imported only when used
 
@@ -101,7 +105,8 @@ class Runtime:
             client = self.settings.client(client_id)
             return PoolActor.start(
                 client, self.backend, self.settings.runtime.workers, self.metrics, self.executor,
-                on_session_end=self._tell_dispatch, **child,
+                on_session_end=self._tell_dispatch, status_key=self.settings.runtime.admin_token.get_secret_value(),
+                **child,
             )
 
         return ChildSpec(pool_id(client_id), start, Restart.PERMANENT, self.settings.runtime.supervisor.shutdown_timeout_s)

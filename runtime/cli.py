@@ -53,7 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     chat_p.add_argument("--agent", required=True)
     chat_p.add_argument("--room", default="chat-room")
     chat_p.add_argument("--context", type=json.loads, default=None, help='JSON, e.g. {"name": "Dana"}')
+    image_p = sub.add_parser("image", help="the worker image for the docker backend")
+    image_sub = image_p.add_subparsers(dest="image_command", required=True)
+    build_p = image_sub.add_parser("build", help="build it with no image registry (mmdebstrap base, local wheels)")
+    build_p.add_argument("--tag", default="autonomite-agent:latest")
+    build_p.add_argument("--base", default=None, help="an image the engine has (default: a Debian base made here)")
     args = parser.parse_args(argv)
+    if args.command == "image":
+        return image_build(args.tag, args.base)
     if args.command == "check-config":
         return check_config(args.file)
     if args.command == "clients":
@@ -63,6 +70,21 @@ def main(argv: list[str] | None = None) -> int:
 
         return chat(args.gateway, args.token, args.client, args.agent, args.room, args.context)
     return serve(args.config, args.with_livekit)
+
+
+def image_build(tag: str, base: str | None) -> int:
+    import docker
+
+    from runtime.image import ImageError, build
+
+    try:
+        built = build(docker.from_env(version="auto", timeout=600), tag, base)
+    except (ImageError, docker.errors.DockerException) as e:
+        print(f"image build failed: {e}", file=sys.stderr)
+        return 1
+    how = "unchanged, reused" if built.reused else "built"
+    print(f"{built.tag}: {built.image_id[:19]} ({how} in {built.seconds:.0f} s, {built.size_mb:.0f} MB)")
+    return 0
 
 
 def check_config(path: Path) -> int:

@@ -26,6 +26,7 @@ from typing import Literal
 
 import aiohttp
 
+from agent.status import StatusAddress
 from runtime.errors import describe
 from runtime.livekit import LiveKitClient
 from runtime.settings import LiveKitSettings
@@ -51,13 +52,17 @@ class WorkerControl:
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 
-    async def call(self, method: str, port: int, path: str, timeout: float = CALL_TIMEOUT_S, **params: str) -> dict | None:
+    async def call(
+        self, method: str, worker: StatusAddress, path: str, timeout: float = CALL_TIMEOUT_S, **params: str
+    ) -> dict | None:
         """The worker's JSON answer (on 200 or 409), or None if it did not answer."""
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        url = f"http://127.0.0.1:{port}{path}"
         try:
-            async with self._session.request(method, url, params=params, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            async with self._session.request(method, worker.url(path), params=params, headers=worker.headers(),
+                                             timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                if r.status not in (200, 409):  # a refusal that is not the worker's own answer
+                    return None
                 body = await r.json()
                 return {**body, "ok": r.status == 200}
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
@@ -73,7 +78,7 @@ async def hand_off(
     control: WorkerControl,
     lk: LiveKitSettings,
     *,
-    port: int,
+    worker: StatusAddress,
     lease_id: str,
     worker_id: str,
     agent_name: str,
@@ -81,7 +86,7 @@ async def hand_off(
     metadata: str,
     accept_timeout_s: float,
 ) -> Handoff:
-    claim = await control.call("POST", port, "/claim", lease_id=lease_id, worker_id=worker_id)
+    claim = await control.call("POST", worker, "/claim", lease_id=lease_id, worker_id=worker_id)
     if claim is None or not claim["ok"]:
         taken = claim is not None and claim.get("state") in ("claimed", "busy")
         return Handoff("claimed" if taken else "unregistered")
@@ -92,10 +97,10 @@ async def hand_off(
     except Exception as e:  # noqa: BLE001 - any LiveKit failure is a 502, with a safe text
         # LiveKit may have created the dispatch all the same: only a worker that gives its
         # claim back (it took no job) may serve the next lease.
-        released = await control.call("POST", port, "/release", lease_id=lease_id)
+        released = await control.call("POST", worker, "/release", lease_id=lease_id)
         return Handoff("livekit_error", error=describe(e), released=bool(released and released["ok"]))
     answer = await control.call(
-        "GET", port, "/job", timeout=accept_timeout_s + CALL_TIMEOUT_S, lease_id=lease_id, wait=str(accept_timeout_s)
+        "GET", worker, "/job", timeout=accept_timeout_s + CALL_TIMEOUT_S, lease_id=lease_id, wait=str(accept_timeout_s)
     )
     if answer is not None and answer["ok"]:
         return Handoff("accepted", dispatch_id)

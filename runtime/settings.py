@@ -93,6 +93,7 @@ class WorkerSettings(_Model):
     zygote: bool = True
     image: str = "autonomite-agent:latest"  # docker backend; a client may name its own
     volumes: list[str] = Field(default_factory=list)  # docker backend: "host:container[:ro]"
+    engine_url: str | None = None  # swarm backend: the manager's Docker API (default: DOCKER_HOST)
 
 
 class DispatchSettings(_Model):
@@ -118,7 +119,7 @@ class DispatchSettings(_Model):
 
 
 class RuntimeSettings(_Model):
-    backend: Literal["process", "docker"] = "process"
+    backend: Literal["process", "docker", "swarm"] = "process"
     gateway: GatewaySettings = GatewaySettings()
     dispatch: DispatchSettings = DispatchSettings()
     admin_token: Token
@@ -156,6 +157,10 @@ class PoolSettings(_Model):
     max_size: int = Field(4, ge=1, le=100)
     cpu: float = Field(1.0, gt=0, le=64)
     memory_mb: int = Field(1024, ge=64)
+    # swarm backend: Swarm placement constraints for this client's workers, for example
+    # "node.labels.tier==voice"; none spreads them over the nodes.
+    placement: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+\s*(==|!=)\s*[^\s]+$")]] = Field(
+        default_factory=list, max_length=10)
 
     @model_validator(mode="after")
     def _min_fits_max(self) -> "PoolSettings":

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ISSUED_SECRETS, build_test_image, Client, Serve, start_livekit, write_config
+from tests.support import ISSUED_SECRETS, Client, Serve, start_livekit, write_config
 
 
 @pytest.fixture(scope="session")
@@ -63,20 +63,25 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 # -- backends -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def docker_worker_image(tmp_path_factory: pytest.TempPathFactory):
-    """A worker image for a machine that reaches no image registry.
+def docker_worker_image():
+    """The worker image as it is deployed: agent/Dockerfile, built with no image registry
+    (``autonomite image build``: an mmdebstrap base, a local wheelhouse, ``--network none``).
+    Cached by its inputs' hash, so only a change to the code rebuilds it."""
+    import shutil
 
-    See ``tests.support.build_test_image`` for how, and why not agent/Dockerfile.
-    """
     import docker as docker_sdk
 
+    from runtime.image import BASE_TAG, build
+
     try:
-        engine = docker_sdk.from_env(version="auto", timeout=10)
+        engine = docker_sdk.from_env(version="auto", timeout=600)
         engine.ping()
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"no Docker engine to test against: {str(e).splitlines()[0]}")
-    image = build_test_image(engine, tmp_path_factory.mktemp("image"))
-    yield image
+    if shutil.which("mmdebstrap") is None and not engine.images.list(name=BASE_TAG):
+        pytest.skip("no mmdebstrap (Debian package) to build the worker image's base with")
+    built = build(engine, "autonomite-agent:test")
+    yield {"image": built.tag, "volumes": []}
     for c in engine.containers.list(all=True, filters={"label": "autonomite.client"}):
         c.remove(force=True)
     engine.close()
@@ -88,4 +93,4 @@ def backend(request: pytest.FixtureRequest) -> dict:
     if request.param == "process":
         return {"backend": "process"}
     image = request.getfixturevalue("docker_worker_image")
-    return {"backend": "docker", "workers": {"image": image["image"], "volumes": image["volumes"]}}
+    return {"backend": "docker", "workers": {"image": image["image"]}}

@@ -335,27 +335,6 @@ def worker_alive(serve: Serve, ref: str) -> bool:
     return out.stdout.strip() == "true"
 
 
-TEST_IMAGE = "autonomite-agent-test:local"
-
-
-def build_test_image(engine, context: Path) -> dict:  # noqa: ANN001 - a docker.DockerClient
-    """Build a worker image on a machine that reaches no image registry; return backend settings.
-
-    The production image (agent/Dockerfile) starts FROM python:3.11-slim, which cannot be
-    pulled here. So this image is FROM scratch, holding nothing but its command, and runs
-    with the host's system libraries, Python and this checkout (with its virtualenv)
-    bind-mounted read-only. The container still gets its own namespaces, environment,
-    limits and labels: what the docker backend is tested for.
-    """
-    project = Path(__file__).resolve().parent.parent
-    (context / "Dockerfile").write_text(
-        f'FROM scratch\nWORKDIR {project}\nCMD ["{sys.executable}", "-m", "agent"]\n'
-    )
-    engine.images.build(path=str(context), tag=TEST_IMAGE, rm=True)
-    mounts = {"/usr", "/lib", "/lib64", "/bin", sys.base_prefix, str(project)}
-    return {"image": TEST_IMAGE, "volumes": sorted(f"{m}:{m}:ro" for m in mounts if Path(m).exists())}
-
-
 async def converse(url: str, token: str, messages: list[str], timeout: float = 30.0) -> list[str]:
     """Join as the end user, read the agent's greeting, then send each message and read its reply.
 

@@ -36,6 +36,7 @@ class WorkerSpec:
     memory_mb: int = 1024
     image: str = ""
     knowledge_dir: str | None = None  # the client's documents, read-only; no other client's
+    placement: tuple[str, ...] = ()  # swarm backend: placement constraints
 
     @property
     def labels(self) -> dict[str, str]:
@@ -59,9 +60,10 @@ class WorkerHandle:
     status_port: int
     credentials_fp: str
     ref: str  # pid for processes, container id for containers
+    status_host: str = "127.0.0.1"  # the node the worker runs on, as the runtime reaches it
 
     @classmethod
-    def from_labels(cls, labels: Mapping[str, str], ref: str) -> "WorkerHandle":
+    def from_labels(cls, labels: Mapping[str, str], ref: str, status_host: str = "127.0.0.1") -> "WorkerHandle":
         return cls(
             worker_id=labels[LABEL_WORKER],
             client_id=labels[LABEL_CLIENT],
@@ -69,6 +71,7 @@ class WorkerHandle:
             status_port=int(labels[LABEL_PORT]),
             credentials_fp=labels.get(LABEL_CREDENTIALS, ""),
             ref=ref,
+            status_host=status_host,
         )
 
 

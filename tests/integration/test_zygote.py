@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 from actors._watch import read_status
+from agent.status import StatusAddress
 from agent.worker import WorkerConfig
 from runtime.backends import ProcessBackend, WorkerSpec
 from runtime.devserver import free_port
@@ -87,7 +88,8 @@ def test_a_dead_zygote_falls_back_to_plain_starts_comes_back_and_orphans_nothing
         def start_registered() -> int:
             spec = spec_for(lk_a, uuid.uuid4().hex[:8])
             handles.append(backend.start(spec))
-            wait_until(lambda: (read_status(spec.status_port) or {}).get("registered"), 60, "the worker registered")
+            address = StatusAddress("127.0.0.1", spec.status_port)
+            wait_until(lambda: (read_status(address) or {}).get("registered"), 60, "the worker registered")
             return int(handles[-1].ref)
 
         forked = start_registered()

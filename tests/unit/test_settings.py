@@ -45,7 +45,7 @@ def test_a_missing_variable_names_the_file_the_field_and_the_variable(tmp_path):
     "change,field,reason",
     [
         (("min_idle: 2, max_size: 8", "min_idle: 9, max_size: 8"), "clients[0].pool", "must not exceed max_size"),
-        (("backend: process", "backend: kubernetes"), "runtime.backend", "'process' or 'docker'"),
+        (("backend: process", "backend: kubernetes"), "runtime.backend", "'process', 'docker' or 'swarm'"),
         (("id: globex", "id: acme"), "clients", "duplicate client id 'acme'"),
         (("url: ws://127.0.0.1:7880", "url: 127.0.0.1:7880"), "clients[0].livekit.url", "should match pattern"),
         (("        voice_id: alloy", "        voice_id: alloy\n        colour: red"), "clients[0].agents[0].colour", "Extra inputs"),

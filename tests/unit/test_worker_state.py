@@ -86,3 +86,34 @@ def test_the_status_long_poll_answers_on_a_change_not_before():
     unchanged, claimed, lost = asyncio.run(scenario())
     assert unchanged >= 0.3
     assert claimed < 1 and lost < 1  # well before the 5 s the poll would otherwise last
+
+
+def test_the_status_port_answers_only_to_its_workers_token():
+    import asyncio
+
+    import aiohttp
+
+    from agent.status import StatusAddress, status_token
+    from agent.worker import _serve_status
+    from runtime.devserver import free_port
+
+    async def scenario() -> list[tuple[int, str]]:
+        port = free_port()
+        token = status_token("runtime-secret", "w1")
+        s = WorkerState(WorkerConfig("w1", "acme", "acme--w1", port, [], status_token=token))
+        s.state = "idle"
+        runner = await _serve_status(s)
+        seen = []
+        try:
+            async with aiohttp.ClientSession() as http:
+                for who in (StatusAddress("127.0.0.1", port),  # no token
+                            StatusAddress("127.0.0.1", port, status_token("runtime-secret", "w2")),  # another worker's
+                            StatusAddress("127.0.0.1", port, token)):
+                    async with http.post(who.url("/claim"), params={"lease_id": "L1", "worker_id": "w1"},
+                                         headers=who.headers()) as r:
+                        seen.append((r.status, (await r.json()).get("error", s.state)))
+        finally:
+            await runner.cleanup()
+        return seen
+
+    assert asyncio.run(scenario()) == [(401, "unauthorized"), (401, "unauthorized"), (200, "claimed")]

@@ -1,0 +1,202 @@
+"""The swarm backend: each warm worker is a one-replica Docker Swarm service, on any node.
+
+Why one service per worker: a worker serves one session and exits, so it needs its own
+identity (agent name, status port, token), its own exit and its own removal. A service
+of 1 replica with restart condition ``none`` gives exactly that (``replicated-job`` is
+avoided: on Docker 20.10 it leaves containers behind, moby/moby#44312 and #42789).
+
+Each service runs the image **by ID** (with a tag, every task would first ask a registry),
+with host networking, the pool's CPU and memory limits, service and container labels
+(``autonomite.client/pool/worker``...), only its client's credentials, and the client's
+placement constraints (``pool.placement``; by default Swarm spreads the tasks). Swarm does
+not ship images between nodes: every node must have the image (``docker save | docker
+load`` it, see the README); a node without it rejects the task, and that rejection is the
+start's error.
+
+The runtime reaches each worker's status port at its node's address (``WorkerHandle
+.status_host``), so the worker listens on all interfaces there, and answers only callers
+with its token (``agent/status.py``). A worker whose node is lost stops answering its
+probes and is replaced like any unregistered worker.
+
+Every call may take seconds (the manager schedules, the node pulls nothing but starts a
+container): the pool calls them from helper threads, never from its mailbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import docker
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.types import Mount, Resources, RestartPolicy, ServiceMode
+
+from runtime.backends.base import LABEL_CLIENT, LABEL_WORKER, BackendError, WorkerHandle, WorkerSpec
+
+logger = logging.getLogger("autonomite.swarm")
+
+PLACED_TIMEOUT_S = 60.0  # a task not running on a node by then is a failed start
+POLL_S = 0.25
+ENDED = {"complete", "failed", "shutdown", "rejected", "orphaned", "remove"}
+STARTING = {"new", "pending", "assigned", "accepted", "preparing", "ready", "starting"}
+
+
+class SwarmBackend:
+    name = "swarm"
+
+    def __init__(self, log_dir: Path, engine_url: str | None = None) -> None:
+        self._log_dir = log_dir
+        self._url = engine_url
+        try:
+            self._docker = self._engine()
+            info = self._docker.info()
+        except DockerException as e:
+            raise BackendError(f"swarm backend: cannot reach the Docker engine ({_short(e)})") from None
+        if info.get("Swarm", {}).get("ControlAvailable") is not True:
+            raise BackendError("swarm backend: this Docker engine is not a swarm manager (docker swarm init)")
+        self._nodes: dict[str, str] = {}  # node id -> address, cached
+
+    def start(self, spec: WorkerSpec) -> WorkerHandle:
+        env = {**spec.env, "AUTONOMITE_STATUS_HOST": "0.0.0.0"}  # reached at its node's address
+        mounts = [Mount("/tmp", None, type="tmpfs", tmpfs_size=256 * 2**20)]  # the job runner's IPC
+        if spec.knowledge_dir:  # must exist at this path on the node: only this client's documents
+            mounts.append(Mount("/knowledge", spec.knowledge_dir, type="bind", read_only=True))
+            env["AUTONOMITE_KNOWLEDGE_DIR"] = "/knowledge"
+        try:
+            image_id = self._docker.images.get(spec.image).id
+        except ImageNotFound:
+            raise BackendError(f"docker image {spec.image!r} not found on the manager (build or load it)") from None
+        try:
+            service = self._docker.services.create(
+                image_id,
+                name=f"autonomite-{spec.client_id}-{spec.worker_id}",
+                env=[f"{k}={v}" for k, v in env.items()],
+                labels=spec.labels,
+                container_labels=spec.labels,
+                mode=ServiceMode("replicated", replicas=1),
+                restart_policy=RestartPolicy(condition="none"),
+                resources=Resources(cpu_limit=int(spec.cpu * 1e9), mem_limit=spec.memory_mb * 2**20),
+                constraints=list(spec.placement),
+                networks=["host"],
+                mounts=mounts,
+                stop_grace_period=15 * 10**9,
+            )
+        except DockerException as e:
+            raise BackendError(f"swarm could not create worker {spec.worker_id}: {_short(e)}") from None
+        try:
+            node = self._wait_placed(service.id)
+        except BackendError:
+            self._remove(service.id)
+            raise
+        return WorkerHandle.from_labels(spec.labels, ref=service.id[:12], status_host=node)
+
+    def stop(self, handle: WorkerHandle, timeout: float = 10.0) -> None:
+        """Remove the service: Swarm stops its task (SIGTERM, then SIGKILL after the grace period)."""
+        self._save_logs(handle)
+        self._remove(handle.ref)
+
+    def list(self, client_id: str | None = None) -> list[WorkerHandle]:
+        """Services with our labels whose task still runs; ended ones found on the way are removed."""
+        label = f"{LABEL_CLIENT}={client_id}" if client_id else LABEL_CLIENT
+        handles = []
+        for service in self._docker.services.list(filters={"label": [label, LABEL_WORKER]}):
+            task = _current_task(service.tasks())
+            state = task["Status"]["State"] if task else "none"
+            if state == "running" or state in STARTING:
+                node = self._node_address(task["NodeID"]) if task.get("NodeID") else "127.0.0.1"
+                handles.append(WorkerHandle.from_labels(service.attrs["Spec"]["Labels"], ref=service.id[:12],
+                                                        status_host=node))
+            else:
+                self._remove(service.id)
+        return handles
+
+    def wait(self, handle: WorkerHandle) -> int:
+        """Poll the task until it ended (a task's exit is not streamed); then save its log
+        and remove the service, so nothing is left behind."""
+        engine = self._engine()  # its own connection: waits must not starve the shared pool
+        try:
+            while True:
+                try:
+                    task = _current_task(engine.services.get(handle.ref).tasks())
+                except NotFound:
+                    return -1  # removed (stopped) meanwhile
+                if task and task["Status"]["State"] in ENDED:
+                    code = task["Status"].get("ContainerStatus", {}).get("ExitCode", -1)
+                    self._save_logs(handle)
+                    self._remove(handle.ref)
+                    return int(code)
+                time.sleep(POLL_S)
+        except DockerException as e:
+            logger.warning("waiting for %s: %s", handle.ref, _short(e))
+            return -1
+        finally:
+            engine.close()
+
+    def logs(self, handle: WorkerHandle, tail: int = 100) -> str:
+        path = self._log_path(handle.client_id, handle.worker_id)
+        try:
+            chunks = self._docker.services.get(handle.ref).logs(stdout=True, stderr=True, tail=tail)
+            return b"".join(chunks).decode(errors="replace")
+        except (DockerException, StopIteration):
+            return "\n".join(path.read_text(errors="replace").splitlines()[-tail:]) if path.exists() else ""
+
+    def close(self) -> None:
+        self._docker.close()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _engine(self) -> docker.DockerClient:
+        if self._url:
+            return docker.DockerClient(base_url=self._url, version="auto", timeout=60)
+        return docker.from_env(version="auto", timeout=60)
+
+    def _wait_placed(self, service_id: str) -> str:
+        """The address of the node the task runs on, once it runs; a rejection is an error."""
+        deadline = time.monotonic() + PLACED_TIMEOUT_S
+        while time.monotonic() < deadline:
+            task = _current_task(self._docker.services.get(service_id).tasks())
+            if task:
+                state, err = task["Status"]["State"], task["Status"].get("Err", "")
+                if state == "running":
+                    return self._node_address(task["NodeID"])
+                if state in ENDED:  # e.g. "No such image" on that node
+                    raise BackendError(f"swarm task {state} on node {task.get('NodeID', '?')[:12]}: {err[:200]}")
+                if not task.get("NodeID") and "no suitable node" in err:  # constraints or resources:
+                    raise BackendError(f"swarm cannot place the worker: {err[:200]}")  # the pool backs off
+            time.sleep(POLL_S)
+        raise BackendError(f"swarm task of service {service_id[:12]} not running within {PLACED_TIMEOUT_S:g} s")
+
+    def _node_address(self, node_id: str) -> str:
+        if node_id not in self._nodes:
+            self._nodes[node_id] = self._docker.nodes.get(node_id).attrs["Status"]["Addr"]
+        return self._nodes[node_id]
+
+    def _save_logs(self, handle: WorkerHandle) -> None:
+        try:
+            data = b"".join(self._docker.services.get(handle.ref).logs(stdout=True, stderr=True))
+        except (DockerException, StopIteration):
+            return
+        path = self._log_path(handle.client_id, handle.worker_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    def _remove(self, service_id: str) -> None:
+        try:
+            self._docker.api.remove_service(service_id)
+        except NotFound:
+            pass
+        except APIError as e:
+            logger.warning("removing service %s: %s", service_id[:12], _short(e))
+
+    def _log_path(self, client_id: str, worker_id: str) -> Path:
+        return self._log_dir / client_id / f"{worker_id}.log"
+
+
+def _current_task(tasks: list[dict]) -> dict | None:
+    """The newest task of a one-replica service (with restart ``none`` there is only one)."""
+    return max(tasks, key=lambda t: t.get("CreatedAt", ""), default=None)
+
+
+def _short(error: Exception) -> str:
+    return str(error).splitlines()[0][:300]

@@ -1,0 +1,125 @@
+"""The swarm backend against a real, private Docker engine in swarm mode (one node)."""
+
+from __future__ import annotations
+
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import docker
+import pytest
+
+from tests.support import Client, Serve, metric_value, wait_until, write_config
+from tests.swarm_stack import PrivateSwarm
+
+
+@pytest.fixture(scope="module")
+def swarm(docker_worker_image, log_root):
+    stack = PrivateSwarm(log_root / "dockerd-swarm.log").start()
+    try:
+        stack.load(docker.from_env(version="auto", timeout=600), docker_worker_image["image"])
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def swarm_backend(swarm, docker_worker_image) -> dict:
+    return {"backend": "swarm", "workers": {"image": docker_worker_image["image"], "engine_url": swarm.url}}
+
+
+def services(swarm: PrivateSwarm, client_id: str) -> list:
+    return swarm.engine.services.list(filters={"label": f"autonomite.client={client_id}"})
+
+
+def container_of(swarm: PrivateSwarm, worker_id: str):  # noqa: ANN201
+    return next(c for c in swarm.containers() if c.labels.get("autonomite.worker") == worker_id)
+
+
+def test_a_trigger_reaches_a_swarm_worker_and_the_pool_refills(run_serve, swarm, swarm_backend, lk_a, lk_b):
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=2)
+    beta = Client("beta", lk_b, min_idle=1, max_size=1)
+    serve = run_serve([alpha, beta], **swarm_backend)
+    [service] = services(swarm, "alpha")
+    spec = service.attrs["Spec"]
+    task = spec["TaskTemplate"]
+    assert spec["Labels"]["autonomite.client"] == "alpha" and task["ContainerSpec"]["Labels"]["autonomite.client"] == "alpha"
+    assert task["ContainerSpec"]["Image"].startswith("sha256:"), "the image by ID, so no task asks a registry"
+    assert task["RestartPolicy"]["Condition"] == "none" and spec["Mode"]["Replicated"]["Replicas"] == 1
+    assert task["Resources"]["Limits"]["MemoryBytes"] == 1024 * 2**20  # the pool's limits
+    [worker] = serve.pool("alpha")["workers"]
+    assert container_of(swarm, worker["id"]).attrs["HostConfig"]["NetworkMode"] == "host"
+    env = "\n".join(task["ContainerSpec"]["Env"])
+    assert lk_a.secret in env and lk_b.secret not in env and alpha.token not in env and serve.admin not in env
+
+    r = serve.trigger(alpha, "room-swarm")
+    assert r.status == 200, r.body
+    identity = f"agent-{r.body['worker_id']}"
+    wait_until(lambda: identity in [p.identity for p in lk_a.active_agents("room-swarm")], 30, "the agent in the room")
+    lk_a.delete_room("room-swarm")
+    # The session ends, its service is removed, and the pool is back at min_idle.
+    wait_until(lambda: r.body["worker_id"] not in {s.attrs["Spec"]["Labels"]["autonomite.worker"]
+                                                  for s in services(swarm, "alpha")}, 60, "the service removed")
+    wait_until(lambda: serve.pool("alpha")["idle"] == 1 and serve.pool("alpha")["leased"] == 0, 60, "refill")
+    assert metric_value(serve.metrics(), "autonomite_worker_exits_total", client="alpha", cause="session_end") == 1
+
+
+def test_concurrent_triggers_on_swarm_never_lease_a_worker_twice(run_serve, swarm_backend, lk_a):
+    alpha = Client("alpha", lk_a, min_idle=2, max_size=3)
+    serve = run_serve([alpha], dispatch={"max_wait_s": 0}, **swarm_backend)
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        responses = list(pool.map(lambda i: serve.trigger(alpha, f"room-swarm-{i}"), range(6)))
+    ok = [r for r in responses if r.status == 200]
+    assert len(ok) == 2 and len({r.body["worker_id"] for r in ok}) == 2
+    assert all(r.status == 503 and r.headers.get("Retry-After") for r in responses if r.status != 200)
+    for r in ok:
+        lk_a.delete_room(r.body["room_name"])
+
+
+def test_a_killed_swarm_container_is_replaced_and_its_service_removed(run_serve, swarm, swarm_backend, lk_a):
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=1)
+    serve = run_serve([alpha], **swarm_backend)
+    [worker] = serve.pool("alpha")["workers"]
+    container_of(swarm, worker["id"]).kill()
+    wait_until(lambda: (p := serve.pool("alpha"))["idle"] == 1 and p["workers"][0]["id"] != worker["id"], 90,
+               "a replacement")
+    wait_until(lambda: len(services(swarm, "alpha")) == 1, 30, "the dead worker's service removed")
+
+
+def test_a_restarted_runtime_adopts_its_swarm_workers_without_duplicates(
+    run_serve, swarm, swarm_backend, lk_a, tmp_path, log_root
+):
+    alpha = Client("alpha", lk_a, min_idle=2, max_size=3)
+    first = run_serve([alpha], **swarm_backend)
+    before = {w["id"] for w in first.pool("alpha")["workers"]}
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    assert {s.attrs["Spec"]["Labels"]["autonomite.worker"] for s in services(swarm, "alpha")} == before
+    # The same config (so the same admin token, from which status tokens derive) again.
+    second = Serve(first.config, first.env, log_root / f"{tmp_path.name}-second.log").start()
+    try:
+        after = wait_until(lambda: (p := second.pool("alpha")) and p["idle"] == 2 and {w["id"] for w in p["workers"]},
+                           60, "the adopted workers idle")
+        assert after == before, "the restarted runtime must adopt exactly the workers that were running"
+        assert len(services(swarm, "alpha")) == 2
+        assert second.trigger(alpha, "room-adopted").status == 200
+        lk_a.delete_room("room-adopted")
+    finally:
+        second.stop()
+
+
+def test_placement_that_no_node_matches_is_a_clear_start_error(tmp_path, swarm, docker_worker_image, lk_a, log_root):
+    gamma = Client("gamma", lk_a, min_idle=1, max_size=1)
+    env = write_config(tmp_path / "clients.yaml", [gamma], backend="swarm",
+                       workers={"image": docker_worker_image["image"], "engine_url": swarm.url, "ready_timeout_s": 20})
+    import yaml
+
+    config = yaml.safe_load((tmp_path / "clients.yaml").read_text())
+    config["clients"][0]["pool"]["placement"] = ["node.labels.tier==voice"]
+    (tmp_path / "clients.yaml").write_text(yaml.safe_dump(config))
+    serve = Serve(tmp_path / "clients.yaml", env, log_root / f"{tmp_path.name}-placement.log").start(wait_ready=False)
+    try:
+        pool = wait_until(lambda: (p := serve.pool("gamma")) and p["last_error"] and p, 120, "a failed start")
+        assert "no suitable node" in pool["last_error"] and pool["idle"] == 0
+        assert not [c for c in swarm.containers() if c.labels.get("autonomite.client") == "gamma"]
+    finally:
+        serve.stop()
