@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from actors.pool_machine import LeaseFailure, WorkerState
+from actors.pool_effects import LeaseFailure, WorkerState
 from agent.status import ReportedState, StatusAddress
 from runtime.backends.base import WorkerHandle
 from runtime.settings import ClientSettings, LiveKitSettings

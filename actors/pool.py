@@ -45,7 +45,7 @@ from actors.messages import (
     WorkerStartFailed,
     WorkerStatus,
 )
-from actors.pool_machine import (
+from actors.pool_effects import (
     BecameReady,
     CheckLeaseAt,
     Drained,
@@ -54,13 +54,13 @@ from actors.pool_machine import (
     GaveUp,
     Granted,
     LostRegistration,
-    PoolMachine,
     SessionOver,
     Spawn,
     StartFailed,
     Stop,
     WakeAt,
 )
+from actors.pool_machine import PoolMachine
 from actors.supervisor import Supervised
 from agent.status import StatusAddress, status_token
 from agent.worker import WorkerConfig

@@ -8,26 +8,39 @@ on reload), so it is unit-tested in milliseconds against plain data
 (``tests/unit/test_pool_machine.py``).
 
 A worker moves ``starting -> idle -> leased -> gone``, or to ``draining`` when the pool
-retires it. A lease that finds no idle worker may *wait* for one the pool is starting
-(a burst): waiters are served first come, first served, each until its deadline. It is idle only while its own status says it is registered with LiveKit; a
+retires it. It is idle only while its own status says it is registered with LiveKit; a
 worker that loses its registration (LiveKit restarted) goes back to ``starting`` until
-it registers again. Owned by one PoolActor's thread; never shared.
+it registers again. A lease that finds no idle worker may *wait* for one the pool is
+starting (a burst): waiters are served first come, first served, each until its
+deadline. The effects it returns are in ``actors/pool_effects.py``. Owned by one
+PoolActor's thread; never shared.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Union
+from typing import Callable
 
+from actors.pool_effects import (  # the effects are this machine's output
+    BecameReady,
+    CheckLeaseAt,
+    Drained,
+    Effect,
+    ExitCause,
+    Exited,
+    GaveUp,
+    Granted,
+    LeaseFailure,
+    LostRegistration,
+    SessionOver,
+    Spawn,
+    StartFailed,
+    Stop,
+    WakeAt,
+    WorkerState,
+)
 from agent.status import ReportedState
-
-WorkerState = Literal["starting", "idle", "leased", "draining"]
-ExitCause = Literal[
-    "session_end", "session_failed", "scaled_down", "reconfigured", "removed", "start_failed", "lease_unused",
-    "lost_livekit", "crashed",
-]
-LeaseFailure = Literal["unregistered", "claimed", "not_accepted"]
 
 MAX_BACKOFF_S = 30.0
 
@@ -58,93 +71,6 @@ class Worker:
     lease_no: int = 0  # how many leases it had (0 or 1: a worker serves one session)
     adopting: bool = False  # found running when the pool started; its state is not known yet
     lost_at: float | None = None  # when a ready worker lost its LiveKit registration
-
-
-# -- effects: what the actor must do after an event ---------------------------------------
-
-
-@dataclass(frozen=True)
-class Spawn:
-    worker_id: str
-    agent_name: str
-
-
-@dataclass(frozen=True)
-class Stop:
-    worker_id: str
-
-
-@dataclass(frozen=True)
-class WakeAt:
-    """Nothing can be started before ``at`` (backoff): reconcile again then."""
-
-    at: float
-
-
-@dataclass(frozen=True)
-class CheckLeaseAt:
-    """At ``at``, ask the worker whether the job of lease ``lease_no`` arrived."""
-
-    worker_id: str
-    lease_no: int
-    at: float
-
-
-@dataclass(frozen=True)
-class SessionOver:
-    worker_id: str
-    failed: bool
-
-
-@dataclass(frozen=True)
-class Exited:
-    worker_id: str
-    cause: ExitCause
-    exit_code: int
-
-
-@dataclass(frozen=True)
-class StartFailed:
-    worker_id: str
-    reason: str
-    backoff_s: float
-
-
-@dataclass(frozen=True)
-class BecameReady:
-    worker_id: str
-    seconds: float  # start to registered; 0 for an adopted worker
-
-
-@dataclass(frozen=True)
-class LostRegistration:
-    worker_id: str
-
-
-@dataclass(frozen=True)
-class Granted:
-    """A waiting lease got its worker (now leased under that lease id)."""
-
-    lease_id: str
-    worker_id: str
-
-
-@dataclass(frozen=True)
-class GaveUp:
-    """A waiting lease's deadline passed (or the pool is leaving): refuse it."""
-
-    lease_id: str
-
-
-@dataclass(frozen=True)
-class Drained:
-    """The client was removed and its last worker is gone: the pool may stop."""
-
-
-Effect = Union[
-    Spawn, Stop, WakeAt, CheckLeaseAt, SessionOver, Exited, StartFailed, BecameReady, LostRegistration, Granted, GaveUp,
-    Drained,
-]
 
 
 @dataclass
