@@ -66,7 +66,9 @@ class SwarmBackend:
         try:
             image_id = self._docker.images.get(spec.image).id
         except ImageNotFound:
-            raise BackendError(f"docker image {spec.image!r} not found on the manager (build or load it)") from None
+            raise BackendError(
+                f"docker image {spec.image!r} not found on the manager (build it, and docker load it on every node)"
+            ) from None
         try:
             service = self._docker.services.create(
                 image_id,

@@ -123,3 +123,12 @@ def test_placement_that_no_node_matches_is_a_clear_start_error(tmp_path, swarm, 
         assert not [c for c in swarm.containers() if c.labels.get("autonomite.client") == "gamma"]
     finally:
         serve.stop()
+
+
+def test_an_image_the_swarm_does_not_have_is_a_clear_start_error(run_serve, swarm, lk_a):
+    delta = Client("delta", lk_a, min_idle=1, max_size=1)
+    serve = run_serve([delta], wait_ready=False, backend="swarm",
+                      workers={"image": "autonomite-agent:never-loaded", "engine_url": swarm.url})
+    pool = wait_until(lambda: (p := serve.pool("delta")) and p["last_error"] and p, 60, "a failed start")
+    assert "not found on the manager" in pool["last_error"] and pool["idle"] == 0
+    assert not services(swarm, "delta")
