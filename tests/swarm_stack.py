@@ -80,5 +80,8 @@ class PrivateSwarm:
                 self._proc.wait()
         # The bridge swarm made on the host, if it is still there once its engine is gone.
         subprocess.run(["ip", "link", "delete", "docker_gwbridge"], capture_output=True)
-        subprocess.run(["umount", "-R", str(self.root)], capture_output=True)
+        # What the engine mounted under its roots and left (its default netns handle, nsfs).
+        mounts = [line.split()[1] for line in open("/proc/self/mounts") if line.split()[1].startswith(f"{self.root}/")]
+        for mount in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", "--lazy", mount], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)

@@ -20,6 +20,8 @@ def swarm(docker_worker_image, log_root):
         yield stack
     finally:
         stack.stop()
+    # Nothing of the private engine is left: no directory, no mount (its netns handle).
+    assert not stack.root.exists() and str(stack.root) not in open("/proc/self/mounts").read()
 
 
 @pytest.fixture
