@@ -14,5 +14,9 @@ def die_with_parent() -> None:
     Linux ties this to the thread that forked the child; our spawning threads live as long
     as the runtime does, so in practice it is the runtime's death.
     """
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def prctl(option: int, value: int) -> None:
+    """Linux's prctl(2), for the few process attributes Python does not wrap."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, value)

@@ -22,6 +22,11 @@ class BackendError(Exception):
     """A backend call failed; the message is safe to log (it carries no secret)."""
 
 
+def short_error(error: Exception) -> str:
+    """The first line of a Docker engine error, cut to 300 characters, for a BackendError or a log."""
+    return str(error).splitlines()[0][:300]
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """Everything needed to start one worker. ``env`` holds secrets: never log it."""

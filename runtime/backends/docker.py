@@ -18,7 +18,7 @@ from pathlib import Path
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
-from runtime.backends.base import LABEL_CLIENT, LABEL_WORKER, BackendError, WorkerHandle, WorkerSpec
+from runtime.backends.base import LABEL_CLIENT, LABEL_WORKER, BackendError, WorkerHandle, WorkerSpec, short_error
 
 logger = logging.getLogger("autonomite.docker")
 
@@ -37,7 +37,7 @@ class DockerBackend:
             self._docker = _engine()
             self._docker.ping()
         except DockerException as e:
-            raise BackendError(f"docker backend: cannot reach the Docker engine ({_short(e)})") from None
+            raise BackendError(f"docker backend: cannot reach the Docker engine ({short_error(e)})") from None
         self._lock = threading.Lock()
 
     def start(self, spec: WorkerSpec) -> WorkerHandle:
@@ -67,7 +67,7 @@ class DockerBackend:
         except ImageNotFound:
             raise BackendError(f"docker image {spec.image!r} not found on this engine (build or load it)") from None
         except DockerException as e:
-            raise BackendError(f"docker could not start worker {spec.worker_id}: {_short(e)}") from None
+            raise BackendError(f"docker could not start worker {spec.worker_id}: {short_error(e)}") from None
         return WorkerHandle.from_labels(spec.labels, ref=container.id[:12])
 
     def stop(self, handle: WorkerHandle, timeout: float = 10.0) -> None:
@@ -78,7 +78,7 @@ class DockerBackend:
         except NotFound:
             pass
         except APIError as e:
-            logger.warning("stopping %s: %s", handle.ref, _short(e))
+            logger.warning("stopping %s: %s", handle.ref, short_error(e))
 
     def list(self, client_id: str | None = None) -> list[WorkerHandle]:
         """Running containers with our labels. Dead ones found on the way are removed."""
@@ -129,7 +129,3 @@ class DockerBackend:
 
     def _log_path(self, client_id: str, worker_id: str) -> Path:
         return self._log_dir / client_id / f"{worker_id}.log"
-
-
-def _short(error: Exception) -> str:
-    return str(error).splitlines()[0][:300]

@@ -32,7 +32,7 @@ import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import Mount, Resources, RestartPolicy, ServiceMode
 
-from runtime.backends.base import LABEL_CLIENT, LABEL_WORKER, BackendError, WorkerHandle, WorkerSpec
+from runtime.backends.base import LABEL_CLIENT, LABEL_WORKER, BackendError, WorkerHandle, WorkerSpec, short_error
 
 logger = logging.getLogger("autonomite.swarm")
 
@@ -52,7 +52,7 @@ class SwarmBackend:
             self._docker = self._engine()
             info = self._docker.info()
         except DockerException as e:
-            raise BackendError(f"swarm backend: cannot reach the Docker engine ({_short(e)})") from None
+            raise BackendError(f"swarm backend: cannot reach the Docker engine ({short_error(e)})") from None
         if info.get("Swarm", {}).get("ControlAvailable") is not True:
             raise BackendError("swarm backend: this Docker engine is not a swarm manager (docker swarm init)")
         self._nodes: dict[str, str] = {}  # node id -> address, cached
@@ -85,7 +85,7 @@ class SwarmBackend:
                 stop_grace_period=15 * 10**9,
             )
         except DockerException as e:
-            raise BackendError(f"swarm could not create worker {spec.worker_id}: {_short(e)}") from None
+            raise BackendError(f"swarm could not create worker {spec.worker_id}: {short_error(e)}") from None
         try:
             node = self._wait_placed(service.id)
         except BackendError:
@@ -130,7 +130,7 @@ class SwarmBackend:
                     return int(code)
                 time.sleep(POLL_S)
         except DockerException as e:
-            logger.warning("waiting for %s: %s", handle.ref, _short(e))
+            logger.warning("waiting for %s: %s", handle.ref, short_error(e))
             return -1
         finally:
             engine.close()
@@ -189,7 +189,7 @@ class SwarmBackend:
         except NotFound:
             pass
         except APIError as e:
-            logger.warning("removing service %s: %s", service_id[:12], _short(e))
+            logger.warning("removing service %s: %s", service_id[:12], short_error(e))
 
     def _log_path(self, client_id: str, worker_id: str) -> Path:
         return self._log_dir / client_id / f"{worker_id}.log"
@@ -198,7 +198,3 @@ class SwarmBackend:
 def _current_task(tasks: list[dict]) -> dict | None:
     """The newest task of a one-replica service (with restart ``none`` there is only one)."""
     return max(tasks, key=lambda t: t.get("CreatedAt", ""), default=None)
-
-
-def _short(error: Exception) -> str:
-    return str(error).splitlines()[0][:300]

@@ -17,7 +17,6 @@ the keeper thread alone starts and reaps the zygote process.
 from __future__ import annotations
 
 import array
-import ctypes
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ import weakref
 from pathlib import Path
 from typing import IO, Mapping
 
-from runtime._proc import die_with_parent
+from runtime._proc import die_with_parent, prctl
 
 logger = logging.getLogger("autonomite.zygote")
 
@@ -109,7 +108,7 @@ class Zygote:
         self.pid: int | None = None  # the serving zygote, for tests and stats
         self.forks = 0
         self.restarts = 0
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        prctl(_PR_SET_CHILD_SUBREAPER, 1)
         self._keeper = threading.Thread(target=self._keep, name="zygote-keeper", daemon=True)
         self._keeper.start()
 
