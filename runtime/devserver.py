@@ -67,7 +67,7 @@ def _port_free(port: int) -> bool:
 
 
 class LiveKitServer:
-    """One livekit-server process bound to 127.0.0.1, with its own ports and keys."""
+    """One livekit-server process bound to 127.0.0.1 (or ``host``), with its own ports and keys."""
 
     def __init__(
         self,
@@ -75,8 +75,10 @@ class LiveKitServer:
         port: int | None = None,
         log_path: Path | None = None,
         webhook_urls: list[str] | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         self.keys = keys
+        self.host = host  # also the address its media (ICE) candidates give: clients must reach it
         self.port = port or free_port(3)
         self.log_path = log_path
         self.webhook_urls = webhook_urls or []
@@ -85,16 +87,21 @@ class LiveKitServer:
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+        return f"ws://{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> "LiveKitServer":
         config = {
             "port": self.port,
-            "bind_addresses": ["127.0.0.1"],
+            "bind_addresses": [self.host],
             # tcp_port 0 turns off the ICE TCP listener, which would bind every interface.
-            "rtc": {"tcp_port": 0, "udp_port": self.port + 2, "node_ip": "127.0.0.1", "use_external_ip": False},
+            "rtc": {"tcp_port": 0, "udp_port": self.port + 2, "node_ip": self.host, "use_external_ip": False},
             "keys": self.keys,
         }
+        if self.host != "127.0.0.1":
+            # Media on that address only. Else its one UDP port is bound on every local address,
+            # all advertised as ``node_ip``; a reply may leave from another one (a Docker bridge,
+            # say) and the caller's ICE drops it: the join then fails at random.
+            config["rtc"]["ips"] = {"includes": [f"{self.host}/32"]}
         if self.webhook_urls:
             first_key = next(iter(self.keys))
             config["webhook"] = {"api_key": first_key, "urls": self.webhook_urls}
@@ -115,7 +122,7 @@ class LiveKitServer:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"livekit-server exited with {self._proc.returncode}; see {self.log_path}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=1) as r:
+                with urllib.request.urlopen(f"http://{self.host}:{self.port}/", timeout=1) as r:
                     if r.status == 200:
                         return self
             except OSError:

@@ -103,6 +103,7 @@ class Client:
     max_size: int = 3
     agents: list[dict] = field(default_factory=lambda: [{"name": "support", "system_prompt": "You are helpful."}])
     knowledge_dir: str | None = None
+    placement: list[str] = field(default_factory=list)  # swarm constraints, e.g. node.labels.tier==voice
 
     def __post_init__(self) -> None:
         self.token = self.token or new_secret(f"{self.id}-token")
@@ -121,7 +122,8 @@ def write_config(path: Path, clients: list[Client], **runtime: Any) -> dict[str,
                 "name": f"{c.id.title()} Inc",
                 "api_token": f"${{{up}_TOKEN}}",
                 "livekit": {"url": c.project.url, "api_key": c.project.key, "api_secret": f"${{{up}_LK_SECRET}}"},
-                "pool": {"min_idle": c.min_idle, "max_size": c.max_size},
+                "pool": {"min_idle": c.min_idle, "max_size": c.max_size,
+                         **({"placement": c.placement} if c.placement else {})},
                 "agents": c.agents,
                 **({"knowledge_dir": c.knowledge_dir} if c.knowledge_dir else {}),
             }

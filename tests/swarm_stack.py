@@ -8,6 +8,8 @@ listens only on that socket, joins nothing, and is torn down with everything it 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import shutil
 import subprocess
 import tempfile
@@ -18,25 +20,36 @@ import docker
 
 from runtime._proc import die_with_parent
 from runtime.devserver import free_port
+from tests.netns import NetNs
+
+SWARM_PORT = 2377
 
 
 class PrivateSwarm:
-    def __init__(self, log_path: Path) -> None:
+    """One private engine; in ``netns`` (a test's namespace with an address) it is a node
+    of its own, reached by the others at that address."""
+
+    def __init__(self, log_path: Path, netns: NetNs | None = None) -> None:
         self.log_path = log_path
+        self.netns = netns
         # Short: a unix socket path must fit in 108 bytes.
         self.root = Path(tempfile.mkdtemp(prefix="asw-", dir="/tmp"))
         self.url = f"unix://{self.root}/docker.sock"
         self._proc: subprocess.Popen | None = None
         self.engine: docker.DockerClient | None = None
 
-    def start(self, timeout: float = 60.0) -> "PrivateSwarm":
+    def start(self, timeout: float = 60.0, init: bool = True) -> "PrivateSwarm":
+        """Start the engine; ``init``: make it a one-node swarm (its manager), else call :meth:`join`."""
         log = open(self.log_path, "ab")
+        argv = [
+            "dockerd", "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
+            "--pidfile", str(self.root / "docker.pid"), "-H", self.url,
+            "--bridge=none", "--iptables=false", "--ip6tables=false",
+        ]
+        if self.netns is not None:  # its own mount namespace too, so its mounts die with it
+            argv = self.netns.exec_argv(argv, remount_cgroups=True)
         self._proc = subprocess.Popen(
-            [
-                "dockerd", "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
-                "--pidfile", str(self.root / "docker.pid"), "-H", self.url,
-                "--bridge=none", "--iptables=false", "--ip6tables=false",
-            ],
+            argv,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout
@@ -50,27 +63,42 @@ class PrivateSwarm:
                     self.stop()
                     raise RuntimeError(f"the private dockerd did not start; see {self.log_path}") from None
                 time.sleep(0.2)
-        self.engine.swarm.init(advertise_addr="127.0.0.1", listen_addr=f"127.0.0.1:{free_port()}")
+        if init and self.netns is None:
+            self.engine.swarm.init(advertise_addr="127.0.0.1", listen_addr=f"127.0.0.1:{free_port()}")
+        elif init:
+            self.engine.swarm.init(advertise_addr=self.address, listen_addr=f"{self.address}:{SWARM_PORT}")
+        if init:
+            assert self.node_id
         return self
 
-    def load(self, source: docker.DockerClient, tag: str) -> str:
-        """``docker save | docker load`` from another engine: how an image reaches a node."""
-        data = b"".join(source.images.get(tag).save(named=tag))
+    @property
+    def address(self) -> str:
+        return self.netns.address if self.netns else "127.0.0.1"
+
+    @functools.cached_property
+    def node_id(self) -> str:  # kept: asked again once the engine is stopped
+        return self.engine.info()["Swarm"]["NodeID"]
+
+    def join(self, manager: "PrivateSwarm") -> "PrivateSwarm":
+        """Join ``manager``'s swarm as a worker node, over the namespaces' link."""
+        token = manager.engine.swarm.attrs["JoinTokens"]["Worker"]
+        self.engine.swarm.join([f"{manager.address}:{SWARM_PORT}"], token,
+                               listen_addr=f"{self.address}:{SWARM_PORT}", advertise_addr=self.address)
+        assert self.node_id
+        return self
+
+    def load(self, source: docker.DockerClient | bytes, tag: str) -> str:
+        """``docker save | docker load`` from another engine (or its saved archive): how an
+        image reaches a node."""
+        data = source if isinstance(source, bytes) else b"".join(source.images.get(tag).save(named=tag))
         self.engine.images.load(data)
         return self.engine.images.get(tag).id
 
     def containers(self, label: str = "autonomite.client") -> list:
         return self.engine.containers.list(all=True, filters={"label": label})
 
-    def stop(self) -> None:
-        if self.engine is not None:
-            for service in self.engine.services.list():
-                service.remove()
-            try:
-                self.engine.swarm.leave(force=True)
-            except docker.errors.DockerException:
-                pass
-            self.engine.close()
+    def stop_engine(self) -> None:
+        """Stop dockerd as an operator would (it stops its containers); the swarm is not told."""
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             try:
@@ -78,8 +106,18 @@ class PrivateSwarm:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-        # The bridge swarm made on the host, if it is still there once its engine is gone.
-        subprocess.run(["ip", "link", "delete", "docker_gwbridge"], capture_output=True)
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            with contextlib.suppress(docker.errors.DockerException, OSError):  # only a manager has services
+                for service in self.engine.services.list():
+                    service.remove()
+            with contextlib.suppress(docker.errors.DockerException, OSError):  # its engine may be gone already
+                self.engine.swarm.leave(force=True)
+            self.engine.close()
+        self.stop_engine()
+        if self.netns is None:  # the bridge swarm made on the host, if still there once its engine is gone
+            subprocess.run(["ip", "link", "delete", "docker_gwbridge"], capture_output=True)
         # What the engine mounted under its roots and left (its default netns handle, nsfs).
         mounts = [line.split()[1] for line in open("/proc/self/mounts") if line.split()[1].startswith(f"{self.root}/")]
         for mount in sorted(mounts, key=len, reverse=True):

@@ -16,7 +16,10 @@ start's error.
 The runtime reaches each worker's status port at its node's address (``WorkerHandle
 .status_host``), so the worker listens on all interfaces there, and answers only callers
 with its token (``agent/status.py``). A worker whose node is lost stops answering its
-probes and is replaced like any unregistered worker.
+probes (so nobody leases it), and its task never reports an end: Swarm leaves it
+"running" on a node it marks ``down`` (after the node misses its heartbeats, about 15 s).
+So a task on a down node counts as ended: :meth:`wait` returns, the pool replaces the
+worker on a node that is up, and adoption does not take it back.
 
 Every call may take seconds (the manager schedules, the node pulls nothing but starts a
 container): the pool calls them from helper threads, never from its mailbox.
@@ -38,6 +41,7 @@ logger = logging.getLogger("autonomite.swarm")
 
 PLACED_TIMEOUT_S = 60.0  # a task not running on a node by then is a failed start
 POLL_S = 0.25
+NODE_CHECK_S = 1.0  # how often a waiter asks whether its task's node is still up
 ENDED = {"complete", "failed", "shutdown", "rejected", "orphaned", "remove"}
 STARTING = {"new", "pending", "assigned", "accepted", "preparing", "ready", "starting"}
 
@@ -105,7 +109,7 @@ class SwarmBackend:
         for service in self._docker.services.list(filters={"label": [label, LABEL_WORKER]}):
             task = _current_task(service.tasks())
             state = task["Status"]["State"] if task else "none"
-            if state == "running" or state in STARTING:
+            if (state == "running" or state in STARTING) and not _node_down(self._docker, task.get("NodeID")):
                 node = self._node_address(task["NodeID"]) if task.get("NodeID") else "127.0.0.1"
                 handles.append(WorkerHandle.from_labels(service.attrs["Spec"]["Labels"], ref=service.id[:12],
                                                         status_host=node))
@@ -117,14 +121,21 @@ class SwarmBackend:
         """Poll the task until it ended (a task's exit is not streamed); then save its log
         and remove the service, so nothing is left behind."""
         engine = self._engine()  # its own connection: waits must not starve the shared pool
+        node_checked = time.monotonic()
         try:
             while True:
                 try:
                     task = _current_task(engine.services.get(handle.ref).tasks())
                 except NotFound:
                     return -1  # removed (stopped) meanwhile
-                if task and task["Status"]["State"] in ENDED:
-                    code = task["Status"].get("ContainerStatus", {}).get("ExitCode", -1)
+                lost = False
+                if task and time.monotonic() - node_checked >= NODE_CHECK_S:
+                    lost, node_checked = _node_down(engine, task.get("NodeID")), time.monotonic()
+                if task and (task["Status"]["State"] in ENDED or lost):
+                    code = -1 if lost else task["Status"].get("ContainerStatus", {}).get("ExitCode", -1)
+                    if lost:
+                        logger.warning("worker %s: its node %s is down; the worker counts as gone",
+                                       handle.worker_id, task["NodeID"][:12])
                     self._save_logs(handle)
                     self._remove(handle.ref)
                     return int(code)
@@ -156,16 +167,22 @@ class SwarmBackend:
     def _wait_placed(self, service_id: str) -> str:
         """The address of the node the task runs on, once it runs; a rejection is an error."""
         deadline = time.monotonic() + PLACED_TIMEOUT_S
+        node_checked = time.monotonic()
         while time.monotonic() < deadline:
             task = _current_task(self._docker.services.get(service_id).tasks())
             if task:
-                state, err = task["Status"]["State"], task["Status"].get("Err", "")
+                state, err, node = task["Status"]["State"], task["Status"].get("Err", ""), task.get("NodeID")
                 if state == "running":
-                    return self._node_address(task["NodeID"])
+                    return self._node_address(node)
                 if state in ENDED:  # e.g. "No such image" on that node
-                    raise BackendError(f"swarm task {state} on node {task.get('NodeID', '?')[:12]}: {err[:200]}")
-                if not task.get("NodeID") and "no suitable node" in err:  # constraints or resources:
+                    raise BackendError(f"swarm task {state} on node {(node or '?')[:12]}: {err[:200]}")
+                if not node and "no suitable node" in err:  # constraints or resources:
                     raise BackendError(f"swarm cannot place the worker: {err[:200]}")  # the pool backs off
+                # Assigned to a node that died before the manager noticed: it will never start.
+                if node and time.monotonic() - node_checked >= NODE_CHECK_S:
+                    node_checked = time.monotonic()
+                    if _node_down(self._docker, node):
+                        raise BackendError(f"swarm node {node[:12]} went down before the worker started")
             time.sleep(POLL_S)
         raise BackendError(f"swarm task of service {service_id[:12]} not running within {PLACED_TIMEOUT_S:g} s")
 
@@ -193,6 +210,16 @@ class SwarmBackend:
 
     def _log_path(self, client_id: str, worker_id: str) -> Path:
         return self._log_dir / client_id / f"{worker_id}.log"
+
+
+def _node_down(engine: docker.DockerClient, node_id: str | None) -> bool:
+    """The manager marked this node down (or it left): what runs there is lost to us."""
+    if not node_id:
+        return False
+    try:
+        return engine.nodes.get(node_id).attrs["Status"]["State"] in ("down", "disconnected")
+    except NotFound:
+        return True
 
 
 def _current_task(tasks: list[dict]) -> dict | None:

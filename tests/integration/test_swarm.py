@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import docker
 import pytest
 
-from tests.support import Client, Serve, metric_value, wait_until, write_config
+from tests.support import Client, Serve, metric_value, wait_until
 from tests.swarm_stack import PrivateSwarm
 
 
@@ -109,22 +109,13 @@ def test_a_restarted_runtime_adopts_its_swarm_workers_without_duplicates(
         second.stop()
 
 
-def test_placement_that_no_node_matches_is_a_clear_start_error(tmp_path, swarm, docker_worker_image, lk_a, log_root):
-    gamma = Client("gamma", lk_a, min_idle=1, max_size=1)
-    env = write_config(tmp_path / "clients.yaml", [gamma], backend="swarm",
-                       workers={"image": docker_worker_image["image"], "engine_url": swarm.url, "ready_timeout_s": 20})
-    import yaml
-
-    config = yaml.safe_load((tmp_path / "clients.yaml").read_text())
-    config["clients"][0]["pool"]["placement"] = ["node.labels.tier==voice"]
-    (tmp_path / "clients.yaml").write_text(yaml.safe_dump(config))
-    serve = Serve(tmp_path / "clients.yaml", env, log_root / f"{tmp_path.name}-placement.log").start(wait_ready=False)
-    try:
-        pool = wait_until(lambda: (p := serve.pool("gamma")) and p["last_error"] and p, 120, "a failed start")
-        assert "no suitable node" in pool["last_error"] and pool["idle"] == 0
-        assert not [c for c in swarm.containers() if c.labels.get("autonomite.client") == "gamma"]
-    finally:
-        serve.stop()
+def test_placement_that_no_node_matches_is_a_clear_start_error(run_serve, swarm, swarm_backend, lk_a):
+    gamma = Client("gamma", lk_a, min_idle=1, max_size=1, placement=["node.labels.tier==voice"])
+    serve = run_serve([gamma], wait_ready=False, backend="swarm",
+                      workers={**swarm_backend["workers"], "ready_timeout_s": 20})
+    pool = wait_until(lambda: (p := serve.pool("gamma")) and p["last_error"] and p, 120, "a failed start")
+    assert "no suitable node" in pool["last_error"] and pool["idle"] == 0
+    assert not [c for c in swarm.containers() if c.labels.get("autonomite.client") == "gamma"]
 
 
 def test_an_image_the_swarm_does_not_have_is_a_clear_start_error(run_serve, swarm, lk_a):
