@@ -103,6 +103,7 @@ case "${1:-}" in
     demo)
         setup_python
         setup_livekit
+        apt_install espeak-ng espeak-ng || log "no espeak-ng: the demo's voice agent cannot speak"
         demo_env
         exec .venv/bin/autonomite serve --config config/clients.example.yaml --with-livekit
         ;;
@@ -111,6 +112,7 @@ case "${1:-}" in
         setup_python
         setup_livekit
         apt_install promtool prometheus
+        apt_install espeak-ng espeak-ng  # the offline TTS of the voice tests
         mkdir -p .cache
         setup_supabase_stack
         setup_docker
