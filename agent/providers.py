@@ -2,15 +2,22 @@
 
 livekit-agents plugins must be imported on the main thread (they register themselves),
 and jobs run on a job thread, so :func:`preload` imports whatever a client's catalog
-names at worker start, before the worker reports idle.
+names at worker start, before the worker reports idle. It also builds what voice needs
+once per worker, not per session or turn: the silero VAD (any agent with speech input)
+and the offline recognizer with its client's domain model. Both live in ``_voice``,
+written once on the main thread before any session starts, then only read.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import time
 from typing import Any
 
 from agent.offline_llm import OfflineLLM
+
+logger = logging.getLogger("autonomite.agent")
 
 PLUGIN_MODULES = {
     "openai": "livekit.plugins.openai",
@@ -31,12 +38,32 @@ def _plugin(provider: str) -> Any:
         raise ProviderError(f"provider {provider!r} needs {PLUGIN_MODULES[provider]} ({e})") from None
 
 
-def preload(catalog: list[dict]) -> None:
+_voice: dict[str, Any] = {}
+
+
+def preload(catalog: list[dict], knowledge: list[str] | None = None) -> None:
     for agent in catalog:
         for kind in ("llm", "stt", "tts"):
             chosen = agent.get(kind) or {}
             if chosen.get("provider") in PLUGIN_MODULES:
                 _plugin(chosen["provider"])
+    if any(agent.get("stt") for agent in catalog):
+        started = time.perf_counter()
+        from livekit.plugins import silero
+
+        _voice["vad"] = silero.VAD.load()
+        if any((agent.get("stt") or {}).get("provider") == "offline" for agent in catalog):
+            from agent.offline_voice import Recognizer
+
+            texts = [a.get("system_prompt", "") for a in catalog] + list(knowledge or [])
+            _voice["recognizer"] = Recognizer(texts)
+        logger.info("voice ready in %.2f s: silero VAD loaded%s", time.perf_counter() - started,
+                    ", offline recognizer built" if "recognizer" in _voice else "")
+
+
+def vad() -> Any:
+    """The worker's one VAD, or None in a worker whose agents take no speech."""
+    return _voice.get("vad")
 
 
 def make_llm(config: dict | None) -> Any:
@@ -50,6 +77,10 @@ def make_llm(config: dict | None) -> Any:
 def make_stt(config: dict | None) -> Any:
     if not config:
         return None
+    if config["provider"] == "offline":
+        from agent.offline_voice import OfflineSTT
+
+        return OfflineSTT(_voice["recognizer"])
     plugin = _plugin(config["provider"])
     model = config.get("model") or ("nova-3" if config["provider"] == "deepgram" else "gpt-4o-mini-transcribe")
     return plugin.STT(model=model, api_key=config["api_key"])
@@ -58,6 +89,10 @@ def make_stt(config: dict | None) -> Any:
 def make_tts(config: dict | None, voice_id: str) -> Any:
     if not config:
         return None
+    if config["provider"] == "offline":  # the agent's voice_id names a cloud voice: not for espeak-ng
+        from agent.offline_voice import TTS_VOICE, OfflineTTS
+
+        return OfflineTTS(config.get("voice_id") or TTS_VOICE)
     plugin = _plugin(config["provider"])
     voice = config.get("voice_id") or voice_id
     if config["provider"] == "elevenlabs":

@@ -100,8 +100,11 @@ async def run_session(
     # Without speech input there are no turns to detect: a typed message is a turn. Left to
     # itself, livekit-agents would build its local end-of-turn model for every session
     # (~350 ms of CPU each, measured with py-spy), which a burst of sessions pays in full.
-    turns = {} if stt is not None else {"turn_detection": "manual"}
-    session = AgentSession(llm=providers.make_llm(config.get("llm")), stt=stt, tts=tts, turn_handling=turns)
+    # Offline speech: a turn ends when silero's VAD hears the caller stop.
+    offline_voice = (config.get("stt") or {}).get("provider") == "offline"
+    turns = {"turn_detection": "manual"} if stt is None else {"turn_detection": "vad"} if offline_voice else {}
+    session = AgentSession(llm=providers.make_llm(config.get("llm")), stt=stt, tts=tts, turn_handling=turns,
+                           vad=providers.vad() if stt is not None else None)
     await session.start(
         PrimedAgent(instructions, knowledge if use_rag else None),
         room=ctx.room,

@@ -261,14 +261,15 @@ async def run_worker(config: WorkerConfig) -> int:
 
     state = WorkerState(config)
     # livekit-agents' job-runner warm-up loads local VAD and end-of-turn models (~250 MB)
-    # into every worker. Only voice input uses them: a text-only catalog skips them.
-    if not any(agent.get("stt") for agent in config.catalog):
+    # into every worker. Only cloud speech input uses them (its turns end by that model):
+    # text-only and offline voice catalogs skip them (offline turns end on silero's VAD).
+    if not any((agent.get("stt") or {}).get("provider", "offline") != "offline" for agent in config.catalog):
         os.environ.setdefault("LIVEKIT_AGENTS_PRELOAD_LOCAL_INFERENCE", "0")
     # Everything a session needs is ready before the worker registers (and so reports idle):
     # the client's documents indexed, the configured provider plugins imported.
-    providers.preload(config.catalog)
     knowledge_dir = os.environ.get("AUTONOMITE_KNOWLEDGE_DIR")
     knowledge = KnowledgeBase.from_dir(Path(knowledge_dir)) if knowledge_dir else None
+    providers.preload(config.catalog, knowledge.passages if knowledge else None)
     loop = asyncio.get_running_loop()
     session_over = asyncio.Event()
     stop_requested = asyncio.Event()

@@ -179,8 +179,8 @@ class ProviderSettings(_Model):
 
 
 LLM_PROVIDERS = {"offline", "openai"}
-STT_PROVIDERS = {"deepgram", "openai"}
-TTS_PROVIDERS = {"cartesia", "elevenlabs", "openai"}
+STT_PROVIDERS = {"offline", "deepgram", "openai"}  # offline: pocketsphinx (agent/offline_voice.py)
+TTS_PROVIDERS = {"offline", "cartesia", "elevenlabs", "openai"}  # offline: espeak-ng
 
 
 class AgentSettings(_Model):

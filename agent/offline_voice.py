@@ -1,0 +1,200 @@
+"""Offline speech in and out: pocketsphinx for STT, espeak-ng for TTS, behind the real
+livekit-agents ``stt.STT`` and ``tts.TTS`` interfaces. No key, no network.
+
+Why a domain language model: pocketsphinx's general English model hears espeak-ng's voice
+badly ("what is the door code" came out as "what is or so"). A small bigram model made
+from the client's own words (its agents' prompts, its documents, the replies the agent
+itself says, common question words) heard every test phrase right, in ~0.1 s each. So
+each worker builds one at start from what its client can talk about. Words outside it
+are not heard: the trade that a phone menu makes too.
+
+Both are non-streaming: livekit-agents wraps the STT in a ``StreamAdapter`` driven by the
+session's VAD (one silero model per worker, loaded at start), and the TTS in one that
+synthesizes sentence by sentence. espeak-ng runs as one short subprocess per sentence,
+its audio streamed as it is made; it is waited for, or killed, before the sentence ends:
+no process outlives its sentence.
+
+Threads: decoding runs in a worker thread (``asyncio.to_thread``); one decoder per
+worker, used under a lock (one session per worker, so it is never contended).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import re
+import shutil
+import tempfile
+import threading
+import uuid
+
+import numpy as np
+from livekit import rtc
+from livekit.agents import APIConnectionError, stt, tts, utils
+from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, NotGivenOr
+
+logger = logging.getLogger("autonomite.agent.voice")
+
+STT_RATE = 16_000  # what the en-us acoustic model was trained on
+TTS_RATE = 22_050  # what espeak-ng speaks at
+TTS_VOICE = "en-us"
+# What callers ask and what the agent says around the client's own words.
+COMMON_WORDS = """
+what when where who how why which is are was do does did can could would will the a an of to
+for on in at by with from and or my me i you your it its this that tell please what's hello hi
+thanks thank yes no okay goodbye bye help need want know about open close time today number
+"""
+# What the offline LLM says around them (agent/offline_llm.py), for the bigrams.
+REPLY_PHRASES = ["Hello, how can I help you today?", "Welcome back.", "I'm the assistant for",
+                 "Here is what I found:", "You said:"]
+_WORD = re.compile(r"[a-z']+")
+_SENTENCE = re.compile(r"[.?!;:\n]+")
+
+
+def domain_corpus(texts: list[str]) -> list[list[str]]:
+    """Sentences of lower-case words, from every text the client's agent may hear or say."""
+    sentences = [_WORD.findall(s.lower()) for text in texts for s in _SENTENCE.split(text)]
+    sentences += [_WORD.findall(s.lower()) for s in REPLY_PHRASES]
+    return [s for s in sentences if s] + [[w] for w in COMMON_WORDS.split()]
+
+
+def bigram_arpa(sentences: list[list[str]]) -> str:
+    """A bigram language model in ARPA text: add-one unigrams, bigrams seen in the corpus,
+    and a flat back-off, which lets any known word follow any other."""
+    unigrams: collections.Counter = collections.Counter()
+    bigrams: collections.Counter = collections.Counter()
+    for words in sentences:
+        tokens = ["<s>", *words, "</s>"]
+        unigrams.update(tokens)
+        bigrams.update(zip(tokens, tokens[1:]))
+    total, vocabulary = sum(unigrams.values()), len(unigrams)
+    lines = ["\\data\\", f"ngram 1={vocabulary}", f"ngram 2={len(bigrams)}", "", "\\1-grams:"]
+    lines += [f"{math.log10((c + 1) / (total + vocabulary)):.4f} {w} -0.3010" for w, c in sorted(unigrams.items())]
+    lines += ["", "\\2-grams:"]
+    lines += [f"{math.log10(0.5 * c / unigrams[a]):.4f} {a} {b}" for (a, b), c in sorted(bigrams.items())]
+    return "\n".join([*lines, "", "\\end\\", ""])
+
+
+class Recognizer:
+    """One pocketsphinx decoder with a domain model: 16 kHz mono PCM in, words out."""
+
+    def __init__(self, texts: list[str]) -> None:
+        from pocketsphinx import Decoder
+
+        with tempfile.NamedTemporaryFile("w", suffix=".arpa") as lm:
+            lm.write(bigram_arpa(domain_corpus(texts)))
+            lm.flush()
+            self._decoder = Decoder(samprate=STT_RATE, lm=lm.name, loglevel="FATAL")
+        self._lock = threading.Lock()
+
+    def words(self, pcm16k: bytes) -> str:
+        with self._lock:
+            self._decoder.start_utt()
+            self._decoder.process_raw(pcm16k, full_utt=True)
+            self._decoder.end_utt()
+            hyp = self._decoder.hyp()
+        return hyp.hypstr if hyp is not None else ""
+
+    def transcribe(self, frames: list[rtc.AudioFrame]) -> str:
+        return self.words(to_16k_mono(frames)) if frames else ""
+
+
+def to_16k_mono(frames: list[rtc.AudioFrame]) -> bytes:
+    frame = rtc.combine_audio_frames(frames)
+    samples = np.frombuffer(frame.data, dtype=np.int16)
+    if frame.num_channels > 1:
+        samples = samples.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
+    if frame.sample_rate == STT_RATE:
+        return samples.tobytes()
+    resampler = rtc.AudioResampler(frame.sample_rate, STT_RATE, num_channels=1,
+                                   quality=rtc.AudioResamplerQuality.HIGH)
+    out = [*resampler.push(bytearray(samples.tobytes())), *resampler.flush()]
+    return b"".join(bytes(f.data) for f in out)
+
+
+class OfflineSTT(stt.STT):
+    """``stt: {provider: offline}``: pocketsphinx on each utterance the VAD cuts out."""
+
+    def __init__(self, recognizer: Recognizer) -> None:
+        super().__init__(capabilities=stt.STTCapabilities(streaming=False, interim_results=False))
+        self._recognizer = recognizer
+
+    @property
+    def model(self) -> str:
+        return "pocketsphinx-en-us-domain"
+
+    @property
+    def provider(self) -> str:
+        return "offline"
+
+    async def _recognize_impl(
+        self, buffer: utils.AudioBuffer, *, language: NotGivenOr[str] = NOT_GIVEN, conn_options: APIConnectOptions
+    ) -> stt.SpeechEvent:
+        frames = buffer if isinstance(buffer, list) else [buffer]
+        text = await asyncio.to_thread(self._recognizer.transcribe, frames)
+        return stt.SpeechEvent(
+            type=stt.SpeechEventType.FINAL_TRANSCRIPT,
+            request_id=uuid.uuid4().hex,
+            alternatives=[stt.SpeechData(language="en", text=text)],
+        )
+
+
+class OfflineTTS(tts.TTS):
+    """``tts: {provider: offline}``: espeak-ng, one subprocess per sentence."""
+
+    def __init__(self, voice: str = TTS_VOICE) -> None:
+        super().__init__(capabilities=tts.TTSCapabilities(streaming=False), sample_rate=TTS_RATE, num_channels=1)
+        self.voice = voice
+
+    @property
+    def model(self) -> str:
+        return "espeak-ng"
+
+    @property
+    def provider(self) -> str:
+        return "offline"
+
+    def synthesize(self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> tts.ChunkedStream:
+        return _Speech(tts=self, input_text=text, conn_options=conn_options)
+
+
+class _Speech(tts.ChunkedStream):
+    async def _run(self, output_emitter: tts.AudioEmitter) -> None:
+        voice = self._tts.voice if isinstance(self._tts, OfflineTTS) else TTS_VOICE
+        output_emitter.initialize(request_id=uuid.uuid4().hex, sample_rate=TTS_RATE, num_channels=1,
+                                  mime_type="audio/pcm")
+        async for chunk in speak(self._input_text, voice):
+            output_emitter.push(chunk)
+        output_emitter.flush()
+
+
+async def speak(text: str, voice: str = TTS_VOICE):  # noqa: ANN201 - an async iterator of PCM bytes
+    """espeak-ng's 16-bit mono PCM at 22.05 kHz for ``text``, as it is made. The text goes
+    on stdin, not argv, so no other process on the host can read what is said."""
+    binary = shutil.which("espeak-ng")
+    if binary is None:
+        raise APIConnectionError("espeak-ng is not installed (Debian: apt install espeak-ng)", retryable=False)
+    proc = await asyncio.create_subprocess_exec(
+        binary, "--stdout", "-v", voice, "--stdin",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        proc.stdin.write(text.encode())
+        proc.stdin.close()
+        header = await proc.stdout.readexactly(44)
+        if header[:4] != b"RIFF" or int.from_bytes(header[24:28], "little") != TTS_RATE:
+            raise APIConnectionError(f"espeak-ng did not give {TTS_RATE} Hz WAV", retryable=False)
+        carry = b""
+        while chunk := await proc.stdout.read(8192):
+            chunk, carry = carry + chunk, b""
+            if len(chunk) % 2:  # whole 16-bit samples only
+                chunk, carry = chunk[:-1], chunk[-1:]
+            yield chunk
+        await proc.wait()
+    finally:
+        if proc.returncode is None:  # cancelled (the caller interrupted the agent): no orphan
+            proc.kill()
+            await proc.wait()
+

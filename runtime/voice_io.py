@@ -1,0 +1,137 @@
+"""The end user's side of a voice session: a mouth that speaks into the room and ears that
+transcribe the agent, both offline (espeak-ng and pocketsphinx, as the agent uses).
+
+Used by ``autonomite chat --voice``, the voice tests and the voice benchmark: what they
+hear is real LiveKit audio, through the same SFU a phone or browser would use.
+
+Both run on the caller's event loop. The mouth keeps its track fed with 10 ms frames
+(silence between lines, as a real microphone sends), so the agent's VAD hears each line
+end. The ears cut the agent's audio into utterances by energy and decode each one in a
+thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from livekit import rtc
+
+from agent.offline_voice import TTS_RATE, Recognizer, speak
+
+FRAME_MS = 10
+VOICED_RMS = 300  # int16 RMS above this is speech (espeak-ng speaks at ~3000, silence is 0)
+UTTERANCE_GAP_S = 0.6  # unvoiced this long ends an utterance (espeak-ng pauses ~0.3 s at commas)
+
+
+class Mouth:
+    """A microphone track: silence until :meth:`say` gives it a line."""
+
+    def __init__(self) -> None:
+        self.source = rtc.AudioSource(TTS_RATE, 1)
+        self._lines: asyncio.Queue[tuple[bytes, asyncio.Future]] = asyncio.Queue()
+        self._pump: asyncio.Task | None = None
+
+    async def publish(self, room: rtc.Room) -> None:
+        track = rtc.LocalAudioTrack.create_audio_track("microphone", self.source)
+        options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
+        await room.local_participant.publish_track(track, options)
+        self._pump = asyncio.create_task(self._run())
+
+    async def say(self, text: str) -> float:
+        """Speak ``text``; return the moment (perf_counter) its last sample was played out."""
+        pcm = b"".join([chunk async for chunk in speak(text)])
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self._lines.put((pcm, done))
+        return await done
+
+    async def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+        await self.source.aclose()
+
+    async def _run(self) -> None:
+        samples = TTS_RATE * FRAME_MS // 1000
+        silence = bytes(samples * 2)
+        while True:
+            if self._lines.empty():
+                await self._frame(silence, samples)
+                continue
+            pcm, done = self._lines.get_nowait()
+            for start in range(0, len(pcm), samples * 2):
+                chunk = pcm[start:start + samples * 2]
+                await self._frame(chunk + bytes(samples * 2 - len(chunk)), samples)
+            await self.source.wait_for_playout()
+            done.set_result(time.perf_counter())
+
+    async def _frame(self, data: bytes, samples: int) -> None:
+        # capture_frame waits while the source's buffer is full: this paces the pump in real time.
+        await self.source.capture_frame(rtc.AudioFrame(data, TTS_RATE, 1, samples))
+
+
+@dataclass(frozen=True)
+class Heard:
+    started: float  # perf_counter of the utterance's first voiced frame
+    text: str
+
+
+class Ears:
+    """Transcribes every agent audio track in the room, utterance by utterance.
+
+    Create before ``connect()``, so the greeting is not missed."""
+
+    def __init__(self, room: rtc.Room, recognizer: Recognizer) -> None:
+        self.heard: asyncio.Queue[Heard] = asyncio.Queue()
+        self.first_audio: asyncio.Queue[float] = asyncio.Queue()  # each utterance's start, as it starts
+        self._recognizer = recognizer
+        self._tasks: set[asyncio.Task] = set()
+
+        @room.on("track_subscribed")
+        def _on_track(track: rtc.Track, _pub: rtc.RemoteTrackPublication, who: rtc.RemoteParticipant) -> None:
+            if track.kind == rtc.TrackKind.KIND_AUDIO and who.identity.startswith("agent-"):
+                task = asyncio.ensure_future(self._listen(track))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _listen(self, track: rtc.Track) -> None:
+        stream = rtc.AudioStream(track, sample_rate=16_000, num_channels=1)
+        frames = aiter(stream)
+        voiced: list[rtc.AudioFrame] = []
+        started = quiet_since = 0.0
+        try:
+            while True:
+                try:  # a track may send nothing between utterances: that is silence too
+                    frame = (await asyncio.wait_for(anext(frames), UTTERANCE_GAP_S)).frame
+                except asyncio.TimeoutError:
+                    frame = None
+                except StopAsyncIteration:
+                    return
+                now = time.perf_counter()
+                loud = frame is not None and _rms(frame) > VOICED_RMS
+                if loud:
+                    if not voiced:
+                        started = now
+                        self.first_audio.put_nowait(now)
+                    quiet_since = 0.0
+                elif not quiet_since:
+                    quiet_since = now
+                if voiced or loud:
+                    if frame is not None:
+                        voiced.append(frame)
+                    if not loud and now - quiet_since >= UTTERANCE_GAP_S:
+                        text = await asyncio.to_thread(self._recognizer.transcribe, voiced)
+                        self.heard.put_nowait(Heard(started, text))
+                        voiced = []
+        finally:
+            await stream.aclose()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _rms(frame: rtc.AudioFrame) -> float:
+    samples = np.frombuffer(frame.data, dtype=np.int16).astype(np.float32)
+    return float(np.sqrt(np.mean(samples * samples))) if samples.size else 0.0

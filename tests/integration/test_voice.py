@@ -1,0 +1,110 @@
+"""Voice end to end, offline, over real LiveKit audio.
+
+The end user speaks with espeak-ng into a published microphone track; the agent hears it
+through silero's VAD and pocketsphinx, answers from the client's documents, and speaks
+with espeak-ng; the test transcribes the agent's audio track with pocketsphinx.
+
+Words chosen for the offline engines: short, common English words and spelled-out digits
+("what is the door code", "four two seven one"). Both sides decode with a model built from
+the client's own words (agent/offline_voice.py), with which every such phrase was heard
+exactly in trials; with pocketsphinx's general model, espeak-ng's voice is mostly misheard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+from livekit import rtc
+
+from agent.offline_voice import Recognizer
+from runtime.voice_io import Ears, Mouth
+from tests.support import Client, children_of, comm, converse
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs Debian's espeak-ng")
+
+DOCUMENTS = "The door code is four two seven one.\n\nThe office opens at nine in the morning.\n\nParking is on level three.\n"
+PROMPT = "You are the front desk of Acme."
+VOICE = {"name": "desk", "system_prompt": PROMPT, "enable_rag": True,
+         "stt": {"provider": "offline"}, "tts": {"provider": "offline"}}
+TEXT = {"name": "support", "system_prompt": PROMPT, "enable_rag": True}
+
+
+@pytest.fixture
+def documents(tmp_path: Path) -> str:
+    folder = tmp_path / "acme-docs"
+    folder.mkdir()
+    (folder / "front-desk.txt").write_text(DOCUMENTS)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def ears_model() -> Recognizer:
+    return Recognizer([DOCUMENTS, PROMPT])
+
+
+async def call(url: str, token: str, recognizer: Recognizer, lines: list[str], timeout: float = 30.0) -> list[str]:
+    """Join, hear the greeting, then say each line and hear the whole answer (the agent's
+    utterances until it has been quiet for 2 s)."""
+    room = rtc.Room()
+    ears, mouth = Ears(room, recognizer), Mouth()
+    await room.connect(url, token)
+    await mouth.publish(room)
+    heard = []
+    try:
+        for line in [None, *lines]:
+            if line is not None:
+                await mouth.say(line)
+            parts = [(await asyncio.wait_for(ears.heard.get(), timeout)).text]
+            while True:
+                try:
+                    parts.append((await asyncio.wait_for(ears.heard.get(), 2.0)).text)
+                except asyncio.TimeoutError:
+                    break
+            heard.append(" ".join(parts))
+    finally:
+        await ears.close()
+        await mouth.close()
+        await room.disconnect()
+    return heard
+
+
+def test_a_spoken_question_gets_a_spoken_answer_from_the_clients_documents(run_serve, lk_a, documents, ears_model):
+    acme = Client("acme", lk_a, min_idle=1, max_size=1, agents=[VOICE], knowledge_dir=documents)
+    serve = run_serve([acme])
+    [worker] = serve.pool("acme")["workers"]
+    r = serve.trigger(acme, "room-voice", agent="desk")
+    assert r.status == 200, r.body
+    greeting, answer = asyncio.run(call(r.body["livekit_url"], r.body["participant_token"], ears_model,
+                                        ["What is the door code?"]))
+    print(f"heard: {greeting!r}, then {answer!r}")
+    # The greeting came as audio (the offline LLM says "Hello ... how can I help you today").
+    assert "hello" in greeting and "help" in greeting, greeting
+    # Heard through pocketsphinx, found in the client's documents, spoken by espeak-ng.
+    assert "four two seven one" in answer, answer
+    # Every espeak-ng it ran has ended: nothing outlives its sentence.
+    assert not [pid for pid in children_of(int(worker["ref"])) if comm(pid).startswith("espeak")]
+    # The VAD and the recognizer were loaded once, at the worker's start, not per turn.
+    log = (Path(serve.config).parent / "workers" / "acme" / f"{worker['id']}.log").read_text()
+    assert log.count("silero VAD loaded") == 1, log[-2000:]
+
+
+def test_voice_and_text_sessions_run_side_by_side_on_one_client(run_serve, lk_a, documents, ears_model):
+    acme = Client("acme", lk_a, min_idle=2, max_size=2, agents=[VOICE, TEXT], knowledge_dir=documents)
+    serve = run_serve([acme])
+    spoken = serve.trigger(acme, "room-spoken", agent="desk")
+    typed = serve.trigger(acme, "room-typed", agent="support")
+    assert spoken.status == 200 and typed.status == 200, (spoken.body, typed.body)
+    assert spoken.body["worker_id"] != typed.body["worker_id"]
+
+    async def both() -> tuple[list[str], list[str]]:
+        return await asyncio.gather(
+            call(spoken.body["livekit_url"], spoken.body["participant_token"], ears_model, ["Where is parking?"]),
+            converse(typed.body["livekit_url"], typed.body["participant_token"], ["What is the door code?"]),
+        )
+
+    (greeting, answer), (_, reply) = asyncio.run(both())
+    assert "hello" in greeting and "level three" in answer, (greeting, answer)
+    assert "four two seven one" in reply, reply  # the text session answers in text, from the same documents
