@@ -114,7 +114,23 @@ async def run_session(
         ),
     )
     _end_when_users_leave(ctx)
+    if stt is not None:
+        _log_voice_metrics(session)
     _background(_greet_or_give_up(ctx, session, user_join_timeout_s))
+
+
+def _log_voice_metrics(session: AgentSession) -> None:
+    """One log line per stage of each spoken turn: where a voice turn's time goes
+    (bench/voice_turn.py reads them). livekit-agents measures them; we only keep them."""
+    fields = {"STTMetrics": ("duration", "audio_duration"), "EOUMetrics": ("end_of_utterance_delay",
+              "transcription_delay"), "LLMMetrics": ("ttft", "duration"), "TTSMetrics": ("ttfb", "duration")}
+
+    @session.on("metrics_collected")
+    def _collected(event: Any) -> None:
+        kind = type(event.metrics).__name__
+        if kind in fields:
+            values = {f: round(float(getattr(event.metrics, f)), 4) for f in fields[kind]}
+            logger.info("voice metric %s", json.dumps({"kind": kind, **values}, sort_keys=True))
 
 
 _tasks: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
