@@ -2,7 +2,13 @@
 
 It triggers a session through the gateway, joins the room with the returned token and
 relays lines: what you type goes to the agent on ``lk.chat``, what the agent says comes
-back on ``lk.transcription``. Text only, as the offline demo agent speaks.
+back on ``lk.transcription``.
+
+With ``--voice`` each line is spoken into the room instead (espeak-ng, on a microphone
+track), and the agent's audio is transcribed (pocketsphinx) and printed as ``heard>``,
+beside its own transcript (``agent>``): the voice path, visible from a terminal. The
+recognizer's vocabulary is the client's texts (``--words``, e.g. its knowledge_dir) and
+common words; words outside it are not heard.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from livekit import rtc
 
@@ -56,30 +63,56 @@ def agent_replies(room: rtc.Room) -> "asyncio.Queue[tuple[float, str]]":
     return replies
 
 
-async def _relay(url: str, token: str) -> None:
+async def _relay(url: str, token: str, voice_texts: list[str] | None) -> None:
     room = rtc.Room()
     replies = agent_replies(room)
+    printers = [asyncio.create_task(_print(replies, "agent"))]
+    mouth = ears = None
+    if voice_texts is not None:
+        from agent.offline_voice import Recognizer
+        from runtime.voice_io import Ears, Mouth
 
-    async def show() -> None:
-        while True:
-            _, text = await replies.get()
-            print(f"\nagent> {text}\nyou> ", end="", flush=True)
-
+        ears, mouth = Ears(room, Recognizer(voice_texts)), Mouth()
+        printers.append(asyncio.create_task(_print(ears.heard, "heard")))
     await room.connect(url, token)
-    shower = asyncio.create_task(show())
+    if mouth is not None:
+        await mouth.publish(room)
     print("joined; type a message and press Enter (Ctrl-D to leave)\nyou> ", end="", flush=True)
     loop = asyncio.get_running_loop()
     try:
         while line := await loop.run_in_executor(None, sys.stdin.readline):
-            if line.strip():
+            if not line.strip():
+                continue
+            if mouth is not None:
+                await mouth.say(line.strip())
+            else:
                 await room.local_participant.send_text(line.strip(), topic="lk.chat")
     finally:
-        shower.cancel()
+        for task in printers:
+            task.cancel()
+        if ears is not None and mouth is not None:
+            await ears.close()
+            await mouth.close()
         await room.disconnect()
 
 
-def chat(gateway: str, token: str, client_id: str, agent: str, room: str, context: dict | None) -> int:
+async def _print(queue: asyncio.Queue, label: str) -> None:
+    while True:
+        item = await queue.get()
+        text = item[1] if isinstance(item, tuple) else item.text
+        print(f"\n{label}> {text}\nyou> ", end="", flush=True)
+
+
+def _texts(path: Path | None) -> list[str]:
+    if path is None:
+        return []
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md")) if path.is_dir() else [path]
+    return [f.read_text(errors="replace") for f in files]
+
+
+def chat(gateway: str, token: str, client_id: str, agent: str, room: str, context: dict | None,
+         voice: bool = False, voice_words: Path | None = None) -> int:
     session = trigger(gateway, token, {"client_id": client_id, "agent": agent, "room_name": room, "context": context})
     print(f"session: worker {session['worker_id']} in room {session['room_name']}")
-    asyncio.run(_relay(session["livekit_url"], session["participant_token"]))
+    asyncio.run(_relay(session["livekit_url"], session["participant_token"], _texts(voice_words) if voice else None))
     return 0

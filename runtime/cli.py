@@ -2,7 +2,7 @@
 
     autonomite serve --config FILE [--with-livekit]
     autonomite check-config FILE
-    autonomite chat --token T --client C --agent A [--room R] [--context JSON]
+    autonomite chat --token T --client C --agent A [--room R] [--context JSON] [--voice [--words DIR]]
 
 ``--with-livekit`` is for the demo and local development: it starts a real livekit-server
 on loopback for each LiveKit URL in the config, with the keys of the clients that use it.
@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     chat_p.add_argument("--agent", required=True)
     chat_p.add_argument("--room", default="chat-room")
     chat_p.add_argument("--context", type=json.loads, default=None, help='JSON, e.g. {"name": "Dana"}')
+    chat_p.add_argument("--voice", action="store_true",
+                        help="speak each line into the room (espeak-ng) and print the agent's audio, transcribed")
+    chat_p.add_argument("--words", type=Path, default=None,
+                        help="with --voice: a folder or file of the client's texts (its knowledge_dir), for "
+                             "the offline recognizer's vocabulary")
     image_p = sub.add_parser("image", help="the worker image for the docker backend")
     image_sub = image_p.add_subparsers(dest="image_command", required=True)
     build_p = image_sub.add_parser("build", help="build it with no image registry (mmdebstrap base, local wheels)")
@@ -68,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "chat":
         from runtime.chat import chat
 
-        return chat(args.gateway, args.token, args.client, args.agent, args.room, args.context)
+        return chat(args.gateway, args.token, args.client, args.agent, args.room, args.context,
+                    voice_words=args.words if args.voice else None, voice=args.voice)
     return serve(args.config, args.with_livekit)
 
 
@@ -95,7 +101,9 @@ def check_config(path: Path) -> int:
         return 1
     rt = settings.runtime
     print(f"{path}: ok")
-    print(f"runtime: backend={rt.backend} gateway={rt.gateway.host}:{rt.gateway.port} admin_token=sha256:{_fp(rt.admin_token)}")
+    metrics = f"{rt.metrics.host}:{rt.metrics.port}" if rt.metrics else "on the gateway"
+    print(f"runtime: backend={rt.backend} gateway={rt.gateway.host}:{rt.gateway.port} metrics={metrics} "
+          f"admin_token=sha256:{_fp(rt.admin_token)}")
     for c in settings.clients:
         _print_client(c)
     return 0
@@ -174,7 +182,7 @@ def serve(config_path: Path, with_livekit: bool) -> int:
     servers = start_local_livekit(settings) if with_livekit else []
     try:
         runtime.start()
-        asyncio.run(_serve_http(runtime))
+        listening = asyncio.run(_serve_http(runtime))
     finally:
         # A second SIGTERM or Ctrl-C must not cut the shutdown short and strand workers.
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -185,11 +193,14 @@ def serve(config_path: Path, with_livekit: bool) -> int:
     if runtime.failure:
         logger.critical("exiting: %s", runtime.failure)
         return 1
-    return 0
+    return 0 if listening else 1
 
 
-async def _serve_http(runtime: "Runtime") -> None:
+async def _serve_http(runtime: "Runtime") -> bool:
+    """Serve the gateway (and the metrics listener, if configured) until told to stop;
+    False, logged, if an address cannot be listened on."""
     from runtime.gateway import create_runner
+    from runtime.metrics_http import create_metrics_runner
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -198,14 +209,25 @@ async def _serve_http(runtime: "Runtime") -> None:
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, _reload_logged, runtime))
     # The supervisor gives up in its own thread; wake the loop from there.
     runtime.on_failure(lambda reason: loop.call_soon_threadsafe(stop.set))
-    gw = runtime.settings.runtime.gateway
-    runner = create_runner(runtime)  # with the gateway's header timeout
-    await runner.setup()
-    await web.TCPSite(runner, gw.host, gw.port).start()
-    logger.info("gateway listening on http://%s:%d", gw.host, gw.port)
-    await stop.wait()
-    logger.info("shutting down")
-    await runner.cleanup()
+    rt = runtime.settings.runtime
+    listeners = [("gateway", create_runner(runtime), rt.gateway.host, rt.gateway.port)]  # with its header timeout
+    if rt.metrics is not None:
+        listeners.append(("metrics", create_metrics_runner(runtime), rt.metrics.host, rt.metrics.port))
+    try:
+        for name, runner, host, port in listeners:
+            await runner.setup()
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as e:
+                logger.error("cannot listen for the %s on %s:%d: %s", name, host, port, e.strerror or e)
+                return False
+            logger.info("%s listening on http://%s:%d", name, host, port)
+        await stop.wait()
+        logger.info("shutting down")
+        return True
+    finally:
+        for _, runner, _, _ in listeners:
+            await runner.cleanup()
 
 
 def _reload_logged(runtime: "Runtime") -> None:
