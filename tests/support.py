@@ -367,3 +367,41 @@ def kill_worker(serve: Serve, ref: str) -> None:
         os.kill(int(ref), signal.SIGKILL)
     else:
         subprocess.run(["docker", "kill", ref], check=True, capture_output=True)
+
+
+class ChatProcess:
+    """``autonomite chat`` as a person runs it: lines typed on stdin, its output read as it comes."""
+
+    def __init__(self, serve: Serve, client: Client, *args: str) -> None:
+        import threading
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli", "chat", "--gateway", f"http://127.0.0.1:{serve.port}",
+             "--token", client.token, "--client", client.id, *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        self.lines: list[str] = []
+        # On a thread, so each expected line is awaited with a deadline.
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self._reader.start()
+
+    def printed(self, prefix: str, containing: str = "") -> bool:
+        return any(line.startswith(prefix) and containing in line for line in list(self.lines))
+
+    def type(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def leave(self) -> int:
+        """Ctrl-D, and its exit code."""
+        self.proc.stdin.close()
+        return self.proc.wait(30)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(10)  # the pipe is at its end once the process is gone
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        self.proc.stdout.close()

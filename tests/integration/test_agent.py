@@ -64,44 +64,16 @@ def test_rag_answers_only_from_the_clients_own_documents(run_serve, backend, lk_
 
 
 def test_autonomite_chat_lets_a_person_talk_to_the_agent(run_serve, lk_a):
-    import subprocess
-    import sys
-    import threading
-
-    from tests.support import wait_until
+    from tests.support import ChatProcess, wait_until
 
     alpha = Client("alpha", lk_a, min_idle=1, max_size=1, agents=[SUPPORT])
     serve = run_serve([alpha])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "chat", "--gateway", f"http://127.0.0.1:{serve.port}",
-         "--token", alpha.token, "--client", "alpha", "--agent", "support", "--room", "room-chat",
-         "--context", '{"name": "Dana"}'],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    lines: list[str] = []
-
-    def read() -> None:  # on a thread, so each expected line is awaited with a deadline
-        for line in proc.stdout:
-            lines.append(line)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-
-    def said(prefix: str) -> bool:
-        return any(line.startswith(prefix) for line in list(lines))
-
+    chat = ChatProcess(serve, alpha, "--agent", "support", "--room", "room-chat", "--context", '{"name": "Dana"}')
     try:
-        wait_until(lambda: said("agent> Hello Dana"), 60, "the agent's greeting")
-        proc.stdin.write("what is my name?\n")
-        proc.stdin.flush()
-        wait_until(lambda: said("agent> Dana, you said: what is my name?"), 60, "the agent's reply")
-        proc.stdin.close()  # Ctrl-D: leave
-        assert proc.wait(30) == 0
+        wait_until(lambda: chat.printed("agent> Hello Dana"), 60, "the agent's greeting")
+        chat.type("what is my name?")
+        wait_until(lambda: chat.printed("agent> Dana, you said: what is my name?"), 60, "the agent's reply")
+        assert chat.leave() == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        reader.join(10)  # the pipe is at its end once the process is gone
-        proc.stdin.close()
-        proc.stdout.close()
-    assert said("session: worker ")
+        chat.close()
+    assert chat.printed("session: worker ")

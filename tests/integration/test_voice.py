@@ -111,37 +111,15 @@ def test_voice_and_text_sessions_run_side_by_side_on_one_client(run_serve, lk_a,
 
 
 def test_autonomite_chat_voice_speaks_a_line_and_prints_what_the_agent_said_aloud(run_serve, lk_a, documents):
-    import subprocess
-    import sys
-    import threading
-
-    from tests.support import wait_until
+    from tests.support import ChatProcess, wait_until
 
     acme = Client("acme", lk_a, min_idle=1, max_size=1, agents=[VOICE], knowledge_dir=documents)
     serve = run_serve([acme])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "chat", "--gateway", f"http://127.0.0.1:{serve.port}",
-         "--token", acme.token, "--client", "acme", "--agent", "desk", "--room", "room-chat-voice",
-         "--voice", "--words", documents],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-
-    def heard(words: str) -> bool:
-        return any(line.startswith("heard> ") and words in line for line in list(lines))
-
+    chat = ChatProcess(serve, acme, "--agent", "desk", "--room", "room-chat-voice", "--voice", "--words", documents)
     try:
-        wait_until(lambda: heard("hello"), 60, "the greeting, heard from the agent's audio")
-        proc.stdin.write("What is the door code?\n")
-        proc.stdin.flush()
-        wait_until(lambda: heard("four two seven one"), 60, "the spoken answer, transcribed")
-        proc.stdin.close()  # Ctrl-D: leave
-        assert proc.wait(30) == 0
+        wait_until(lambda: chat.printed("heard> ", "hello"), 60, "the greeting, heard from the agent's audio")
+        chat.type("What is the door code?")
+        wait_until(lambda: chat.printed("heard> ", "four two seven one"), 60, "the spoken answer, transcribed")
+        assert chat.leave() == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        reader.join(10)
-        proc.stdout.close()
+        chat.close()
