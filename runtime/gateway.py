@@ -380,7 +380,8 @@ def create_app(runtime: Runtime) -> web.Application:
     app.router.add_post("/api/v1/admin/reload", reload)
     app.router.add_post("/api/v1/webhooks/livekit/{client_id}", livekit_webhook)
     app.router.add_post("/api/v1/admin/fault/crash-pool/{client_id}", crash_pool)
-    app.router.add_get("/metrics", metrics)
+    if runtime.settings.runtime.metrics is None:  # else on its own listener only (runtime.metrics_http)
+        app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app

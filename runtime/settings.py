@@ -61,6 +61,14 @@ class GatewaySettings(_Model):
     auth_failures: AuthFailureSettings = AuthFailureSettings()
 
 
+class MetricsSettings(_Model):
+    """A listener of its own for ``/metrics``, which names every client: with it, the public
+    gateway no longer serves ``/metrics`` and only who reaches this address can scrape."""
+
+    host: str = Field("127.0.0.1", pattern=r"^[A-Za-z0-9.:-]{1,253}$")  # an address or a host name
+    port: int = Field(ge=1, le=65535)  # no 0: a scraper must know where to look
+
+
 class ScalerSettings(_Model):
     interval_s: float = Field(1.0, gt=0, le=3600)
     high_water: float = Field(0.8, gt=0, le=1)
@@ -121,12 +129,20 @@ class DispatchSettings(_Model):
 class RuntimeSettings(_Model):
     backend: Literal["process", "docker", "swarm"] = "process"
     gateway: GatewaySettings = GatewaySettings()
+    metrics: MetricsSettings | None = None  # none: /metrics stays on the gateway, as before
     dispatch: DispatchSettings = DispatchSettings()
     admin_token: Token
     scaler: ScalerSettings = ScalerSettings()
     supervisor: SupervisorSettings = SupervisorSettings()
     workers: WorkerSettings = WorkerSettings()
     fault_injection: bool = False
+
+    @model_validator(mode="after")
+    def _metrics_apart(self) -> "RuntimeSettings":
+        m, gw = self.metrics, self.gateway
+        if m is not None and m.port == gw.port and (m.host == gw.host or "0.0.0.0" in (m.host, gw.host)):
+            raise ValueError(f"metrics.port {m.port} is the gateway's; give the metrics listener a port of its own")
+        return self
 
 
 class LiveKitSettings(_Model):

@@ -18,6 +18,9 @@ ENV = {
 }
 
 
+GATEWAY = "gateway: {host: 127.0.0.1, port: 8080}"  # the example's; runtime.metrics tests add a line after it
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "clients.yaml"
     path.write_text(text)
@@ -32,6 +35,13 @@ def test_the_example_config_loads_with_its_documented_shape():
     assert acme.pool.min_idle == 2 and acme.pool.max_size == 8
     assert settings.runtime.scaler.high_water == 0.8
     assert ENV["ACME_LK_SECRET"] not in repr(settings)
+
+
+def test_metrics_stay_on_the_gateway_unless_a_listener_of_their_own_is_set(tmp_path):
+    assert load_settings(EXAMPLE, ENV).runtime.metrics is None  # the default: as before runtime.metrics existed
+    path = write(tmp_path, EXAMPLE.read_text().replace(GATEWAY, GATEWAY + "\n  metrics: {host: 10.0.0.5, port: 9464}", 1))
+    metrics = load_settings(path, ENV).runtime.metrics
+    assert (metrics.host, metrics.port) == ("10.0.0.5", 9464)
 
 
 def test_a_missing_variable_names_the_file_the_field_and_the_variable(tmp_path):
@@ -50,6 +60,11 @@ def test_a_missing_variable_names_the_file_the_field_and_the_variable(tmp_path):
         (("url: ws://127.0.0.1:7880", "url: 127.0.0.1:7880"), "clients[0].livekit.url", "should match pattern"),
         (("        voice_id: alloy", "        voice_id: alloy\n        colour: red"), "clients[0].agents[0].colour", "Extra inputs"),
         (("high_water: 0.8", "high_water: 0.2"), "runtime.scaler", "low_water must be below high_water"),
+        ((GATEWAY, GATEWAY + "\n  metrics: {port: 70000}"), "runtime.metrics.port", "less than or equal to 65535"),
+        ((GATEWAY, GATEWAY + "\n  metrics: {host: 127.0.0.1, port: 8080}"), "runtime",
+         "metrics.port 8080 is the gateway's; give the metrics listener a port of its own"),
+        ((GATEWAY, GATEWAY + "\n  metrics: {host: 'exporter host', port: 9464}"), "runtime.metrics.host", "should match pattern"),
+        ((GATEWAY, GATEWAY + "\n  metrics: {host: 127.0.0.1}"), "runtime.metrics.port", "Field required"),
     ],
 )
 def test_invalid_fields_are_rejected_with_path_and_reason(tmp_path, change, field, reason):
