@@ -17,14 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import secrets
-from typing import Literal
 
 import pykka
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
 from actors import pool_id
 from actors.messages import Crash, GetStats, PoolStats, Trigger, TriggerRequest, TriggerResult
@@ -35,11 +33,12 @@ from runtime.http_guard import (
     AuthFailureLimiter,
     RecentIds,
     bearer_token,
-    invalid_unicode_path,
     nested_deeper_than,
     retry_after_header,
 )
+from runtime.http_models import ErrorCode, TriggerBody
 from runtime.livekit import verify_webhook
+from runtime.openapi import OPENAPI_PATH, serve_openapi
 from runtime.secrets import same_secret
 from runtime.settings import ConfigError, LiveKitSettings
 
@@ -50,15 +49,7 @@ MAX_BODY = web.AppKey("max_body", int)
 BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
 AUTH_FAILURES = web.AppKey("auth_failures", AuthFailureLimiter)
 WEBHOOK_IDS = web.AppKey("webhook_ids", RecentIds)
-MAX_CONTEXT_BYTES = 16 * 1024
-_EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}")  # used with fullmatch: "x@y\n" is no address
 
-ErrorCode = Literal[
-    "unauthorized", "forbidden", "too_many_failures", "invalid_signature",  # who is asking
-    "unknown_client", "unknown_agent", "not_found", "method_not_allowed",  # what is asked for
-    "body_too_large", "request_timeout", "malformed_json", "invalid_body",  # how it is asked
-    "restarting", "timeout", "failed", "config_error", "http_error", "internal",  # what went wrong
-]
 _HTTP_ERROR_CODES: dict[int, ErrorCode] = {
     404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "body_too_large",
 }
@@ -159,35 +150,6 @@ async def _read_body(request: web.Request) -> bytes:
 
 
 # -- triggers --------------------------------------------------------------------------------
-
-
-class TriggerBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    client_id: str = Field(min_length=1, max_length=64)
-    agent: str = Field(min_length=1, max_length=64)
-    room_name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")
-    user_email: str | None = Field(None, max_length=320)
-    context: dict | None = None
-    conversation_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
-
-    @field_validator("user_email")
-    @classmethod
-    def _email_shape(cls, v: str | None) -> str | None:
-        if v is not None and not _EMAIL.fullmatch(v):
-            raise ValueError("not an email address")
-        return v
-
-    @field_validator("context")
-    @classmethod
-    def _context_sound(cls, v: dict | None) -> dict | None:
-        # pydantic refuses lone surrogates in str fields itself, but not inside a plain dict.
-        where = invalid_unicode_path(v) if v is not None else None
-        if where:
-            raise ValueError(f"a string at context{where} is not valid Unicode (a lone surrogate)")
-        if v is not None and len(json.dumps(v)) > MAX_CONTEXT_BYTES:
-            raise ValueError(f"larger than {MAX_CONTEXT_BYTES} bytes as JSON")
-        return v
 
 
 def parse_trigger(raw: bytes) -> TriggerBody:
@@ -384,6 +346,7 @@ def create_app(runtime: Runtime) -> web.Application:
         app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get(OPENAPI_PATH, serve_openapi)
     return app
 
 

@@ -1,0 +1,57 @@
+"""The gateway's wire shapes: the trigger body it accepts and the error codes it refuses with.
+
+They live apart from ``runtime.gateway`` so that the OpenAPI document (``runtime.openapi``)
+is built from the very models the handlers validate with, without importing the gateway:
+the document cannot drift from the validation it describes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from runtime.http_guard import invalid_unicode_path
+
+MAX_CONTEXT_BYTES = 16 * 1024
+_EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}")  # used with fullmatch: "x@y\n" is no address
+
+ErrorCode = Literal[
+    "unauthorized", "forbidden", "too_many_failures", "invalid_signature",  # who is asking
+    "unknown_client", "unknown_agent", "not_found", "method_not_allowed",  # what is asked for
+    "body_too_large", "request_timeout", "malformed_json", "invalid_body",  # how it is asked
+    "restarting", "timeout", "failed", "config_error", "http_error", "internal",  # what went wrong
+]
+# Refusals the dispatcher itself words (actors/dispatch.py) and the gateway passes through.
+DispatchErrorCode = Literal["no_idle_worker", "livekit_error"]
+
+
+class TriggerBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    client_id: str = Field(min_length=1, max_length=64)
+    agent: str = Field(min_length=1, max_length=64)
+    room_name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")
+    user_email: str | None = Field(None, max_length=320)
+    context: dict | None = None
+    conversation_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
+
+    @field_validator("user_email")
+    @classmethod
+    def _email_shape(cls, v: str | None) -> str | None:
+        if v is not None and not _EMAIL.fullmatch(v):
+            raise ValueError("not an email address")
+        return v
+
+    @field_validator("context")
+    @classmethod
+    def _context_sound(cls, v: dict | None) -> dict | None:
+        # pydantic refuses lone surrogates in str fields itself, but not inside a plain dict.
+        where = invalid_unicode_path(v) if v is not None else None
+        if where:
+            raise ValueError(f"a string at context{where} is not valid Unicode (a lone surrogate)")
+        if v is not None and len(json.dumps(v)) > MAX_CONTEXT_BYTES:
+            raise ValueError(f"larger than {MAX_CONTEXT_BYTES} bytes as JSON")
+        return v
