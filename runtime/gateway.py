@@ -33,6 +33,7 @@ from runtime.http_guard import (
     AuthFailureLimiter,
     RecentIds,
     bearer_token,
+    is_json_object,
     nested_deeper_than,
     retry_after_header,
 )
@@ -290,6 +291,8 @@ async def livekit_webhook(request: web.Request) -> web.Response:
     except Exception:  # noqa: BLE001 - any failure to verify is the same answer, and says nothing more
         logger.warning("rejected a LiveKit webhook for %r: signature did not verify", request.match_info["client_id"])
         raise _auth_failed(request, "invalid_signature", "the webhook is not signed with this client's key") from None
+    if not is_json_object(raw):  # signed, but no event: counted nowhere (found by tests/integration/test_fuzz.py)
+        raise Refusal(400, "malformed_json", "the webhook body must be a JSON object (a LiveKit WebhookEvent)")
     seen = request.app[WEBHOOK_IDS]
     if event.id and (client.id, event.id) in seen:
         logger.info("livekit %s: duplicate event %s ignored", client.id, event.id)

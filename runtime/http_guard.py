@@ -56,6 +56,16 @@ def nested_deeper_than(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
+def is_json_object(valid_json: bytes) -> bool:
+    """Whether a body already known to be valid JSON is an object, from its first byte.
+
+    LiveKit's webhook parser (protobuf's) reads a JSON string, or a list of strings, as an
+    empty event instead of failing; the gateway refuses such a body itself, without parsing
+    it a second time.
+    """
+    return valid_json.lstrip(b" \t\n\r").startswith(b"{")
+
+
 def invalid_unicode_path(value: object, path: str = "") -> str | None:
     """Where in a parsed JSON value a string is not valid Unicode, or None if none is.
 

@@ -149,6 +149,7 @@ def _operations() -> dict[str, dict[str, dict]]:
             "schema": {"type": "object", "description": "LiveKit's WebhookEvent as JSON"}}}},
         "responses": {
             "200": _json(_object({"received": _STR}, {"duplicate": {"const": True}}), "The verified event's name."),
+            "400": _refusal("Signed, but the body is not a JSON object.", "malformed_json"),
             "401": _refusal("The signature does not verify with this client's key pair, or no such client.",
                             "invalid_signature"),
             **_BODY_REFUSALS, "429": _THROTTLED,

@@ -18,6 +18,7 @@ from runtime.http_guard import (
     RecentIds,
     bearer_token,
     invalid_unicode_path,
+    is_json_object,
     nested_deeper_than,
     retry_after_header,
 )
@@ -74,6 +75,11 @@ def test_a_deep_body_is_refused_before_json_loads_could_recurse():
     with pytest.raises(Refusal) as e:
         parse_trigger(b"[" * 100_000)
     assert (e.value.status, e.value.code) == (400, "malformed_json") and "deeper than 32" in e.value.detail
+
+
+def test_a_json_object_is_told_from_other_json_by_its_first_byte():
+    assert is_json_object(b'{"event": "room_finished"}') and is_json_object(b" \r\n\t{}")
+    assert not any(is_json_object(b) for b in (b'"+0.0"', b'["room_finished"]', b"5", b"null", b" []", b""))
 
 
 def test_lone_surrogates_are_found_wherever_they_are():
