@@ -58,6 +58,7 @@ class Runtime:
         self.settings = settings
         self.config_path = config_path
         self.metrics = Metrics()
+        self.metrics.set_scaler_thresholds(settings.runtime.scaler.high_water, settings.runtime.scaler.low_water)
         self.directory = Directory()
         self.backend = backend or make_backend(settings)
         self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="worker-io")

@@ -47,6 +47,10 @@ class Metrics:
             "autonomite_client_source_bad_rows", "1 for a client row that fails validation (skipped, or its last good "
             "configuration kept).", ["client"], registry=r,
         )
+        self.scaler_threshold = Gauge(
+            "autonomite_scaler_threshold", "The scaler's utilization thresholds in force (runtime.scaler).", ["bound"],
+            registry=r,
+        )
         self.actor_restarts = Counter("autonomite_actor_restarts", "Actors restarted by the supervisor.", ["actor"], registry=r)
         self.dispatch_latency = Histogram(
             "autonomite_dispatch_latency_seconds", "Trigger received to the leased worker's job accepted (the 200).", ["client"],
@@ -58,6 +62,12 @@ class Metrics:
             buckets=(0.5, 1, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 60),
             registry=r,
         )
+
+    def set_scaler_thresholds(self, high_water: float, low_water: float) -> None:
+        """Exported so that a dashboard draws utilization against the thresholds this runtime
+        really uses (they change only with a restart), not against constants of its own."""
+        self.scaler_threshold.labels("high_water").set(high_water)
+        self.scaler_threshold.labels("low_water").set(low_water)
 
     def forget_client(self, client_id: str) -> None:
         """A removed client's gauges go away instead of freezing at their last value."""

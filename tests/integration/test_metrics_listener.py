@@ -1,8 +1,10 @@
-"""/metrics on a listener of its own (``runtime.metrics``), or on the gateway by default."""
+"""/metrics on a listener of its own (``runtime.metrics``), or on the gateway by default; and the
+Grafana dashboard asks only for series a live runtime really exports."""
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -10,7 +12,8 @@ import urllib.error
 import urllib.request
 
 from runtime.devserver import free_port
-from tests.support import Client, metric_value, write_config
+from tests.support import Client, metric_value, wait_until, write_config
+from tests.unit.test_grafana_dashboard import METRIC, load, queries
 
 
 def http_get(port: int, path: str) -> tuple[int, str, str]:
@@ -39,6 +42,7 @@ def test_with_runtime_metrics_set_only_that_listener_serves_metrics(run_serve, l
     status, content_type, text = http_get(port, "/metrics")
     assert status == 200 and content_type.startswith("text/plain"), (status, content_type)
     assert metric_value(text, "autonomite_pool_workers", client="alpha", state="idle") == 1
+    assert metric_value(text, "autonomite_scaler_threshold", bound="high_water") == 0.8
     for secret in (alpha.token, lk_a.secret, serve.admin):
         assert secret not in text
     # The metrics listener serves nothing else, and refuses in the gateway's JSON shape.
@@ -63,9 +67,29 @@ def test_a_metrics_port_already_taken_is_a_clear_exit(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def exported_series(text: str) -> set[str]:
+    """Every series name an exposition can carry, from its ``# TYPE`` lines (a labelled metric
+    has them before its first sample)."""
+    suffixes = {"counter": ("", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"), "gauge": ("",)}
+    series = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
+        base = name.removesuffix("_total") if kind == "counter" else name
+        series |= {(name if kind == "counter" and not s else base + s) for s in suffixes.get(kind, ("",))}
+    return series
 
-def test_by_default_the_gateway_serves_metrics(run_serve, lk_a):
-    serve = run_serve([Client("alpha", lk_a, min_idle=1, max_size=1)])  # no runtime.metrics: as before it existed
+
+def test_by_default_the_gateway_serves_metrics_and_the_dashboard_asks_only_for_exported_series(run_serve, lk_a):
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=2)
+    serve = run_serve([alpha])  # no runtime.metrics: as before it existed
     r = serve.request("GET", "/metrics")
     assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
-    assert metric_value(r.body, "autonomite_pool_workers", client="alpha", state="idle") == 1
+    assert serve.trigger(alpha, "room-dashboard").status == 200  # counters and histograms get samples too
+    wait_until(lambda: alpha.project.active_agents("room-dashboard"), 30, "the agent in the room")
+    text = serve.metrics()
+    series = exported_series(text)
+    assert {"autonomite_triggers_total", "autonomite_dispatch_latency_seconds_bucket"} <= series
+    for where, expr in queries(load()):
+        missing = set(METRIC.findall(expr)) - series
+        assert not missing, f"{where}: {missing} not exported by the runtime"
+    assert metric_value(text, "autonomite_scaler_threshold", bound="low_water") == 0.3
+    alpha.project.delete_room("room-dashboard")
