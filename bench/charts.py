@@ -14,7 +14,7 @@ COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52")
 
 class Panel(NamedTuple):
     unit: str  # the x axis label
-    series: dict[str, list[float]]  # one bar per series in each row's group
+    series: dict[str, list[float | None]]  # one bar per series in each row's group; None: no figure
     fmt: str = "{:.0f}"
 
 
@@ -31,11 +31,12 @@ def grouped_bars(path: Path, title: str, rows: list[str], *panels: Panel) -> Non
     for ax, panel in zip(axes[0], panels):
         height = 0.8 / len(panel.series)
         for k, (name, values) in enumerate(panel.series.items()):
-            bars = ax.barh([i + k * height for i in range(len(rows))], values, height=height * 0.95,
-                           color=COLORS[k % len(COLORS)], label=name)
-            ax.bar_label(bars, labels=[panel.fmt.format(v) for v in values], padding=3, fontsize=8)
+            bars = ax.barh([i + k * height for i in range(len(rows))], [v or 0.0 for v in values],
+                           height=height * 0.95, color=COLORS[k % len(COLORS)], label=name)
+            ax.bar_label(bars, labels=["n/a" if v is None else panel.fmt.format(v) for v in values], padding=3,
+                         fontsize=8)
         ax.set_yticks([i + height * (len(panel.series) - 1) / 2 for i in range(len(rows))], rows)
-        ax.set_xlim(0, max(max(v) for v in panel.series.values()) * 1.22 or 1)
+        ax.set_xlim(0, max((v for vs in panel.series.values() for v in vs if v is not None), default=1) * 1.22 or 1)
         ax.set_xlabel(panel.unit)
         if len(panel.series) > 1:
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False, fontsize=8)
