@@ -3,8 +3,8 @@
 Three steps, each cached in the git-ignored ``.cache/image/``:
 
 1. **Base.** A Debian bookworm root made by ``mmdebstrap`` (a Debian package) with python3,
-   python3-venv, ca-certificates and passwd, ``docker import``-ed as
-   ``autonomite-base:bookworm``. Only the Debian mirror is needed, not Docker Hub. Skipped
+   python3-venv, ca-certificates, passwd and espeak-ng (the offline TTS), ``docker
+   import``-ed as ``autonomite-base:bookworm-<hash of that package list>``. Only the Debian mirror is needed, not Docker Hub. Skipped
    when ``--base`` names an image the engine already has (``python:3.11-slim`` where a
    registry is reachable).
 2. **Wheelhouse.** ``pip wheel`` of this project and all its dependencies on the host, for
@@ -31,8 +31,9 @@ from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CACHE = PROJECT_DIR / ".cache" / "image"
-BASE_TAG = "autonomite-base:bookworm"
-BASE_PACKAGES = "python3,python3-venv,ca-certificates,passwd"
+BASE_PACKAGES = "python3,python3-venv,ca-certificates,passwd,espeak-ng"
+# Named by its packages: a base made before a package was added is never taken for this one.
+BASE_TAG = f"autonomite-base:bookworm-{hashlib.sha256(BASE_PACKAGES.encode()).hexdigest()[:8]}"
 SOURCES = ("pyproject.toml", "README.md", "agent", "runtime", "actors")
 
 
@@ -75,13 +76,13 @@ def ensure_base(engine) -> str:  # noqa: ANN001
         return BASE_TAG
     except ImageNotFound:
         pass
-    tarball = CACHE / "bookworm-base.tar"
+    tarball = CACHE / f"{BASE_TAG.split(':')[1]}.tar"
     if not tarball.exists():
         if shutil.which("mmdebstrap") is None:
             raise ImageError("base image: mmdebstrap is not installed (Debian package mmdebstrap), "
                              "or pass --base with an image the engine has")
         CACHE.mkdir(parents=True, exist_ok=True)
-        partial = CACHE / "bookworm-base.partial.tar"  # mmdebstrap picks the format by the name
+        partial = tarball.with_suffix(".partial.tar")  # mmdebstrap picks the format by the name
         _run(["mmdebstrap", "--variant=apt", f"--include={BASE_PACKAGES}", "bookworm", str(partial)], "mmdebstrap")
         partial.rename(tarball)
     repository, tag = BASE_TAG.split(":")
