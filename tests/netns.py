@@ -42,8 +42,9 @@ def inside(netns: "NetNs") -> Iterator[None]:
         _setns(f"/var/run/netns/{netns.name}")
         try:
             yield
-        finally:
-            ctypes.CDLL("libc.so.6", use_errno=True).setns(home, CLONE_NEWNET)
+        finally:  # a thread left behind in a test's namespace would run every later test there
+            if ctypes.CDLL("libc.so.6", use_errno=True).setns(home, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back to the thread's own network namespace")
     finally:
         os.close(home)
 
@@ -69,10 +70,19 @@ class NetNs:
         self.name = f"{prefix}-{secrets.token_hex(3)}"
         self.address: str | None = None
 
-    def create(self) -> "NetNs":
+    def create(self, teardown: "contextlib.ExitStack | None" = None) -> "NetNs":
+        """Add it (and, with ``teardown``, its deletion at once, so a failure after cannot leak it)."""
         subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
+        if teardown is not None:
+            teardown.callback(self.delete)
         self.ip("link", "set", "lo", "up")
         return self
+
+    def kill_all(self) -> None:
+        """SIGKILL whatever still runs in it (a node's containerd and shims, say)."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
 
     def ip(self, *args: str) -> None:
         subprocess.run(["ip", "-n", self.name, *args], check=True, capture_output=True)
@@ -89,9 +99,7 @@ class NetNs:
 
     def delete(self) -> None:
         """Kill whatever still runs in it, then delete it (with its end of the veth)."""
-        for pid in self.pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
+        self.kill_all()
         subprocess.run(["ip", "netns", "delete", self.name], capture_output=True)
 
 

@@ -87,11 +87,15 @@ class PrivateSwarm:
         assert self.node_id
         return self
 
-    def load(self, source: docker.DockerClient | bytes, tag: str) -> str:
+    def load(self, source: docker.DockerClient | Path, tag: str) -> str:
         """``docker save | docker load`` from another engine (or its saved archive): how an
-        image reaches a node."""
-        data = source if isinstance(source, bytes) else b"".join(source.images.get(tag).save(named=tag))
-        self.engine.images.load(data)
+        image reaches a node. Through a file, not memory: the image is ~800 MB."""
+        if isinstance(source, Path):
+            with source.open("rb") as archive:
+                self.engine.images.load(archive)
+        else:
+            with tempfile.TemporaryDirectory(prefix="asw-image-") as folder:
+                self.load(save_image(source, tag, Path(folder) / "image.tar"), tag)
         return self.engine.images.get(tag).id
 
     def containers(self, label: str = "autonomite.client") -> list:
@@ -116,6 +120,8 @@ class PrivateSwarm:
                 self.engine.swarm.leave(force=True)
             self.engine.close()
         self.stop_engine()
+        if self.netns is not None:  # its containerd and shims, if dockerd had to be killed
+            self.netns.kill_all()
         if self.netns is None:  # the bridge swarm made on the host, if still there once its engine is gone
             subprocess.run(["ip", "link", "delete", "docker_gwbridge"], capture_output=True)
         # What the engine mounted under its roots and left (its default netns handle, nsfs).
@@ -123,3 +129,11 @@ class PrivateSwarm:
         for mount in sorted(mounts, key=len, reverse=True):
             subprocess.run(["umount", "--lazy", mount], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def save_image(source: docker.DockerClient, tag: str, path: Path) -> Path:
+    """``docker save`` of ``tag`` into ``path``, streamed."""
+    with path.open("wb") as archive:
+        for chunk in source.images.get(tag).save(named=tag):
+            archive.write(chunk)
+    return path

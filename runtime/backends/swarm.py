@@ -28,6 +28,7 @@ container): the pool calls them from helper threads, never from its mailbox.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class SwarmBackend:
         if info.get("Swarm", {}).get("ControlAvailable") is not True:
             raise BackendError("swarm backend: this Docker engine is not a swarm manager (docker swarm init)")
         self._nodes: dict[str, str] = {}  # node id -> address, cached
+        self._node_states = NodeStates(self._docker)
 
     def start(self, spec: WorkerSpec) -> WorkerHandle:
         env = {**spec.env, "AUTONOMITE_STATUS_HOST": "0.0.0.0"}  # reached at its node's address
@@ -109,7 +111,7 @@ class SwarmBackend:
         for service in self._docker.services.list(filters={"label": [label, LABEL_WORKER]}):
             task = _current_task(service.tasks())
             state = task["Status"]["State"] if task else "none"
-            if (state == "running" or state in STARTING) and not _node_down(self._docker, task.get("NodeID")):
+            if (state == "running" or state in STARTING) and not self._node_states.down(task.get("NodeID")):
                 node = self._node_address(task["NodeID"]) if task.get("NodeID") else "127.0.0.1"
                 handles.append(WorkerHandle.from_labels(service.attrs["Spec"]["Labels"], ref=service.id[:12],
                                                         status_host=node))
@@ -118,19 +120,26 @@ class SwarmBackend:
         return handles
 
     def wait(self, handle: WorkerHandle) -> int:
-        """Poll the task until it ended (a task's exit is not streamed); then save its log
-        and remove the service, so nothing is left behind."""
+        """Poll the task until it ended (a task's exit is not streamed), or its node is
+        down; then save its log and remove the service, so nothing is left behind. An
+        unreachable manager is waited out (with backoff): returning early would have the
+        pool start a replacement beside a service that may still run."""
         engine = self._engine()  # its own connection: waits must not starve the shared pool
-        node_checked = time.monotonic()
+        node_checked, backoff = time.monotonic(), POLL_S
         try:
             while True:
                 try:
                     task = _current_task(engine.services.get(handle.ref).tasks())
                 except NotFound:
                     return -1  # removed (stopped) meanwhile
-                lost = False
+                except (DockerException, OSError) as e:
+                    logger.warning("waiting for %s: %s; retrying in %g s", handle.ref, short_error(e), backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                backoff, lost = POLL_S, False
                 if task and time.monotonic() - node_checked >= NODE_CHECK_S:
-                    lost, node_checked = _node_down(engine, task.get("NodeID")), time.monotonic()
+                    lost, node_checked = self._node_states.down(task.get("NodeID")), time.monotonic()
                 if task and (task["Status"]["State"] in ENDED or lost):
                     code = -1 if lost else task["Status"].get("ContainerStatus", {}).get("ExitCode", -1)
                     if lost:
@@ -140,9 +149,6 @@ class SwarmBackend:
                     self._remove(handle.ref)
                     return int(code)
                 time.sleep(POLL_S)
-        except DockerException as e:
-            logger.warning("waiting for %s: %s", handle.ref, short_error(e))
-            return -1
         finally:
             engine.close()
 
@@ -181,7 +187,7 @@ class SwarmBackend:
                 # Assigned to a node that died before the manager noticed: it will never start.
                 if node and time.monotonic() - node_checked >= NODE_CHECK_S:
                     node_checked = time.monotonic()
-                    if _node_down(self._docker, node):
+                    if self._node_states.down(node):
                         raise BackendError(f"swarm node {node[:12]} went down before the worker started")
             time.sleep(POLL_S)
         raise BackendError(f"swarm task of service {service_id[:12]} not running within {PLACED_TIMEOUT_S:g} s")
@@ -212,14 +218,32 @@ class SwarmBackend:
         return self._log_dir / client_id / f"{worker_id}.log"
 
 
-def _node_down(engine: docker.DockerClient, node_id: str | None) -> bool:
-    """The manager marked this node down (or it left): what runs there is lost to us."""
-    if not node_id:
-        return False
-    try:
-        return engine.nodes.get(node_id).attrs["Status"]["State"] in ("down", "disconnected")
-    except NotFound:
-        return True
+class NodeStates:
+    """Which nodes the manager has marked ``down``, read with one ``nodes.list()`` at most
+    every NODE_CHECK_S however many workers ask (hundreds of waiters share it).
+
+    Only ``down`` counts: Swarm says so after missed heartbeats and then gives up on the
+    node's tasks itself. ``disconnected`` is a node looking for a manager for a moment;
+    its workers are fine and must not be removed. A node the manager no longer lists has
+    left the swarm: lost too. Called from helper threads; the lock guards the snapshot."""
+
+    def __init__(self, engine: docker.DockerClient) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._states: dict[str, str] = {}
+        self._read_at = -NODE_CHECK_S
+
+    def down(self, node_id: str | None) -> bool:
+        if not node_id:
+            return False
+        with self._lock:
+            if time.monotonic() - self._read_at >= NODE_CHECK_S:
+                try:
+                    self._states = {n.id: n.attrs["Status"]["State"] for n in self._engine.nodes.list()}
+                    self._read_at = time.monotonic()
+                except (DockerException, OSError) as e:  # keep the last view; the next call retries
+                    logger.warning("reading the swarm's nodes: %s", short_error(e))
+            return bool(self._states) and self._states.get(node_id, "down") == "down"
 
 
 def _current_task(tasks: list[dict]) -> dict | None:

@@ -4,6 +4,9 @@ Node A (the manager) runs the runtime, livekit-server and this module's test cod
 fixture moves the test thread into A's namespace); node B is a worker node. They reach
 each other only over the veth pair the fixture made, at 10.231.0.1 and 10.231.0.2, so a
 worker on B registers with LiveKit and answers its status probes across a real link.
+
+Everything the test thread starts while in A's namespace stays there: request no
+session-wide fixture here (``lk_a``, ``lk_b``) that this module would be first to start.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import docker
 import pytest
@@ -20,7 +25,7 @@ import pytest
 from runtime.devserver import LiveKitServer
 from tests.netns import NetNs, inside, link
 from tests.support import Client, LiveKitProject, new_secret, wait_until
-from tests.swarm_stack import PrivateSwarm
+from tests.swarm_stack import PrivateSwarm, save_image
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"), reason="needs root and iproute2")
 
@@ -40,8 +45,7 @@ class Nodes:
 @pytest.fixture(scope="module")
 def nodes(docker_worker_image, log_root):
     with contextlib.ExitStack() as teardown:  # in reverse: LiveKit, node B, node A, the namespaces
-        ns_a, ns_b = NetNs().create(), NetNs().create()
-        teardown.callback(ns_a.delete), teardown.callback(ns_b.delete)
+        ns_a, ns_b = NetNs().create(teardown), NetNs().create(teardown)
         link(ns_a, ns_b)
         a = PrivateSwarm(log_root / "dockerd-node-a.log", ns_a)
         teardown.callback(a.stop)
@@ -52,9 +56,10 @@ def nodes(docker_worker_image, log_root):
         node_b = a.engine.nodes.get(b.node_id)
         node_b.update({**node_b.attrs["Spec"], "Labels": {"tier": "voice"}})
         image = docker_worker_image["image"]
-        archive = b"".join(docker.from_env(version="auto", timeout=600).images.get(image).save(named=image))
-        a.load(archive, image), b.load(archive, image)  # Swarm ships no images: every node loads it
-        del archive
+        with contextlib.closing(docker.from_env(version="auto", timeout=600)) as shared, \
+                tempfile.TemporaryDirectory(prefix="asw-image-") as folder:
+            archive = save_image(shared, image, Path(folder) / "image.tar")
+            a.load(archive, image), b.load(archive, image)  # Swarm ships no images: every node loads it
         with inside(ns_a):
             key = "nodeskey"
             server = LiveKitServer({key: (secret := new_secret("nodes-lk-secret"))}, host=ns_a.address,
