@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
 import re
@@ -41,6 +42,7 @@ logger = logging.getLogger("autonomite.agent.voice")
 STT_RATE = 16_000  # what the en-us acoustic model was trained on
 TTS_RATE = 22_050  # what espeak-ng speaks at
 TTS_VOICE = "en-us"
+MAX_CORPUS_WORDS = 200_000  # ~0.5 s of model building at a worker's start
 # What callers ask and what the agent says around the client's own words.
 COMMON_WORDS = """
 what when where who how why which is are was do does did can could would will the a an of to
@@ -54,9 +56,16 @@ _WORD = re.compile(r"[a-z']+")
 _SENTENCE = re.compile(r"[.?!;:\n]+")
 
 
-def domain_corpus(texts: list[str]) -> list[list[str]]:
-    """Sentences of lower-case words, from every text the client's agent may hear or say."""
-    sentences = [_WORD.findall(s.lower()) for text in texts for s in _SENTENCE.split(text)]
+def domain_corpus(texts: list[str], max_words: int = MAX_CORPUS_WORDS) -> list[list[str]]:
+    """Sentences of lower-case words, from every text the client's agent may hear or say
+    (the first ``max_words`` of them: a worker builds its model at every start)."""
+    sentences, words = [], 0
+    for text in texts:
+        for sentence in _SENTENCE.split(text):
+            if words >= max_words:
+                break
+            sentences.append(_WORD.findall(sentence.lower()))
+            words += len(sentences[-1])
     sentences += [_WORD.findall(s.lower()) for s in REPLY_PHRASES]
     return [s for s in sentences if s] + [[w] for w in COMMON_WORDS.split()]
 
@@ -186,8 +195,10 @@ class _Speech(tts.ChunkedStream):
         voice = self._tts.voice if isinstance(self._tts, OfflineTTS) else TTS_VOICE
         output_emitter.initialize(request_id=uuid.uuid4().hex, sample_rate=TTS_RATE, num_channels=1,
                                   mime_type="audio/pcm")
-        async for chunk in speak(self._input_text, voice):
-            output_emitter.push(chunk)
+        if self._input_text.strip():
+            async with contextlib.aclosing(speak(self._input_text, voice)) as speech:  # cancelled: killed now
+                async for chunk in speech:
+                    output_emitter.push(chunk)
         output_emitter.flush()
 
 
@@ -199,12 +210,16 @@ async def speak(text: str, voice: str = TTS_VOICE):  # noqa: ANN201 - an async i
         raise APIConnectionError("espeak-ng is not installed (Debian: apt install espeak-ng)", retryable=False)
     proc = await asyncio.create_subprocess_exec(
         binary, "--stdout", "-v", voice, "--stdin",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
         proc.stdin.write(text.encode())
         proc.stdin.close()
-        header = await proc.stdout.readexactly(44)
+        try:
+            header = await proc.stdout.readexactly(44)
+        except asyncio.IncompleteReadError:  # e.g. an unknown voice: it says why on stderr
+            why = (await proc.stderr.read(300)).decode(errors="replace").strip()
+            raise APIConnectionError(f"espeak-ng gave no audio (voice {voice!r}): {why}", retryable=False) from None
         if header[:4] != b"RIFF" or int.from_bytes(header[24:28], "little") != TTS_RATE:
             raise APIConnectionError(f"espeak-ng did not give {TTS_RATE} Hz WAV", retryable=False)
         carry = b""
@@ -219,3 +234,22 @@ async def speak(text: str, voice: str = TTS_VOICE):  # noqa: ANN201 - an async i
             proc.kill()
             await proc.wait()
 
+
+
+def check_voice(voice: str) -> None:
+    """At worker start: espeak-ng is installed and knows ``voice``, or the start fails
+    rather than leaving a warm worker that would be mute or speak in another voice
+    (espeak-ng falls back to its default voice silently)."""
+    import subprocess
+
+    binary = shutil.which("espeak-ng")
+    if binary is None:
+        raise RuntimeError("the offline TTS needs espeak-ng (Debian: apt install espeak-ng)")
+    listing = subprocess.run([binary, "--voices"], capture_output=True, text=True, timeout=10).stdout
+    names = set()
+    for row in listing.splitlines()[1:]:  # Pty Language Age/Gender VoiceName File ...
+        fields = row.split()
+        if len(fields) >= 5:
+            names |= {fields[1].lower(), fields[3].lower(), fields[4].lower(), fields[4].rsplit("/", 1)[-1].lower()}
+    if voice.split("+", 1)[0].lower() not in names:  # "+m3" picks a variant of that voice
+        raise RuntimeError(f"espeak-ng cannot speak voice {voice!r} (espeak-ng --voices lists those it can)")

@@ -52,6 +52,14 @@ def preload(catalog: list[dict], knowledge: list[str] | None = None) -> None:
         from livekit.plugins import silero
 
         _voice["vad"] = silero.VAD.load()
+        from agent.offline_voice import check_voice
+
+        for agent in catalog:
+            if (agent.get("tts") or {}).get("provider") == "offline":
+                try:
+                    check_voice(agent["tts"].get("voice_id") or "en-us")
+                except (RuntimeError, OSError) as e:
+                    raise ProviderError(f"agent {agent.get('name')!r}: {e}") from None
         if any((agent.get("stt") or {}).get("provider") == "offline" for agent in catalog):
             from agent.offline_voice import Recognizer
 

@@ -393,4 +393,10 @@ def main() -> None:
         stream=sys.stdout,
     )
     config = WorkerConfig.from_env()
-    sys.exit(asyncio.run(run_worker(config)))
+    from agent.providers import ProviderError
+
+    try:
+        sys.exit(asyncio.run(run_worker(config)))
+    except ProviderError as e:  # before registering: the pool backs off and shows the exit
+        logger.error("cannot start: %s", e)
+        sys.exit(3)

@@ -115,9 +115,10 @@ def main() -> None:
     voiceco = Client("voiceco", project, min_idle=1, max_size=2, agents=[voice], knowledge_dir=str(work / "docs"))
     textco = Client("textco", project, min_idle=1, max_size=1, agents=[text], knowledge_dir=str(work / "docs"))
     env = write_config(work / "clients.yaml", [voiceco, textco])
-    serve = Serve(work / "clients.yaml", env, work / "serve.log").start()
+    serve = Serve(work / "clients.yaml", env, work / "serve.log")
     recognizer = Recognizer([DOCUMENTS, PROMPT])
     try:
+        serve.start()
         time.sleep(3)  # let the idle workers settle before reading their memory
         memory = {}
         for client in ("voiceco", "textco"):

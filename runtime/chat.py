@@ -106,6 +106,8 @@ async def _print(queue: asyncio.Queue, label: str) -> None:
 def _texts(path: Path | None) -> list[str]:
     if path is None:
         return []
+    if not path.exists():
+        raise SystemExit(f"--words {path}: no such file or folder")
     files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md")) if path.is_dir() else [path]
     return [f.read_text(errors="replace") for f in files]
 

@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "chat":
         from runtime.chat import chat
 
+        if args.words is not None and not args.voice:
+            parser.error("--words is for --voice")
+
         return chat(args.gateway, args.token, args.client, args.agent, args.room, args.context,
                     voice_words=args.words if args.voice else None, voice=args.voice)
     return serve(args.config, args.with_livekit)

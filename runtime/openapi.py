@@ -246,8 +246,9 @@ def document() -> dict:
     }
 
 
+@functools.cache
 def rendered() -> str:
-    """The document as ``docs/openapi.json`` holds it."""
+    """The document as ``docs/openapi.json`` holds it; made once (it is served to anyone)."""
     return json.dumps(document(), indent=2, ensure_ascii=False) + "\n"
 
 

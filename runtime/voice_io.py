@@ -13,6 +13,7 @@ thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -42,7 +43,8 @@ class Mouth:
 
     async def say(self, text: str) -> float:
         """Speak ``text``; return the moment (perf_counter) its last sample was played out."""
-        pcm = b"".join([chunk async for chunk in speak(text)])
+        async with contextlib.aclosing(speak(text)) as speech:
+            pcm = b"".join([chunk async for chunk in speech])
         done: asyncio.Future = asyncio.get_running_loop().create_future()
         await self._lines.put((pcm, done))
         return await done
@@ -64,7 +66,8 @@ class Mouth:
                 chunk = pcm[start:start + samples * 2]
                 await self._frame(chunk + bytes(samples * 2 - len(chunk)), samples)
             await self.source.wait_for_playout()
-            done.set_result(time.perf_counter())
+            if not done.done():  # its caller may have given up waiting: the pump goes on
+                done.set_result(time.perf_counter())
 
     async def _frame(self, data: bytes, samples: int) -> None:
         # capture_frame waits while the source's buffer is full: this paces the pump in real time.

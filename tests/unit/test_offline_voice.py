@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from agent.offline_voice import COMMON_WORDS, bigram_arpa, domain_corpus
+import shutil
+
+import pytest
+
+from agent.offline_voice import COMMON_WORDS, bigram_arpa, check_voice, domain_corpus
 
 
 def test_the_corpus_is_the_clients_sentences_in_lower_case_words_plus_common_ones():
@@ -26,3 +30,16 @@ def test_the_model_is_well_formed_arpa_with_every_bigram_over_known_words():
     # "the door" is seen twice, "door code" once after "door": the likelier bigram scores higher
     score = {(a, b): float(p) for p, a, b in bigrams}
     assert score[("the", "door")] > score[("door", "code")]
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs Debian's espeak-ng")
+def test_a_worker_whose_offline_voice_cannot_speak_does_not_start():
+    check_voice("en-us")  # speaks
+    with pytest.raises(RuntimeError, match="cannot speak voice 'no-such-voice'"):
+        check_voice("no-such-voice")
+
+
+def test_the_corpus_is_capped_so_a_huge_knowledge_base_cannot_stall_a_start():
+    sentences = domain_corpus(["one two three four. " * 1000], max_words=40)
+    assert sum(len(s) for s in sentences if s != ["one", "two", "three", "four"]) <= len(COMMON_WORDS.split()) + 20
+    assert sentences.count(["one", "two", "three", "four"]) == 10
