@@ -38,7 +38,7 @@ from runtime.http_guard import (
     retry_after_header,
 )
 from runtime.http_models import ErrorCode, TriggerBody
-from runtime.livekit import verify_webhook
+from runtime.livekit import LIVEKIT_EVENTS, InvalidEvent, parse_webhook, verify_webhook
 from runtime.openapi import OPENAPI_PATH, serve_openapi
 from runtime.secrets import same_secret
 from runtime.settings import ConfigError, LiveKitSettings
@@ -284,8 +284,7 @@ async def livekit_webhook(request: web.Request) -> web.Response:
     client = runtime.settings.client(request.match_info["client_id"])
     raw = await _read_body(request)
     try:
-        event = verify_webhook((client.livekit if client else _NOBODY), raw.decode("utf-8"),
-                               request.headers.get("Authorization", ""))
+        verify_webhook((client.livekit if client else _NOBODY), raw.decode("utf-8"), request.headers.get("Authorization", ""))
         if client is None:
             raise ValueError("no such client")  # unreachable: nobody holds _NOBODY's secret
     except Exception:  # noqa: BLE001 - any failure to verify is the same answer, and says nothing more
@@ -293,6 +292,11 @@ async def livekit_webhook(request: web.Request) -> web.Response:
         raise _auth_failed(request, "invalid_signature", "the webhook is not signed with this client's key") from None
     if not is_json_object(raw):  # signed, but no event: counted nowhere (found by tests/integration/test_fuzz.py)
         raise Refusal(400, "malformed_json", "the webhook body must be a JSON object (a LiveKit WebhookEvent)")
+    try:
+        event = parse_webhook(raw.decode("utf-8"))
+    except InvalidEvent as e:  # signed by the client's key, yet not an event: counted nowhere
+        raise Refusal(422, "invalid_body", "the webhook body is not a LiveKit WebhookEvent",
+                      extra={"fields": [{"field": e.field, "reason": e.reason}]}) from None
     seen = request.app[WEBHOOK_IDS]
     if event.id and (client.id, event.id) in seen:
         logger.info("livekit %s: duplicate event %s ignored", client.id, event.id)
@@ -300,8 +304,8 @@ async def livekit_webhook(request: web.Request) -> web.Response:
     runtime.on_livekit_event(client.id, event)  # only tells an actor: cheap, never blocks the loop
     if event.id:  # after the hook: had it failed, LiveKit's retry would be taken afresh
         seen.add(client.id, event.id)
-    runtime.metrics.webhooks.labels(client.id, event.event or "unknown").inc()
-    logger.info("livekit %s: %s in room %s", client.id, event.event, event.room.name or "-")
+    runtime.metrics.webhooks.labels(client.id, event.event if event.event in LIVEKIT_EVENTS else "other").inc()
+    logger.info("livekit %s: %r in room %r", client.id, event.event, event.room.name or "-")
     return web.json_response({"received": event.event})
 
 

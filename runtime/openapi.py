@@ -152,6 +152,8 @@ def _operations() -> dict[str, dict[str, dict]]:
             "400": _refusal("Signed, but the body is not a JSON object.", "malformed_json"),
             "401": _refusal("The signature does not verify with this client's key pair, or no such client.",
                             "invalid_signature"),
+            "422": _refusal("Signed, but not a LiveKit WebhookEvent: no `event`, or a field of the wrong type.",
+                            "invalid_body", fields=True),
             **_BODY_REFUSALS, "429": _THROTTLED,
         },
     }

@@ -313,6 +313,26 @@ def test_a_webhook_for_an_unknown_client_looks_like_a_bad_signature(run_serve, l
     ] * 3
 
 
+def test_a_signed_webhook_that_is_no_event_is_refused_and_not_counted(run_serve, lk_a):
+    alpha = Client("alpha", lk_a, min_idle=0, max_size=1)
+    serve = run_serve([alpha])
+
+    def deliver(body: str):
+        return serve.request("POST", "/api/v1/webhooks/livekit/alpha", raw=body.encode(), headers=_signed(lk_a, body))
+
+    for body, field in [("{}", "event"), ('{"event": "room_started", "createdAt": "soon"}', "createdAt"),
+                        ('{"event": "room_started", "room": {"name": ["a"]}}', "room.name")]:
+        answer = deliver(body)
+        assert (answer.status, answer.body["error"], [f["field"] for f in answer.body["fields"]]) == (
+            422, "invalid_body", [field]), body
+    # A name LiveKit never sends is answered (a newer server is not retried forever) but
+    # counted as "other": a caller never mints a metric label.
+    assert deliver('{"event": "made_up_event", "id": "EV_new"}').body == {"received": "made_up_event"}
+    counted = {line.split(" ")[0] for line in serve.metrics().splitlines()
+               if line.startswith("autonomite_livekit_webhooks_total")}
+    assert counted == {'autonomite_livekit_webhooks_total{client="alpha",event="other"}'}
+
+
 def test_a_replayed_webhook_event_is_answered_but_counted_once(run_serve, lk_a, lk_b):
     alpha = Client("alpha", lk_a, min_idle=0, max_size=1)
     beta = Client("beta", lk_b, min_idle=0, max_size=1)
