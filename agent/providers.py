@@ -27,6 +27,9 @@ PLUGIN_MODULES = {
 }
 
 
+DEFAULT_END_OF_TURN_S = 0.55  # runtime.settings.AgentSettings.end_of_turn_s; silero's own default
+
+
 class ProviderError(Exception):
     """A configured provider cannot be used (its plugin is not installed)."""
 
@@ -51,7 +54,11 @@ def preload(catalog: list[dict], knowledge: list[str] | None = None) -> None:
         started = time.perf_counter()
         from livekit.plugins import silero
 
-        _voice["vad"] = silero.VAD.load()
+        # One VAD per silence window the catalog asks for (most catalogs: one). A VAD's
+        # options are shared by all its streams, so agents that differ need their own.
+        windows = sorted({float(agent.get("end_of_turn_s", DEFAULT_END_OF_TURN_S)) for agent in catalog
+                          if agent.get("stt")})
+        _voice["vads"] = {w: silero.VAD.load(min_silence_duration=w) for w in windows}
         from agent.offline_voice import check_voice
 
         for agent in catalog:
@@ -65,13 +72,13 @@ def preload(catalog: list[dict], knowledge: list[str] | None = None) -> None:
 
             texts = [a.get("system_prompt", "") for a in catalog] + list(knowledge or [])
             _voice["recognizer"] = Recognizer(texts)
-        logger.info("voice ready in %.2f s: silero VAD loaded%s", time.perf_counter() - started,
-                    ", offline recognizer built" if "recognizer" in _voice else "")
+        logger.info("voice ready in %.2f s: silero VAD loaded (silence windows %s s)%s", time.perf_counter() - started,
+                    ", ".join(f"{w:g}" for w in windows), ", offline recognizer built" if "recognizer" in _voice else "")
 
 
-def vad() -> Any:
-    """The worker's one VAD, or None in a worker whose agents take no speech."""
-    return _voice.get("vad")
+def vad(end_of_turn_s: float = DEFAULT_END_OF_TURN_S) -> Any:
+    """The worker's VAD for this silence window, or None in a worker whose agents take no speech."""
+    return _voice.get("vads", {}).get(float(end_of_turn_s))
 
 
 def make_llm(config: dict | None) -> Any:

@@ -100,11 +100,15 @@ async def run_session(
     # Without speech input there are no turns to detect: a typed message is a turn. Left to
     # itself, livekit-agents would build its local end-of-turn model for every session
     # (~350 ms of CPU each, measured with py-spy), which a burst of sessions pays in full.
-    # Offline speech: a turn ends when silero's VAD hears the caller stop.
+    # Offline speech: a turn ends when silero's VAD hears the caller stop, after the agent's
+    # end_of_turn_s of silence. That is also the endpointing delay: a shorter delay would
+    # change nothing, a longer one would add to the window. Cloud STT keeps its own turns.
+    pause = float(config.get("end_of_turn_s", providers.DEFAULT_END_OF_TURN_S))
     offline_voice = (config.get("stt") or {}).get("provider") == "offline"
-    turns = {"turn_detection": "manual"} if stt is None else {"turn_detection": "vad"} if offline_voice else {}
+    turns = ({"turn_detection": "manual"} if stt is None else
+             {"turn_detection": "vad", "endpointing": {"min_delay": pause}} if offline_voice else {})
     session = AgentSession(llm=providers.make_llm(config.get("llm")), stt=stt, tts=tts, turn_handling=turns,
-                           vad=providers.vad() if stt is not None else None)
+                           vad=providers.vad(pause) if stt is not None else None)
     await session.start(
         PrimedAgent(instructions, knowledge if use_rag else None),
         room=ctx.room,

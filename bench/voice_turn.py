@@ -1,7 +1,7 @@
 """The voice turn, offline: from the end of the caller's speech to the first audio of the reply.
 
     .venv/bin/pip install -e '.[bench]'   # matplotlib, for the chart
-    .venv/bin/python bench/voice_turn.py [--sessions 8] [--chart docs/voice_turn.png]
+    .venv/bin/python bench/voice_turn.py [--sessions 8] [--windows 0.55,0.3] [--chart docs/voice_turn.png]
 
 One ``autonomite serve`` (process backend, zygote) on a real livekit-server on loopback,
 with two clients: ``voiceco`` (a voice agent: pocketsphinx, silero VAD, espeak-ng) and
@@ -11,6 +11,10 @@ caller's last sample was played out to the first voiced frame of the agent's ans
 caller receives it. The worker logs livekit-agents' own measures of each stage, which
 split that time: the VAD's silence window and decoding (end of utterance), the LLM's first
 token, the TTS's first audio. What is left is the runtime and the media path.
+
+``--windows`` gives the voice client one agent per end-of-turn silence window
+(``end_of_turn_s``); sessions alternate between them in the same run, so the windows are
+compared side by side, as a ratio, on the same noisy machine.
 
 Also: the idle memory (PSS and RSS) of a voice worker beside a text-only one.
 """
@@ -101,18 +105,21 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--windows", default="0.55", help="end_of_turn_s values, comma-separated")
     parser.add_argument("--chart", type=Path)
     args = parser.parse_args()
+    windows = [float(w) for w in args.windows.split(",")]
     print(f"machine: {machine()}")
     work = Path(tempfile.mkdtemp(prefix="bench-voice-"))
     (work / "docs").mkdir()
     (work / "docs" / "front-desk.txt").write_text(DOCUMENTS)
     server = LiveKitServer({"benchkey": "bench-secret-" + "x" * 32}, log_path=work / "livekit.log").start()
     project = LiveKitProject(server, "benchkey", "bench-secret-" + "x" * 32)
-    voice = {"name": "desk", "system_prompt": PROMPT, "enable_rag": True,
-             "stt": {"provider": "offline"}, "tts": {"provider": "offline"}}
+    voices = {f"desk{i}": {"name": f"desk{i}", "system_prompt": PROMPT, "enable_rag": True, "end_of_turn_s": w,
+                           "stt": {"provider": "offline"}, "tts": {"provider": "offline"}} for i, w in enumerate(windows)}
     text = {"name": "support", "system_prompt": PROMPT, "enable_rag": True}
-    voiceco = Client("voiceco", project, min_idle=1, max_size=2, agents=[voice], knowledge_dir=str(work / "docs"))
+    voiceco = Client("voiceco", project, min_idle=1, max_size=2, agents=list(voices.values()),
+                     knowledge_dir=str(work / "docs"))
     textco = Client("textco", project, min_idle=1, max_size=1, agents=[text], knowledge_dir=str(work / "docs"))
     env = write_config(work / "clients.yaml", [voiceco, textco])
     serve = Serve(work / "clients.yaml", env, work / "serve.log")
@@ -125,22 +132,33 @@ def main() -> None:
             [worker] = serve.pool(client)["workers"]
             pid = int(worker["ref"])
             memory[client] = (pss_mb([pid]), rss_mb(pid))
-        turns: list[tuple[float, bool]] = []
-        for i in range(args.sessions):
+        turns: dict[float, list[tuple[float, bool]]] = {w: [] for w in windows}
+        for i in range(args.sessions * len(windows)):
+            agent = f"desk{i % len(windows)}"
             wait_until(lambda: serve.pool("voiceco")["idle"] >= 1, 60, "an idle voice worker")
-            r = serve.trigger(voiceco, f"voice-{i}", agent="desk")
+            r = serve.trigger(voiceco, f"voice-{i}", agent=agent)
             assert r.status == 200, r.body
-            turns += asyncio.run(session(r.body["livekit_url"], r.body["participant_token"], recognizer))
+            turns[voices[agent]["end_of_turn_s"]] += asyncio.run(
+                session(r.body["livekit_url"], r.body["participant_token"], recognizer))
             project.delete_room(f"voice-{i}")
         wait_until(lambda: serve.pool("voiceco")["leased"] == 0, 60, "the last session over")
     finally:
         serve.stop()
         server.stop()
-    latencies = [t for t, _ in turns]
     stages = stage_metrics(work / "workers")
-    print(f"\n{len(turns)} voice turns, {sum(ok for _, ok in turns)} answered right (heard by the caller)\n")
+    every = [t for ts in turns.values() for t in ts]
+    print(f"\n{len(every)} voice turns, {sum(ok for _, ok in every)} answered right (heard by the caller)\n")
+    print("| end_of_turn_s | turns | answered right | end of speech → first audio p50 (ms) | p95 (ms) | p50 ÷ first window's |")
+    print("|---|---|---|---|---|---|")
+    base = pct([t for t, _ in turns[windows[0]]], 0.5)
+    for w, ts in turns.items():
+        lat = [t for t, _ in ts]
+        print(f"| {w:g} | {len(ts)} | {sum(ok for _, ok in ts)} | {pct(lat, 0.5) * 1000:.0f} | "
+              f"{pct(lat, 0.95) * 1000:.0f} | {pct(lat, 0.5) / base:.2f} |")
+    print("\nEvery window's turns, split by stage (livekit-agents' own measures):\n")
     print("| stage | p50 (ms) | p95 (ms) |\n|---|---|---|")
-    rows = [("end of caller speech → first audio of the reply (caller's view)", latencies), *stages.items()]
+    rows = [*((f"caller's view, end_of_turn_s {w:g}", [t for t, _ in ts]) for w, ts in turns.items()),
+            *stages.items()]
     for name, values in rows:
         print(f"| {name} | {pct(values, 0.5) * 1000:.0f} | {pct(values, 0.95) * 1000:.0f} |")
     print("\n| idle worker | PSS (MB) | RSS (MB) |\n|---|---|---|")

@@ -41,10 +41,15 @@ class Mouth:
         await room.local_participant.publish_track(track, options)
         self._pump = asyncio.create_task(self._run())
 
-    async def say(self, text: str) -> float:
-        """Speak ``text``; return the moment (perf_counter) its last sample was played out."""
-        async with contextlib.aclosing(speak(text)) as speech:
-            pcm = b"".join([chunk async for chunk in speech])
+    async def say(self, *texts: str, pause_s: float = 0.0) -> float:
+        """Speak ``texts`` one after another, ``pause_s`` of silence between them (a caller
+        who pauses mid-thought); return the moment (perf_counter) the last sample played out."""
+        gap = bytes(int(TTS_RATE * pause_s) * 2)
+        parts = []
+        for text in texts:
+            async with contextlib.aclosing(speak(text)) as speech:
+                parts.append(b"".join([chunk async for chunk in speech]))
+        pcm = gap.join(parts)
         done: asyncio.Future = asyncio.get_running_loop().create_future()
         await self._lines.put((pcm, done))
         return await done

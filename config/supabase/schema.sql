@@ -19,7 +19,7 @@ create table if not exists public.clients (
     pool               jsonb not null default '{}'::jsonb,  -- {min_idle, max_size, cpu, memory_mb}
     image              text,                                 -- docker backend: this client's image
     knowledge_dir      text,                                 -- RAG documents, on the runtime's host
-    agents             jsonb not null,                       -- [{name, system_prompt, enable_rag, voice_id, llm, stt, tts}]
+    agents             jsonb not null,                       -- [{name, system_prompt, enable_rag, voice_id, llm, stt, tts, end_of_turn_s}]
     active             boolean not null default true,        -- false: the client's pool drains
     updated_at         timestamptz not null default now()
 );

@@ -101,6 +101,50 @@ def test_a_spoken_question_gets_a_spoken_answer_from_the_clients_documents(
     assert log.count("silero VAD loaded") == 1, log[-2000:]
 
 
+def test_end_of_turn_s_is_the_pause_that_ends_a_callers_turn(run_serve, lk_a, documents, ears_model):
+    """One caller pauses ~0.45 s between two questions (espeak-ng ends a sentence with 0.3 s
+    of silence, the caller adds 0.15 s): an agent whose window is 0.2 s takes two turns; one
+    whose window is 1.2 s waits and takes one. With silero's default window (0.55 s) both
+    would take one. Turns are counted in each worker's log, from livekit-agents' own
+    end-of-utterance measures."""
+    quick, patient = {**VOICE, "name": "quick", "end_of_turn_s": 0.2}, {**VOICE, "name": "patient", "end_of_turn_s": 1.2}
+    acme = Client("acme", lk_a, min_idle=2, max_size=2, agents=[quick, patient], knowledge_dir=documents)
+    serve = run_serve([acme])
+    answers = {name: serve.trigger(acme, f"room-{name}", agent=name) for name in ("quick", "patient")}
+    assert all(r.status == 200 for r in answers.values()), {n: r.body for n, r in answers.items()}
+
+    async def paused_call(r) -> list[str]:
+        room = rtc.Room()
+        ears, mouth = Ears(room, ears_model), Mouth()
+        await room.connect(r.body["livekit_url"], r.body["participant_token"])
+        await mouth.publish(room)
+        try:
+            await asyncio.wait_for(ears.heard.get(), 30)  # the greeting
+            await mouth.say("What is the door code?", "Where is parking?", pause_s=0.15)
+            heard = [(await asyncio.wait_for(ears.heard.get(), 30)).text]
+            while True:  # every answer (an utterance is heard once it ends: a cut-off reply, then a whole one)
+                try:
+                    heard.append((await asyncio.wait_for(ears.heard.get(), 6.0)).text)
+                except asyncio.TimeoutError:
+                    return heard
+        finally:
+            await ears.close()
+            await mouth.close()
+            await room.disconnect()
+
+    async def both() -> list[list[str]]:
+        return await asyncio.gather(*(paused_call(r) for r in answers.values()))
+
+    heard = dict(zip(answers, asyncio.run(both())))
+    turns = {}
+    for name, r in answers.items():
+        log = (Path(serve.config).parent / "workers" / "acme" / f"{r.body['worker_id']}.log").read_text()
+        turns[name] = log.count('"kind": "EOUMetrics"')
+        assert "silence windows 0.2, 1.2 s" in log  # one VAD per window, both loaded at start
+    assert turns == {"quick": 2, "patient": 1}, (turns, heard)
+    assert "level three" in " ".join(heard["quick"]), heard  # the second question was answered too
+
+
 def test_voice_and_text_sessions_run_side_by_side_on_one_client(run_serve, lk_a, documents, ears_model):
     acme = Client("acme", lk_a, min_idle=2, max_size=2, agents=[VOICE, TEXT], knowledge_dir=documents)
     serve = run_serve([acme])

@@ -65,6 +65,8 @@ def test_a_missing_variable_names_the_file_the_field_and_the_variable(tmp_path):
          "metrics.port 8080 is the gateway's; give the metrics listener a port of its own"),
         ((GATEWAY, GATEWAY + "\n  metrics: {host: 'exporter host', port: 9464}"), "runtime.metrics.host", "should match pattern"),
         ((GATEWAY, GATEWAY + "\n  metrics: {host: 127.0.0.1}"), "runtime.metrics.port", "Field required"),
+        (("        voice_id: alloy", "        voice_id: alloy\n        end_of_turn_s: 0"), "clients[0].agents[0].end_of_turn_s",
+         "greater than or equal to 0.1"),
     ],
 )
 def test_invalid_fields_are_rejected_with_path_and_reason(tmp_path, change, field, reason):
