@@ -72,6 +72,12 @@ class PrivateSwarm:
         return self
 
     @property
+    def pid(self) -> int:
+        """The engine's dockerd (what a benchmark reads the manager's CPU from)."""
+        assert self._proc is not None
+        return self._proc.pid
+
+    @property
     def address(self) -> str:
         return self.netns.address if self.netns else "127.0.0.1"
 

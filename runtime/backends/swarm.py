@@ -21,7 +21,8 @@ probes (so nobody leases it), and its task never reports an end: Swarm leaves it
 So a task on a down node counts as ended: :meth:`wait` returns, the pool replaces the
 worker on a node that is up, and adoption does not take it back.
 
-Every call may take seconds (the manager schedules, the node pulls nothing but starts a
+Ends and placements are read from one shared board (``swarm_board.py``), not polled per
+worker. Every call may take seconds (the manager schedules, the node pulls nothing but starts a
 container): the pool calls them from helper threads, never from its mailbox.
 """
 
@@ -37,13 +38,12 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import Mount, Resources, RestartPolicy, ServiceMode
 
 from runtime.backends.base import LABEL_CLIENT, LABEL_WORKER, BackendError, WorkerHandle, WorkerSpec, short_error
+from runtime.backends.swarm_board import Board, Ended, Placed, Unplaceable, ended, placed
 
 logger = logging.getLogger("autonomite.swarm")
 
 PLACED_TIMEOUT_S = 60.0  # a task not running on a node by then is a failed start
-POLL_S = 0.25
-NODE_CHECK_S = 1.0  # how often a waiter asks whether its task's node is still up
-ENDED = {"complete", "failed", "shutdown", "rejected", "orphaned", "remove"}
+NODE_CHECK_S = 1.0  # how often the manager is asked which nodes are down, whoever asks
 STARTING = {"new", "pending", "assigned", "accepted", "preparing", "ready", "starting"}
 
 
@@ -62,6 +62,7 @@ class SwarmBackend:
             raise BackendError("swarm backend: this Docker engine is not a swarm manager (docker swarm init)")
         self._nodes: dict[str, str] = {}  # node id -> address, cached
         self._node_states = NodeStates(self._docker)
+        self._board = Board(self._engine)  # every wait() and every placement read one listing
 
     def start(self, spec: WorkerSpec) -> WorkerHandle:
         env = {**spec.env, "AUTONOMITE_STATUS_HOST": "0.0.0.0"}  # reached at its node's address
@@ -120,37 +121,18 @@ class SwarmBackend:
         return handles
 
     def wait(self, handle: WorkerHandle) -> int:
-        """Poll the task until it ended (a task's exit is not streamed), or its node is
-        down; then save its log and remove the service, so nothing is left behind. An
-        unreachable manager is waited out (with backoff): returning early would have the
-        pool start a replacement beside a service that may still run."""
-        engine = self._engine()  # its own connection: waits must not starve the shared pool
-        node_checked, backoff = time.monotonic(), POLL_S
-        try:
-            while True:
-                try:
-                    task = _current_task(engine.services.get(handle.ref).tasks())
-                except NotFound:
-                    return -1  # removed (stopped) meanwhile
-                except (DockerException, OSError) as e:
-                    logger.warning("waiting for %s: %s; retrying in %g s", handle.ref, short_error(e), backoff)
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
-                backoff, lost = POLL_S, False
-                if task and time.monotonic() - node_checked >= NODE_CHECK_S:
-                    lost, node_checked = self._node_states.down(task.get("NodeID")), time.monotonic()
-                if task and (task["Status"]["State"] in ENDED or lost):
-                    code = -1 if lost else task["Status"].get("ContainerStatus", {}).get("ExitCode", -1)
-                    if lost:
-                        logger.warning("worker %s: its node %s is down; the worker counts as gone",
-                                       handle.worker_id, task["NodeID"][:12])
-                    self._save_logs(handle)
-                    self._remove(handle.ref)
-                    return int(code)
-                time.sleep(POLL_S)
-        finally:
-            engine.close()
+        """Block until the worker's task ended, its service was removed, or its node is
+        down (read from the board every worker shares); then save its log and remove the
+        service, so nothing is left behind. An unreachable manager is waited out: returning
+        early would have the pool start a replacement beside a service that may still run."""
+        end = self._board.wait(lambda snap: ended(handle.ref, snap, self._node_states.down))
+        assert isinstance(end, Ended)  # no timeout: the board answers or waits on
+        if end.why == "node_down":
+            logger.warning("worker %s: its node is down; the worker counts as gone", handle.worker_id)
+        if end.why != "removed":
+            self._save_logs(handle)
+            self._remove(handle.ref)
+        return end.code
 
     def logs(self, handle: WorkerHandle, tail: int = 100) -> str:
         path = self._log_path(handle.client_id, handle.worker_id)
@@ -172,25 +154,13 @@ class SwarmBackend:
 
     def _wait_placed(self, service_id: str) -> str:
         """The address of the node the task runs on, once it runs; a rejection is an error."""
-        deadline = time.monotonic() + PLACED_TIMEOUT_S
-        node_checked = time.monotonic()
-        while time.monotonic() < deadline:
-            task = _current_task(self._docker.services.get(service_id).tasks())
-            if task:
-                state, err, node = task["Status"]["State"], task["Status"].get("Err", ""), task.get("NodeID")
-                if state == "running":
-                    return self._node_address(node)
-                if state in ENDED:  # e.g. "No such image" on that node
-                    raise BackendError(f"swarm task {state} on node {(node or '?')[:12]}: {err[:200]}")
-                if not node and "no suitable node" in err:  # constraints or resources:
-                    raise BackendError(f"swarm cannot place the worker: {err[:200]}")  # the pool backs off
-                # Assigned to a node that died before the manager noticed: it will never start.
-                if node and time.monotonic() - node_checked >= NODE_CHECK_S:
-                    node_checked = time.monotonic()
-                    if self._node_states.down(node):
-                        raise BackendError(f"swarm node {node[:12]} went down before the worker started")
-            time.sleep(POLL_S)
-        raise BackendError(f"swarm task of service {service_id[:12]} not running within {PLACED_TIMEOUT_S:g} s")
+        where = self._board.wait(lambda snap: placed(service_id[:12], snap, self._node_states.down), PLACED_TIMEOUT_S)
+        if where is None:
+            raise BackendError(f"swarm task of service {service_id[:12]} not running within {PLACED_TIMEOUT_S:g} s")
+        if isinstance(where, Unplaceable):
+            raise BackendError(where.reason)
+        assert isinstance(where, Placed)
+        return self._node_address(where.node_id)
 
     def _node_address(self, node_id: str) -> str:
         if node_id not in self._nodes:
