@@ -56,8 +56,7 @@ def preload(catalog: list[dict], knowledge: list[str] | None = None) -> None:
 
         # One VAD per silence window the catalog asks for (most catalogs: one). A VAD's
         # options are shared by all its streams, so agents that differ need their own.
-        windows = sorted({float(agent.get("end_of_turn_s", DEFAULT_END_OF_TURN_S)) for agent in catalog
-                          if agent.get("stt")})
+        windows = sorted({silence_window(agent) for agent in catalog if agent.get("stt")})
         _voice["vads"] = {w: silero.VAD.load(min_silence_duration=w) for w in windows}
         from agent.offline_voice import check_voice
 
@@ -74,6 +73,15 @@ def preload(catalog: list[dict], knowledge: list[str] | None = None) -> None:
             _voice["recognizer"] = Recognizer(texts)
         logger.info("voice ready in %.2f s: silero VAD loaded (silence windows %s s)%s", time.perf_counter() - started,
                     ", ".join(f"{w:g}" for w in windows), ", offline recognizer built" if "recognizer" in _voice else "")
+
+
+def silence_window(agent: dict) -> float:
+    """The VAD silence window an agent's sessions use: its end_of_turn_s with offline STT.
+    A cloud STT keeps livekit-agents' own turn detection, whose end-of-turn model needs a
+    window it accepts (at least 0.25 s in 1.8.9): it gets silero's default."""
+    if (agent.get("stt") or {}).get("provider") == "offline":
+        return float(agent.get("end_of_turn_s", DEFAULT_END_OF_TURN_S))
+    return DEFAULT_END_OF_TURN_S
 
 
 def vad(end_of_turn_s: float = DEFAULT_END_OF_TURN_S) -> Any:

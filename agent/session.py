@@ -103,7 +103,7 @@ async def run_session(
     # Offline speech: a turn ends when silero's VAD hears the caller stop, after the agent's
     # end_of_turn_s of silence. That is also the endpointing delay: a shorter delay would
     # change nothing, a longer one would add to the window. Cloud STT keeps its own turns.
-    pause = float(config.get("end_of_turn_s", providers.DEFAULT_END_OF_TURN_S))
+    pause = providers.silence_window(config)
     offline_voice = (config.get("stt") or {}).get("provider") == "offline"
     turns = ({"turn_detection": "manual"} if stt is None else
              {"turn_detection": "vad", "endpointing": {"min_delay": pause}} if offline_voice else {})

@@ -207,9 +207,10 @@ class AgentSettings(_Model):
     llm: ProviderSettings = ProviderSettings(provider="offline")
     stt: ProviderSettings | None = None  # none: text-only input
     tts: ProviderSettings | None = None  # none: text-only output
-    # Speech input only: how long a caller stays silent before their turn ends (silero's
-    # silence window and livekit-agents' endpointing delay both). Shorter answers sooner
-    # but cuts off a caller who pauses mid-sentence. 0.55 s is silero's own default.
+    # Offline speech input only: how long a caller stays silent before their turn ends
+    # (silero's silence window and livekit-agents' endpointing delay both). Shorter answers
+    # sooner but cuts off a caller who pauses mid-sentence. 0.55 s is silero's own default.
+    # A cloud STT keeps livekit-agents' own turn detection and ignores it.
     end_of_turn_s: float = Field(0.55, ge=0.1, le=5.0)
 
     @model_validator(mode="after")

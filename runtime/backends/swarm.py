@@ -125,7 +125,7 @@ class SwarmBackend:
         down (read from the board every worker shares); then save its log and remove the
         service, so nothing is left behind. An unreachable manager is waited out: returning
         early would have the pool start a replacement beside a service that may still run."""
-        end = self._board.wait(lambda snap: ended(handle.ref, snap, self._node_states.down))
+        end = self._board.wait(lambda snap: ended(handle.ref[:12], snap, self._node_states.down))
         assert isinstance(end, Ended)  # no timeout: the board answers or waits on
         if end.why == "node_down":
             logger.warning("worker %s: its node is down; the worker counts as gone", handle.worker_id)

@@ -57,9 +57,8 @@ class Board:
         with self._cond:
             self._waiters += 1
             need = self._begun + 1
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="swarm-board", daemon=True)
-                self._thread.start()
+            if self._thread is None or not self._thread.is_alive():
+                self._start()
         try:
             while True:
                 left = None if deadline is None else deadline - time.monotonic()
@@ -78,17 +77,19 @@ class Board:
                 self._waiters -= 1
 
     def _run(self) -> None:
-        engine = self._engine_factory()  # its own connection: listings never queue behind a start
+        """List while anyone waits. Nothing ends this thread but having no waiter: a failed
+        listing, or an engine that cannot even be reached, is retried with backoff."""
+        engine: docker.DockerClient | None = None  # its own connection: listings never queue behind a start
         backoff = POLL_S
         try:
             while True:
                 with self._cond:
                     if self._waiters == 0:
-                        self._thread = None
                         return
                     self._begun += 1
                     seq = self._begun
                 try:
+                    engine = engine or self._engine_factory()
                     snapshot = _list(engine, seq)
                     self.listings += 1
                     backoff = POLL_S
@@ -102,7 +103,17 @@ class Board:
                     self._cond.notify_all()
                 time.sleep(POLL_S)
         finally:
-            engine.close()
+            if engine is not None:
+                engine.close()
+            with self._cond:  # a waiter who came since the check above saw this thread alive:
+                if self._thread is threading.current_thread():  # hand over, never strand it
+                    self._thread = None
+                    if self._waiters:
+                        self._start()
+
+    def _start(self) -> None:  # with the lock held
+        self._thread = threading.Thread(target=self._run, name="swarm-board", daemon=True)
+        self._thread.start()
 
 
 def _list(engine: docker.DockerClient, seq: int) -> Snapshot:
@@ -132,7 +143,7 @@ class Unplaceable(NamedTuple):
 
 
 def ended(service: str, snap: Snapshot, node_down: Callable[[str | None], bool]) -> Ended | None:
-    """Whether the worker in ``service`` has ended, and how; None while it runs."""
+    """Whether the worker in ``service`` (its id's first 12 characters) has ended, and how; None while it runs."""
     if service not in snap.services:
         return Ended(-1, "removed")  # stopped meanwhile
     task = snap.tasks.get(service)

@@ -52,3 +52,13 @@ def test_providers_default_to_offline_and_build_real_plugins_when_configured():
     elevenlabs = pytest.importorskip("livekit.plugins.elevenlabs")
     tts = providers.make_tts({"provider": "elevenlabs", "api_key": "el-test"}, "voice-1")
     assert isinstance(tts, elevenlabs.TTS)
+
+
+def test_only_an_offline_stt_agent_chooses_its_silence_window():
+    from agent.providers import DEFAULT_END_OF_TURN_S, silence_window
+
+    offline = {"stt": {"provider": "offline"}, "end_of_turn_s": 0.2}
+    cloud = {"stt": {"provider": "deepgram"}, "end_of_turn_s": 0.2}  # its turn detector needs >= 0.25 s
+    assert silence_window(offline) == 0.2
+    assert silence_window(cloud) == DEFAULT_END_OF_TURN_S
+    assert silence_window({"stt": {"provider": "offline"}}) == DEFAULT_END_OF_TURN_S

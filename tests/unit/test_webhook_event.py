@@ -31,8 +31,9 @@ def test_a_body_signed_with_the_clients_key_verifies():
     "",
 ])
 def test_anything_else_does_not(authorization):
-    with pytest.raises(Exception):
+    with pytest.raises(Exception) as refused:
         verify_webhook(LK, '{"event": "room_started"}', authorization)
+    assert not isinstance(refused.value, (TypeError, AttributeError, KeyError)), "a refusal, not a bug"
 
 
 @pytest.mark.parametrize("body, field", [
