@@ -32,13 +32,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from livekit import rtc  # noqa: E402
 
 from agent.offline_voice import Recognizer  # noqa: E402
 from bench.trigger_latency import machine  # noqa: E402
 from bench.worker_start import pss_mb  # noqa: E402
 from runtime.devserver import LiveKitServer  # noqa: E402
-from runtime.voice_io import Ears, Mouth  # noqa: E402
+from runtime.voice_io import caller  # noqa: E402
 from tests.support import Client, LiveKitProject, Serve, wait_until, write_config  # noqa: E402
 
 DOCUMENTS = "The door code is four two seven one.\n\nThe office opens at nine in the morning.\n\nParking is on level three.\n"
@@ -49,31 +48,18 @@ QUESTIONS = {"What is the door code?": "four two seven one", "Where is parking?"
 
 async def session(url: str, token: str, recognizer: Recognizer) -> list[tuple[float, bool]]:
     """(seconds from the end of the question to the answer's first audio, answer right) per question."""
-    room = rtc.Room()
-    ears, mouth = Ears(room, recognizer), Mouth()
-    await room.connect(url, token)
-    await mouth.publish(room)
     turns = []
-    try:
+    async with caller(url, token, recognizer) as (ears, mouth):
         await asyncio.wait_for(ears.heard.get(), 30)  # the greeting, heard to its end
         while not ears.first_audio.empty():
             ears.first_audio.get_nowait()
         for question, answer in QUESTIONS.items():
             said = await mouth.say(question)
             first = await asyncio.wait_for(ears.first_audio.get(), 30)
-            heard = [(await asyncio.wait_for(ears.heard.get(), 30)).text]
-            while True:  # the whole answer: its utterances until 2 s of quiet
-                try:
-                    heard.append((await asyncio.wait_for(ears.heard.get(), 2.0)).text)
-                except asyncio.TimeoutError:
-                    break
+            heard = await ears.answer()  # the whole answer: its utterances until 2 s of quiet
             while not ears.first_audio.empty():
                 ears.first_audio.get_nowait()
             turns.append((first - said, answer in " ".join(heard)))
-    finally:
-        await ears.close()
-        await mouth.close()
-        await room.disconnect()
     return turns
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,9 +136,36 @@ class Ears:
         finally:
             await stream.aclose()
 
+    async def answer(self, timeout: float = 30.0, gap_s: float = 2.0) -> list[str]:
+        """The agent's next answer, utterance by utterance: the first within ``timeout``,
+        then each one after it until none is heard for ``gap_s`` (an utterance is heard
+        once it ends, so ``gap_s`` must outlast the longest one expected)."""
+        heard = [(await asyncio.wait_for(self.heard.get(), timeout)).text]
+        while True:
+            try:
+                heard.append((await asyncio.wait_for(self.heard.get(), gap_s)).text)
+            except asyncio.TimeoutError:
+                return heard
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+@contextlib.asynccontextmanager
+async def caller(url: str, token: str, recognizer: Recognizer) -> AsyncIterator[tuple[Ears, Mouth]]:
+    """A caller in the room: ears on the agent's audio (listening before the join, so the
+    greeting is heard) and a published microphone; all closed, and the room left, on exit."""
+    room = rtc.Room()
+    ears, mouth = Ears(room, recognizer), Mouth()
+    await room.connect(url, token)
+    await mouth.publish(room)
+    try:
+        yield ears, mouth
+    finally:
+        await ears.close()
+        await mouth.close()
+        await room.disconnect()
 
 
 def _rms(frame: rtc.AudioFrame) -> float:

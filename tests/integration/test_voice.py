@@ -17,10 +17,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from livekit import rtc
 
 from agent.offline_voice import Recognizer
-from runtime.voice_io import Ears, Mouth
+from runtime.voice_io import caller
 from tests.support import Client, comm, converse, wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs Debian's espeak-ng")
@@ -52,26 +51,12 @@ def ears_model() -> Recognizer:
 async def call(url: str, token: str, recognizer: Recognizer, lines: list[str], timeout: float = 30.0) -> list[str]:
     """Join, hear the greeting, then say each line and hear the whole answer (the agent's
     utterances until it has been quiet for 2 s)."""
-    room = rtc.Room()
-    ears, mouth = Ears(room, recognizer), Mouth()
-    await room.connect(url, token)
-    await mouth.publish(room)
     heard = []
-    try:
+    async with caller(url, token, recognizer) as (ears, mouth):
         for line in [None, *lines]:
             if line is not None:
                 await mouth.say(line)
-            parts = [(await asyncio.wait_for(ears.heard.get(), timeout)).text]
-            while True:
-                try:
-                    parts.append((await asyncio.wait_for(ears.heard.get(), 2.0)).text)
-                except asyncio.TimeoutError:
-                    break
-            heard.append(" ".join(parts))
-    finally:
-        await ears.close()
-        await mouth.close()
-        await room.disconnect()
+            heard.append(" ".join(await ears.answer(timeout)))
     return heard
 
 
@@ -114,23 +99,11 @@ def test_end_of_turn_s_is_the_pause_that_ends_a_callers_turn(run_serve, lk_a, do
     assert all(r.status == 200 for r in answers.values()), {n: r.body for n, r in answers.items()}
 
     async def paused_call(r) -> list[str]:
-        room = rtc.Room()
-        ears, mouth = Ears(room, ears_model), Mouth()
-        await room.connect(r.body["livekit_url"], r.body["participant_token"])
-        await mouth.publish(room)
-        try:
+        async with caller(r.body["livekit_url"], r.body["participant_token"], ears_model) as (ears, mouth):
             await asyncio.wait_for(ears.heard.get(), 30)  # the greeting
             await mouth.say("What is the door code?", "Where is parking?", pause_s=0.15)
-            heard = [(await asyncio.wait_for(ears.heard.get(), 30)).text]
-            while True:  # every answer (an utterance is heard once it ends: a cut-off reply, then a whole one)
-                try:
-                    heard.append((await asyncio.wait_for(ears.heard.get(), 6.0)).text)
-                except asyncio.TimeoutError:
-                    return heard
-        finally:
-            await ears.close()
-            await mouth.close()
-            await room.disconnect()
+            # Every answer: a cut-off reply, then a whole one (each heard once it ends).
+            return await ears.answer(gap_s=6.0)
 
     async def both() -> list[list[str]]:
         return await asyncio.gather(*(paused_call(r) for r in answers.values()))
