@@ -284,7 +284,8 @@ async def livekit_webhook(request: web.Request) -> web.Response:
     client = runtime.settings.client(request.match_info["client_id"])
     raw = await _read_body(request)
     try:
-        verify_webhook((client.livekit if client else _NOBODY), raw.decode("utf-8"), request.headers.get("Authorization", ""))
+        body = raw.decode("utf-8")
+        verify_webhook((client.livekit if client else _NOBODY), body, request.headers.get("Authorization", ""))
         if client is None:
             raise ValueError("no such client")  # unreachable: nobody holds _NOBODY's secret
     except Exception:  # noqa: BLE001 - any failure to verify is the same answer, and says nothing more
@@ -293,7 +294,7 @@ async def livekit_webhook(request: web.Request) -> web.Response:
     if not is_json_object(raw):  # signed, but no event: counted nowhere (found by tests/integration/test_fuzz.py)
         raise Refusal(400, "malformed_json", "the webhook body must be a JSON object (a LiveKit WebhookEvent)")
     try:
-        event = parse_webhook(raw.decode("utf-8"))
+        event = parse_webhook(body)
     except InvalidEvent as e:  # signed by the client's key, yet not an event: counted nowhere
         raise Refusal(422, "invalid_body", "the webhook body is not a LiveKit WebhookEvent",
                       extra={"fields": [{"field": e.field, "reason": e.reason}]}) from None
