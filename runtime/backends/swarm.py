@@ -38,7 +38,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import Mount, Resources, RestartPolicy, ServiceMode
 
 from runtime.backends.base import LABEL_CLIENT, LABEL_WORKER, BackendError, WorkerHandle, WorkerSpec, short_error
-from runtime.backends.swarm_board import Board, Ended, Placed, Unplaceable, ended, placed
+from runtime.backends.swarm_board import Board, Ended, Placed, Unplaceable, current_task, ended, placed
 
 logger = logging.getLogger("autonomite.swarm")
 
@@ -110,7 +110,7 @@ class SwarmBackend:
         label = f"{LABEL_CLIENT}={client_id}" if client_id else LABEL_CLIENT
         handles = []
         for service in self._docker.services.list(filters={"label": [label, LABEL_WORKER]}):
-            task = _current_task(service.tasks())
+            task = current_task(service.tasks())
             state = task["Status"]["State"] if task else "none"
             if (state == "running" or state in STARTING) and not self._node_states.down(task.get("NodeID")):
                 node = self._node_address(task["NodeID"]) if task.get("NodeID") else "127.0.0.1"
@@ -214,8 +214,3 @@ class NodeStates:
                 except (DockerException, OSError) as e:  # keep the last view; the next call retries
                     logger.warning("reading the swarm's nodes: %s", short_error(e))
             return bool(self._states) and self._states.get(node_id, "down") == "down"
-
-
-def _current_task(tasks: list[dict]) -> dict | None:
-    """The newest task of a one-replica service (with restart ``none`` there is only one)."""
-    return max(tasks, key=lambda t: t.get("CreatedAt", ""), default=None)

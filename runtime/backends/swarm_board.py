@@ -118,12 +118,16 @@ class Board:
 
 def _list(engine: docker.DockerClient, seq: int) -> Snapshot:
     services = frozenset(s["ID"][:12] for s in engine.api.services(filters={"label": LABEL_WORKER}))
-    newest: dict[str, dict] = {}
+    tasks: dict[str, list[dict]] = {}
     for task in engine.api.tasks():
-        sid = task.get("ServiceID", "")[:12]
-        if sid in services and task.get("CreatedAt", "") >= newest.get(sid, {}).get("CreatedAt", ""):
-            newest[sid] = task
-    return Snapshot(seq, services, newest)
+        if (sid := task.get("ServiceID", "")[:12]) in services:
+            tasks.setdefault(sid, []).append(task)
+    return Snapshot(seq, services, {sid: current_task(ts) for sid, ts in tasks.items()})
+
+
+def current_task(tasks: list[dict]) -> dict | None:
+    """The newest task of a one-replica service (with restart ``none`` there is only one)."""
+    return max(tasks, key=lambda t: t.get("CreatedAt", ""), default=None)
 
 
 # -- what a waiter concludes: pure ---------------------------------------------------------
