@@ -7,11 +7,11 @@ manager lists them); the board against a real swarm is tested in tests/integrati
 from __future__ import annotations
 
 import threading
-import time
 from types import SimpleNamespace
 
 from runtime.backends import swarm_board
 from runtime.backends.swarm_board import Board, Ended, Placed, Snapshot, Unplaceable, ended, placed
+from tests.support import wait_until
 
 SID = "0123456789ab"
 
@@ -91,13 +91,6 @@ def board_of(api: Api, failures: int = 0) -> Board:
     return Board(engine)
 
 
-def until(condition, seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
-
-
 def test_many_waiters_share_each_listing(monkeypatch):
     monkeypatch.setattr(swarm_board, "POLL_S", 0.05)
     api = Api()
@@ -108,7 +101,7 @@ def test_many_waiters_share_each_listing(monkeypatch):
                                 daemon=True) for _ in range(50)]
     for w in waiters:
         w.start()
-    until(lambda: board._waiters == 50 and api.calls >= 3)  # several listings, all 50 watching
+    wait_until(lambda: board._waiters == 50 and api.calls >= 3, 5, "several listings, all 50 watching", 0.005)
     listings = api.calls
     api.tasks_listed = [task("complete", code=0)]
     for w in waiters:
@@ -130,7 +123,7 @@ def test_a_listing_begun_before_a_waiter_came_is_not_its_answer(monkeypatch):
     seen: list = []
     waiter = threading.Thread(target=lambda: seen.append(board.wait(lambda s: ended(SID, s, up), timeout=2)), daemon=True)
     waiter.start()
-    until(lambda: board._waiters == 2)  # it came while the listing was under way
+    wait_until(lambda: board._waiters == 2, 5, "the waiter, come while the listing is under way", 0.005)
     api.services_listed, api.tasks_listed = [SID + "cdef"], [task("running")]  # created now
     api.hold.set()
     waiter.join(5)
@@ -143,7 +136,7 @@ def test_the_board_stops_without_waiters_and_starts_again_for_a_new_one(monkeypa
     api = Api()
     board = board_of(api)
     assert board.wait(lambda s: None, timeout=0.1) is None
-    until(lambda: board._thread is None)
+    wait_until(lambda: board._thread is None, 5, "the board to stop", 0.005)
     assert board.wait(lambda s: s.seq > 0 or None, timeout=2) is True
 
 
