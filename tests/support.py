@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import os
 import secrets
@@ -41,6 +43,14 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def livekit_signature(api_key: str, api_secret: str, body: str) -> str:
+    """The Authorization value LiveKit sends with a webhook ``body``: a JWT whose sha256 claim covers it."""
+    from livekit import api
+
+    body_hash = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+    return api.AccessToken(api_key, api_secret).with_sha256(body_hash).to_jwt()
 
 
 @dataclass

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import socket
 import time
@@ -12,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from runtime.devserver import free_port
-from tests.support import Client, metric_value, new_secret, wait_until
+from tests.support import Client, livekit_signature, metric_value, new_secret, wait_until
 
 VALID = {"agent": "support", "room_name": "room-valid"}
 STATS, RELOAD, TRIGGER = "/api/v1/containers/pool/stats", "/api/v1/admin/reload", "/api/v1/trigger"
@@ -73,10 +71,7 @@ def _trickle(s: socket.socket) -> bool:
 
 def _signed(project, body: str) -> dict[str, str]:
     """The Authorization header LiveKit would send with ``body``, signed with ``project``'s keys."""
-    from livekit import api
-
-    body_hash = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
-    return {"Authorization": api.AccessToken(project.key, project.secret).with_sha256(body_hash).to_jwt()}
+    return {"Authorization": livekit_signature(project.key, project.secret, body)}
 
 
 @pytest.fixture(scope="module")
@@ -259,8 +254,6 @@ def test_a_hung_livekit_is_a_502_and_the_lease_goes_back(run_serve, log_root):
 
 
 def test_livekit_webhooks_are_verified_with_the_clients_own_keys(run_serve, log_root):
-    from livekit import api
-
     from runtime.devserver import LiveKitServer, free_port
     from tests.support import LiveKitProject, new_secret
 
@@ -287,8 +280,7 @@ def test_livekit_webhooks_are_verified_with_the_clients_own_keys(run_serve, log_
 
         # A forged event: right shape, signed with another key pair.
         body = '{"event": "room_finished", "id": "EV_forged", "room": {"name": "room-hooked"}}'
-        body_hash = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
-        forged = api.AccessToken("hookedkey", "not-the-secret-" + "x" * 20).with_sha256(body_hash).to_jwt()
+        forged = livekit_signature("hookedkey", "not-the-secret-" + "x" * 20, body)
         path = "/api/v1/webhooks/livekit/hooked"
         r = serve.request("POST", path, raw=body.encode(), headers={"Authorization": forged})
         assert r.status == 401 and r.body["error"] == "invalid_signature"

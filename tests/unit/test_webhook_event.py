@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-
 import pytest
 from livekit import api
 from pydantic import SecretStr
 
 from runtime.livekit import InvalidEvent, parse_webhook, verify_webhook
 from runtime.settings import LiveKitSettings
+from tests.support import livekit_signature
 
 LK = LiveKitSettings(url="ws://127.0.0.1:7880", api_key=SecretStr("APIkey"), api_secret=SecretStr("s" * 32))
 
 
 def _signed(body: str, secret: str = "s" * 32) -> str:
-    digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
-    return api.AccessToken("APIkey", secret).with_sha256(digest).to_jwt()
+    return livekit_signature("APIkey", secret, body)
 
 
 def test_a_body_signed_with_the_clients_key_verifies():
