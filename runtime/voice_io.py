@@ -56,8 +56,9 @@ class Mouth:
         return await done
 
     async def close(self) -> None:
-        if self._pump is not None:
+        if self._pump is not None:  # ended before the source closes: no frame goes to a closed source
             self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
         await self.source.aclose()
 
     async def _run(self) -> None:
@@ -148,8 +149,11 @@ class Ears:
                 return heard
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        """Stop listening, and wait until every audio stream is closed (before the room goes)."""
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @contextlib.asynccontextmanager
