@@ -59,6 +59,13 @@ class Runtime:
         self.config_path = config_path
         self.metrics = Metrics()
         self.metrics.set_scaler_thresholds(settings.runtime.scaler.high_water, settings.runtime.scaler.low_water)
+        self.source: SourceWatcher | None = None
+        if settings.clients_source is not None:
+            # Clients from Supabase are read before anything is started (the zygote boots in
+            # seconds; a docker backend connects to its engine): a start that cannot read
+            # them fails in about a second, and leaves nothing to stop.
+            self.source = SourceWatcher(settings.clients_source.supabase, self.metrics)
+            self.settings = settings.model_copy(update={"clients": self.source.first_read()})
         self.directory = Directory()
         self.backend = backend or make_backend(settings)
         self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="worker-io")
@@ -67,10 +74,6 @@ class Runtime:
         self.failed = threading.Event()
         self._failure_callbacks: list[Callable[[str], None]] = []
         self._reload_lock = threading.Lock()
-        self.source: SourceWatcher | None = None
-        if settings.clients_source is not None:  # clients from Supabase: read them first
-            self.source = SourceWatcher(settings.clients_source.supabase, self.metrics)
-            self.settings = settings.model_copy(update={"clients": self.source.first_read()})
         sup = settings.runtime.supervisor
         self.supervisor = Supervisor.start(
             self.directory,

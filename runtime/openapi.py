@@ -77,7 +77,11 @@ _POOL = _object({
     "last_error": {"type": ["string", "null"], "description": "why the last worker start failed, until one succeeds"},
     "workers": {"type": "array", "items": _WORKER},
 })
-_SOURCE = _object({"kind": {"const": "supabase"}, "up": _BOOL, "last_read_s_ago": {"type": ["number", "null"]},
+_SOURCE = _object({"kind": {"const": "supabase"}, "up": _BOOL,
+                   "down_reason": {"type": ["string", "null"], "description": "while down: `unreachable: …`, "
+                                   "`refused: …` (the key may not read the table) or `crashed: …` (a poll raised); "
+                                   "the last good clients are served meanwhile"},
+                   "last_read_s_ago": {"type": ["number", "null"]},
                    "bad_rows": {"type": "object", "additionalProperties": _STR}})
 _CLIENT_ID = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,31}$", "description": "a client's `id`"}
 

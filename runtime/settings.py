@@ -246,9 +246,14 @@ class ClientSettings(_Model):
     @field_validator("knowledge_dir")
     @classmethod
     def _knowledge_dir_exists(cls, v: Path | None) -> Path | None:
-        if v is not None and not v.is_dir():
-            raise ValueError(f"{v} is not a directory")
-        return v.resolve() if v is not None else None
+        if v is None:
+            return None
+        try:  # is_dir() raises, not returns False, for some paths (e.g. a name too long)
+            if not v.is_dir():
+                raise ValueError(f"{v} is not a directory")
+            return v.resolve()
+        except OSError as e:
+            raise ValueError(f"cannot be read as a directory ({e.strerror or type(e).__name__})") from None
 
     @field_validator("agents")
     @classmethod
