@@ -272,7 +272,7 @@ class SupabaseSettings(_Model):
     service_key: SecretStr  # a service_role JWT: it reads every client's secrets
     table: str = Field("clients", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     poll_interval_s: float = Field(10.0, gt=0, le=3600)
-    cache_file: Path | None = None  # the last good set, for a start while Supabase is down
+    cache_file: Path | None = None  # the set being served, for a start while Supabase is down
     # Optional: the project's Postgres URL. The watcher then LISTENs for the table's NOTIFY
     # (config/supabase/schema.sql) and reads at once on a change instead of at the next poll.
     database_url: SecretStr | None = None
