@@ -23,8 +23,10 @@ class BackendError(Exception):
 
 
 def short_error(error: Exception) -> str:
-    """The first line of a Docker engine error, cut to 300 characters, for a BackendError or a log."""
-    return str(error).splitlines()[0][:300]
+    """The first line of an error (a Docker engine's, an OSError), cut to 300 characters, for a
+    BackendError or a log; its type's name when it has no message."""
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 @dataclass(frozen=True)
