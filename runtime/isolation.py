@@ -29,6 +29,28 @@ from runtime.cgroups import CgroupError, CgroupTree, WorkerCgroup
 logger = logging.getLogger("autonomite.isolation")
 
 _PR_SET_DUMPABLE = 4
+# What giving each worker a uid of its own takes, when serve is not root: these, in its
+# effective set and as ambient capabilities (so the zygote keeps them across its exec).
+CAP_SETGID, CAP_SETUID, CAP_SETPCAP = 6, 7, 8
+UID_CAPS = (1 << CAP_SETGID) | (1 << CAP_SETUID) | (1 << CAP_SETPCAP)
+CAP_SYS_ADMIN = 21  # namespaces and mounts
+
+
+def may_change_uids() -> bool:
+    if os.geteuid() == 0:
+        return True
+    caps = _capabilities()
+    return caps["CapEff"] & UID_CAPS == UID_CAPS and caps["CapAmb"] & UID_CAPS == UID_CAPS
+
+
+def may_make_namespaces() -> bool:
+    caps = _capabilities()
+    return bool(caps["CapEff"] & caps["CapAmb" if os.geteuid() else "CapEff"] & (1 << CAP_SYS_ADMIN))
+
+
+def _capabilities() -> dict[str, int]:
+    with open("/proc/self/status") as f:
+        return {k: int(v, 16) for k, _, v in (line.partition(":") for line in f) if k in ("CapEff", "CapAmb")}
 
 
 class IsolationUnavailable(Exception):
@@ -74,27 +96,31 @@ class Isolation:
 
     def __init__(self, settings, name: str = f"autonomite-{os.getpid()}") -> None:  # noqa: ANN001
         self.settings = settings
-        self.root = os.geteuid() == 0
+        self.root = may_change_uids()
         self.uids = UidPool(settings.uids.first, settings.uids.count) if self.root else None
         self.cgroups: CgroupTree | None = None
         missing = []
         if not self.root:
-            missing.append(f"a uid per worker (serve runs as uid {os.geteuid()}, not root: workers share it)")
+            missing.append(f"a uid per worker (serve runs as uid {os.geteuid()}, without root or CAP_SETUID, "
+                           "CAP_SETGID and CAP_SETPCAP: workers share its uid)")
         try:
             self.cgroups = CgroupTree.open(name)
         except CgroupError as e:
             missing.append(f"cgroups ({e})")
-        self.namespaces = settings.namespaces and self.root
-        if settings.namespaces and not self.root:
-            missing.append("pid and mount namespaces (need root)")
+        self.namespaces = settings.namespaces and may_make_namespaces()
+        if settings.namespaces and not self.namespaces:
+            missing.append("pid and mount namespaces (need root or CAP_SYS_ADMIN)")
         self.missing = missing
         if missing and settings.required:
             self.close()
             raise IsolationUnavailable("runtime.isolation.required is set, but this host cannot give workers: "
                                        + "; ".join(missing))
+        applied = ["no_new_privs", "non-dumpable", "seccomp"] + ["a uid per worker"] * bool(self.uids) \
+            + ["cgroups"] * bool(self.cgroups) + ["pid and mount namespaces"] * self.namespaces
         if missing:
-            logger.warning("isolation: applied no_new_privs, non-dumpable, seccomp%s; could not apply: %s",
-                           "" if self.cgroups is None else ", cgroups", "; ".join(missing))
+            logger.warning("isolation: applied %s; could not apply: %s", ", ".join(applied), "; ".join(missing))
+        else:
+            logger.info("isolation: workers get %s", ", ".join(applied))
 
     def place(self, worker_id: str, memory_mb: int, pids: int) -> Placement:
         uid = self.uids.take() if self.uids is not None else None
