@@ -14,6 +14,7 @@ Each attack is what a compromised dependency would do: plain syscalls and file o
 from __future__ import annotations
 
 import ctypes
+import encodings.idna  # noqa: F401 - imported lazily by getaddrinfo, and after the drop it may be unreadable
 import errno
 import json
 import os
@@ -55,7 +56,9 @@ def cgroup_procs_of(pid: int) -> list[str]:
 
 def become(worker: int) -> list[str]:
     """Take ``worker``'s identity through the runtime's own policy; return what differs."""
-    from agent.sandbox import Identity, enter
+    from agent.sandbox import Identity, enter, prepared_filter
+
+    prepared_filter()  # built while root, as the zygote does before any fork
 
     want, want_ns = status_of(worker), namespaces_of(worker)
     want_cgroups = open(f"/proc/{worker}/cgroup").read()
