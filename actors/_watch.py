@@ -83,7 +83,8 @@ def _follow(
     def wait_for_exit() -> None:
         code = backend.wait(handle)
         exited.set()
-        tell(pool, WorkerExited(handle.worker_id, code))
+        cause = getattr(backend, "exit_cause", lambda _: None)(handle)  # a backend may know why
+        tell(pool, WorkerExited(handle.worker_id, code, oom=cause == "oom"))
 
     threading.Thread(target=wait_for_exit, name=f"wait-{handle.worker_id}", daemon=True).start()
     deadline = time.monotonic() + ready_timeout_s

@@ -209,6 +209,7 @@ class WorkerStartFailed:
 class WorkerExited:
     worker_id: str
     exit_code: int
+    oom: bool = False  # the kernel killed it for its memory limit (its cgroup says so)
 
 
 # -- DispatchActor -------------------------------------------------------------------------

@@ -167,8 +167,8 @@ class PoolActor(Supervised):
                 m.status(worker_id, registered, state, lease_id, now)
             case WorkerStartFailed(worker_id, reason, started):
                 m.start_failed(worker_id, reason, started, now)
-            case WorkerExited(worker_id, exit_code):
-                m.exited(worker_id, exit_code, now)
+            case WorkerExited(worker_id, exit_code, oom):
+                m.exited(worker_id, exit_code, now, oom)
                 self.handles.pop(worker_id, None)
                 self.addresses.pop(worker_id, None)
                 self.projects.pop(worker_id, None)
@@ -283,6 +283,7 @@ class PoolActor(Supervised):
             env=self._worker_env(worker_id, agent_name, port),
             cpu=self.client.pool.cpu,
             memory_mb=self.client.pool.memory_mb,
+            pids=self.client.pool.pids,
             image=self.client.image or self.settings.image,
             knowledge_dir=str(self.client.knowledge_dir) if self.client.knowledge_dir else None,
             placement=tuple(self.client.pool.placement),

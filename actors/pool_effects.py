@@ -13,7 +13,7 @@ from typing import Literal, Union
 WorkerState = Literal["starting", "idle", "leased", "draining"]
 ExitCause = Literal[
     "session_end", "session_failed", "scaled_down", "reconfigured", "removed", "start_failed", "lease_unused",
-    "lost_livekit", "crashed",
+    "lost_livekit", "crashed", "oom",
 ]
 LeaseFailure = Literal["unregistered", "claimed", "not_accepted"]
 

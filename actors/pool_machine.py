@@ -207,12 +207,18 @@ class PoolMachine:
             del self.workers[worker_id]
             self._outbox.append(Exited(worker_id, "start_failed", -1))
 
-    def exited(self, worker_id: str, exit_code: int, now: float) -> None:
+    def exited(self, worker_id: str, exit_code: int, now: float, oom: bool = False) -> None:
+        """``oom``: killed for its memory limit, whatever it was doing (a start that dies so
+        backs off like any failed start: a limit too small for the agent must not loop)."""
         worker = self.workers.pop(worker_id, None)
         if worker is None:
             return
         cause: ExitCause
-        if worker.retire_cause:
+        if oom:
+            cause = "oom"
+            if worker.state == "starting" and not worker.ready_at and not worker.adopting:
+                self._back_off(worker_id, "killed at its memory limit before registering", now)
+        elif worker.retire_cause:
             cause = worker.retire_cause
         elif worker.state == "leased":
             cause = "session_end" if exit_code == 0 else "session_failed"

@@ -270,8 +270,9 @@ async def run_worker(config: WorkerConfig) -> int:
         os.environ.setdefault("LIVEKIT_AGENTS_PRELOAD_LOCAL_INFERENCE", "0")
     # Everything a session needs is ready before the worker registers (and so reports idle):
     # the client's documents indexed, the configured provider plugins imported.
-    knowledge_dir = os.environ.get("AUTONOMITE_KNOWLEDGE_DIR")
-    knowledge = KnowledgeBase.from_dir(Path(knowledge_dir)) if knowledge_dir else None
+    knowledge_dir, knowledge_fd = os.environ.get("AUTONOMITE_KNOWLEDGE_DIR"), os.environ.get("AUTONOMITE_KNOWLEDGE_FD")
+    knowledge = (KnowledgeBase.from_fd(int(knowledge_fd)) if knowledge_fd
+                 else KnowledgeBase.from_dir(Path(knowledge_dir)) if knowledge_dir else None)
     providers.preload(config.catalog, knowledge.passages if knowledge else None)
     loop = asyncio.get_running_loop()
     session_over = asyncio.Event()

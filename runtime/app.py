@@ -9,11 +9,12 @@ settings.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import pykka
 
@@ -50,13 +51,17 @@ def make_backend(settings: Settings) -> WorkerBackend:
         from runtime.backends.docker import DockerBackend  # imported only when used
 
         return DockerBackend(settings.runtime.workers.log_dir, settings.runtime.workers.volumes)
-    return ProcessBackend(log_dir=settings.runtime.workers.log_dir, zygote=settings.runtime.workers.zygote)
+    return ProcessBackend(log_dir=settings.runtime.workers.log_dir, zygote=settings.runtime.workers.zygote,
+                          isolation=settings.runtime.isolation)
 
 
 class Runtime:
-    def __init__(self, settings: Settings, config_path: Path | None = None, backend: WorkerBackend | None = None) -> None:
+    def __init__(self, settings: Settings, config_path: Path | None = None, backend: WorkerBackend | None = None,
+                 environ: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.config_path = config_path
+        # Where a reload finds ``${VAR}``: serve took the config's variables out of os.environ.
+        self.environ = environ
         self.metrics = Metrics()
         self.metrics.set_scaler_thresholds(settings.runtime.scaler.high_water, settings.runtime.scaler.low_water)
         self.source: SourceWatcher | None = None
@@ -137,7 +142,7 @@ class Runtime:
         if self.config_path is None:
             raise ConfigError("no config file to reload from")
         with self._reload_lock:
-            new = load_settings(self.config_path)
+            new = load_settings(self.config_path, None if self.environ is None else {**os.environ, **self.environ})
             if new.clients_source != self.settings.clients_source:
                 raise ConfigError(f"{self.config_path}: clients_source: this section changes only with a restart")
             if self.source is None:

@@ -176,10 +176,12 @@ def serve(config_path: Path, with_livekit: bool) -> int:
     from runtime.app import Runtime
     from runtime.backends import BackendError
     from runtime.client_source import SourceUnavailable
+    from runtime.isolation import IsolationUnavailable
 
+    environ = _harden(settings, config_path) if settings.runtime.isolation.enabled else None
     try:
-        runtime = Runtime(settings, config_path)
-    except (BackendError, SourceUnavailable) as e:
+        runtime = Runtime(settings, config_path, environ=environ)
+    except (BackendError, SourceUnavailable, IsolationUnavailable) as e:
         logger.error("cannot start: %s", e)
         return 1
     servers = start_local_livekit(settings) if with_livekit else []
@@ -197,6 +199,26 @@ def serve(config_path: Path, with_livekit: bool) -> int:
         logger.critical("exiting: %s", runtime.failure)
         return 1
     return 0 if listening else 1
+
+
+def _harden(settings: Settings, config_path: Path) -> dict[str, str]:
+    """Before any child starts: serve not dumpable, the config's ``${VAR}`` secrets out of
+    os.environ (kept for reloads in the returned mapping), its files closed to workers."""
+    from runtime.isolation import close_to_others, harden_runtime, take_secrets_from_environ
+    from runtime.settings import placeholders
+
+    harden_runtime()
+    environ = take_secrets_from_environ(placeholders(config_path))
+    source = settings.clients_source
+    for path in (config_path, source.supabase.cache_file if source else None):
+        if path is None:
+            continue
+        try:
+            if close_to_others(Path(path)):
+                logger.warning("%s was readable by other users (so by workers); it no longer is", path)
+        except OSError as e:
+            logger.warning("cannot close %s to other users: %s", path, e.strerror)
+    return environ
 
 
 async def _serve_http(runtime: "Runtime") -> bool:

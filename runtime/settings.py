@@ -109,6 +109,32 @@ class WorkerSettings(_Model):
     engine_url: str | None = None  # swarm backend: the manager's Docker API (default: DOCKER_HOST)
 
 
+class UidRange(_Model):
+    """Where per-worker uids (and gids, the same number) come from: ids no other user of
+    the host has, and no file on it is owned by."""
+
+    first: int = Field(200_000, ge=1000, le=2**31 - 2)
+    count: int = Field(65_536, ge=1, le=2**24)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "UidRange":
+        if self.first + self.count > 2**31 - 1:
+            raise ValueError("first + count must stay below 2147483647")
+        return self
+
+
+class IsolationSettings(_Model):
+    """Process backend: what each worker becomes after the fork (agent/sandbox.py)."""
+
+    enabled: bool = True
+    # Refuse to start unless every part applies (root, cgroups; namespaces if asked for),
+    # instead of starting with what needs no privilege and logging what is missing.
+    required: bool = False
+    uids: UidRange = UidRange()
+    # A pid and a mount namespace per worker (a fresh /proc, private /tmp and /dev/shm).
+    namespaces: bool = False
+
+
 class DispatchSettings(_Model):
     """How long a trigger may take to put an agent in the room before it is refused.
 
@@ -140,6 +166,7 @@ class RuntimeSettings(_Model):
     scaler: ScalerSettings = ScalerSettings()
     supervisor: SupervisorSettings = SupervisorSettings()
     workers: WorkerSettings = WorkerSettings()
+    isolation: IsolationSettings = IsolationSettings()
     fault_injection: bool = False
 
     @model_validator(mode="after")
@@ -178,6 +205,7 @@ class PoolSettings(_Model):
     max_size: int = Field(4, ge=1, le=100)
     cpu: float = Field(1.0, gt=0, le=64)
     memory_mb: int = Field(1024, ge=64)
+    pids: int = Field(512, ge=16, le=1_000_000)  # processes and threads per worker
     # swarm backend: Swarm placement constraints for this client's workers, for example
     # "node.labels.tier==voice"; none spreads them over the nodes.
     placement: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+\s*(==|!=)\s*[^\s]+$")]] = Field(
@@ -350,6 +378,14 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None, al
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         # The message never echoes the input value: it may be a secret.
         raise ConfigError(f"{path}: {where}: {first['msg']}{more}") from None
+
+
+def placeholders(path: str | Path) -> set[str]:
+    """The environment variables a config file reads (``${VAR}``): its secrets, mostly."""
+    try:
+        return set(_PLACEHOLDER.findall(Path(path).read_text(encoding="utf-8")))
+    except OSError:
+        return set()
 
 
 def _expand(node: Any, env: Mapping[str, str], path: Path, loc: tuple) -> Any:

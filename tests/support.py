@@ -114,6 +114,7 @@ class Client:
     agents: list[dict] = field(default_factory=lambda: [{"name": "support", "system_prompt": "You are helpful."}])
     knowledge_dir: str | None = None
     placement: list[str] = field(default_factory=list)  # swarm constraints, e.g. node.labels.tier==voice
+    pool: dict = field(default_factory=dict)  # more pool settings, e.g. {"memory_mb": 256, "pids": 64}
 
     def __post_init__(self) -> None:
         self.token = self.token or new_secret(f"{self.id}-token")
@@ -133,7 +134,7 @@ def write_config(path: Path, clients: list[Client], **runtime: Any) -> dict[str,
                 "api_token": f"${{{up}_TOKEN}}",
                 "livekit": {"url": c.project.url, "api_key": c.project.key, "api_secret": f"${{{up}_LK_SECRET}}"},
                 "pool": {"min_idle": c.min_idle, "max_size": c.max_size,
-                         **({"placement": c.placement} if c.placement else {})},
+                         **({"placement": c.placement} if c.placement else {}), **c.pool},
                 "agents": c.agents,
                 **({"knowledge_dir": c.knowledge_dir} if c.knowledge_dir else {}),
             }

@@ -41,6 +41,7 @@ class WorkerSpec:
     env: Mapping[str, str] = field(repr=False)
     cpu: float = 1.0
     memory_mb: int = 1024
+    pids: int = 512  # processes and threads
     image: str = ""
     knowledge_dir: str | None = None  # the client's documents, read-only; no other client's
     placement: tuple[str, ...] = ()  # swarm backend: placement constraints
