@@ -59,11 +59,12 @@ class Listener:
         logger.info("%s listening on http://%s:%d", self.name, self.host, self.port)
 
     async def stop_listening(self) -> None:
-        """No new connections; the ones it has are served and then closed."""
+        """No new connections. The ones it has stay: each closes after its next answer
+        (``Connection: close`` while draining) or when idle past the header timeout.
+        Closing an idle one here could drop a request already on its way."""
         for site in self.sites:
             await site.stop()
         self.sites.clear()
-        self.runner.server.pre_shutdown()
 
     def close(self) -> None:
         for sock in self.socks:
@@ -153,14 +154,13 @@ async def _until_stopped(runtime: "Runtime", events: asyncio.Queue[str], all_lis
                 actions = policy.request(event, loop.time())  # type: ignore[arg-type]
                 if not actions:
                     logger.warning("%s: already shutting down; please wait", event)
+        for why in dict.fromkeys(action.why for action in actions):
+            logger.warning("shutdown: %s", why)
         for action in actions:
-            logger.warning("shutdown: %s", action.why)
             match action:
                 case BeginDrain():
                     lifecycle.draining = True
                     listeners.sd_notify("STOPPING=1")
-                    for listener in all_listeners:
-                        listener.runner.server.pre_shutdown()  # idle keep-alive connections close now
                     drained = lambda: loop.call_soon_threadsafe(events.put_nowait, "drained")  # noqa: E731
                     begun = loop.run_in_executor(None, runtime.begin_drain, drained)
                     tasks.append(asyncio.create_task(_give_way(all_listeners)))
