@@ -247,11 +247,18 @@ class Serve:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0, drain_s: float = 1.0) -> int:
+        """Stop it as an operator who will not wait for live calls: SIGTERM drains, and
+        SIGTERM again ``drain_s`` later (if it still runs) ends the sessions and stops."""
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+            if sig == signal.SIGTERM:
+                try:
+                    self.proc.wait(drain_s)
+                except subprocess.TimeoutExpired:
+                    self.proc.send_signal(sig)
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
