@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import weakref
 from typing import Any
 
 from livekit import api, rtc
@@ -119,7 +118,6 @@ async def run_session(
         ),
     )
     _end_when_users_leave(ctx)
-    _sessions[ctx] = session  # what end_session speaks through
     if stt is not None:
         _log_voice_metrics(session)
     _background(_greet_or_give_up(ctx, session, user_join_timeout_s))
@@ -140,8 +138,6 @@ def _log_voice_metrics(session: AgentSession) -> None:
 
 
 _tasks: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
-_sessions: "weakref.WeakKeyDictionary[JobContext, AgentSession]" = weakref.WeakKeyDictionary()
-LAST_WORDS_TIMEOUT_S = 10.0  # an agent told to end says why; it never holds the end longer than this
 
 
 def _background(coro) -> None:  # noqa: ANN001
@@ -172,31 +168,15 @@ def _end_when_users_leave(ctx: JobContext) -> None:
             ctx.shutdown("user left")
 
 
-def end_session(ctx: JobContext, entry: asyncio.Task | None, reason: str, if_no_users: bool,
-                say: bool = False) -> None:
-    """From the runtime: the room ended, or maybe its last user left (a LiveKit webhook), or
-    the runtime is shutting down (``say``: the agent tells the caller ``reason`` first).
+def end_session(ctx: JobContext, entry: asyncio.Task | None, reason: str, if_no_users: bool) -> None:
+    """From the runtime (a LiveKit webhook): the room ended, or maybe its last user left.
 
     Runs on the job's loop. An entrypoint still joining is cancelled rather than given
     livekit-agents' 15 s grace: the room it is joining is gone.
     """
     if if_no_users and ctx.room.isconnected() and _users(ctx.room):
         return
-    session = _sessions.get(ctx)
-    if say and session is not None and ctx.room.isconnected() and _users(ctx.room):
-        logger.info("ending the session, saying why first")
-        _background(_say_then_end(ctx, session, reason))
-        return
     logger.info("ending the session: %s", reason)
     ctx.shutdown(reason)
     if entry is not None and not entry.done():
         entry.cancel()
-
-
-async def _say_then_end(ctx: JobContext, session: AgentSession, reason: str) -> None:
-    try:
-        handle = session.say(reason, allow_interruptions=False)
-        await asyncio.wait_for(handle.wait_for_playout(), LAST_WORDS_TIMEOUT_S)
-    except Exception as e:  # noqa: BLE001 - the session ends all the same
-        logger.warning("could not say why the session ends: %s", e)
-    ctx.shutdown("ended by the runtime")

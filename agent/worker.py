@@ -258,6 +258,7 @@ async def run_worker(config: WorkerConfig) -> int:
     from livekit.agents import AgentServer, JobContext, JobExecutorType, JobRequest
 
     from agent import providers
+    from agent.last_words import say_then_end
     from agent.rag import KnowledgeBase
     from agent.session import end_session, run_session
 
@@ -315,7 +316,7 @@ async def run_worker(config: WorkerConfig) -> int:
         # The job runs on a loop of its own (thread executor); /end reaches it through here.
         job_loop, entry_task = asyncio.get_running_loop(), asyncio.current_task()
         state.end_session = lambda reason, if_no_users, say=False: job_loop.call_soon_threadsafe(
-            end_session, ctx, entry_task, reason, if_no_users, say
+            *(say_then_end, ctx, entry_task, reason) if say else (end_session, ctx, entry_task, reason, if_no_users)
         )
         await run_session(ctx, config.catalog, knowledge, config.user_join_timeout_s)
 
