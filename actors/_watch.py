@@ -125,6 +125,21 @@ def check_job_arrived(
     executor.submit(run)
 
 
+def end_session(executor: Executor, address: StatusAddress, worker_id: str, reason: str) -> None:
+    """Ask a worker to end its session, its agent saying ``reason`` to the caller first."""
+
+    def run() -> None:
+        query = urllib.parse.urlencode({"reason": reason, "say": "1"})
+        request = urllib.request.Request(address.url(f"/end?{query}"), method="POST", headers=address.headers())
+        try:
+            with urllib.request.urlopen(request, timeout=2.0):
+                pass
+        except (OSError, ValueError) as e:  # over already, or gone: its exit is reported anyway
+            logger.info("ending the session of %s: %s", worker_id, e)
+
+    executor.submit(run)
+
+
 def read_status(address: StatusAddress, timeout: float = 1.0, wait: float = 0.0, since: str | None = None) -> dict | None:
     """A worker's status; with ``since``, once it differs from that etag (or after ``wait``)."""
     query = f"?since={urllib.parse.quote(since)}&wait={wait:g}" if since else ""

@@ -88,7 +88,7 @@ class PoolMachine:
     failures: int = 0  # consecutive failed starts
     last_error: str | None = None
     next_start_at: float = 0.0
-    leaving: bool = False
+    leaving: ExitCause | None = None  # draining: why its workers stop ("removed" or "shutdown")
     new_id: Callable[[], str] = _new_id
     _outbox: list[Effect] = field(default_factory=list)
 
@@ -161,8 +161,10 @@ class PoolMachine:
         self.min_idle, self.max_size, self.config_fp = min_idle, max_size, config_fp
         self.target = self._clamp(self.target)
 
-    def drain(self) -> None:
-        self.leaving = True
+    def drain(self, cause: ExitCause = "removed") -> None:
+        """The pool is going (its client was removed, or the runtime shuts down): idle and
+        starting workers stop now, leased ones once their session ends."""
+        self.leaving = cause
 
     def started(self, worker_id: str) -> bool:
         """The backend started it; False means stop it at once (retired or unknown meanwhile)."""
@@ -245,8 +247,9 @@ class PoolMachine:
         self._serve_waiters(now)
         if self.leaving:
             for w in self._live():
-                if w.state != "leased":
-                    self._retire(w, "removed")
+                # An adopted worker may be mid-session until its probe says: not yet.
+                if w.state != "leased" and not w.adopting:
+                    self._retire(w, self.leaving)
             if not self.workers:
                 self._outbox.append(Drained())
             return self._take()

@@ -21,7 +21,7 @@ import pykka
 from actors import ChildSpec, Directory, DispatchActor, PoolActor, Restart, ScalerActor, Supervisor, _watch, pool_id
 from livekit import api
 
-from actors.messages import Reconfigure, RoomEvent, ShutdownAll, StartChild, StopChild
+from actors.messages import DrainChildren, EndSessions, Reconfigure, RoomEvent, ShutdownAll, StartChild, StopChild
 from runtime.backends import ProcessBackend, WorkerBackend
 from runtime.client_source import SourceWatcher
 from runtime.livekit import LiveKitClient
@@ -192,6 +192,21 @@ class Runtime:
     def _tell(ref: pykka.ActorRef | None, message: object) -> None:
         if ref is not None:  # a dead one is restarting: the new incarnation starts from what it finds
             _watch.tell(ref, message)
+
+    # -- drain: a shutdown that lets live sessions finish (runtime/drain.py decides when) --
+
+    def begin_drain(self, on_drained: Callable[[], None]) -> None:
+        """Take no new client and no new session: idle and starting workers stop now, leased
+        ones keep their sessions. ``on_drained()`` runs, in the supervisor's thread, once the
+        last pool has stopped. Waits for the client source's thread: call it off the loop."""
+        self.supervisor.tell(DrainChildren(pool_id(""), on_drained))  # from now on no pool starts
+        if self.source is not None:
+            self.source.stop()
+
+    def end_sessions(self, reason: str) -> None:
+        """End every session now; each agent says ``reason`` to its caller first."""
+        for ref in self.directory.with_prefix(pool_id(""), draining=True).values():
+            self._tell(ref, EndSessions(reason))
 
     # -- failure and shutdown ------------------------------------------------------------
 

@@ -89,6 +89,17 @@ class SupervisorSettings(_Model):
     shutdown_timeout_s: float = Field(15.0, gt=0)
 
 
+class ShutdownSettings(_Model):
+    """How ``serve`` goes down on SIGTERM: it drains. Live sessions go on for up to
+    ``drain_timeout_s``; those still running then are ended, their agent saying
+    ``end_message`` to the caller first."""
+
+    drain_timeout_s: float = Field(600.0, gt=0, le=86_400)
+    end_message: str = Field(
+        "I'm sorry, this service is restarting and has to end our call now. Please call again in a minute.",
+        min_length=1, max_length=500)
+
+
 class WorkerSettings(_Model):
     """How workers are started, whatever the backend."""
 
@@ -167,6 +178,7 @@ class RuntimeSettings(_Model):
     supervisor: SupervisorSettings = SupervisorSettings()
     workers: WorkerSettings = WorkerSettings()
     isolation: IsolationSettings = IsolationSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
     fault_injection: bool = False
 
     @model_validator(mode="after")
