@@ -67,7 +67,8 @@ def status_port(pid: int, worker_id: str, admin: str) -> int:
 
 
 def workers(serve, client_id: str) -> list[tuple[str, int]]:  # noqa: ANN001
-    return sorted((w["id"], int(w["ref"])) for w in serve.pool(client_id)["workers"])
+    """(id, pid) of the pool's workers that have a process yet (a starting one may not)."""
+    return sorted((w["id"], int(w["ref"])) for w in serve.pool(client_id)["workers"] if w["ref"])
 
 
 def own_namespaces(pid: int) -> list[str]:
