@@ -318,7 +318,6 @@ class PoolActor(Supervised):
             status_port=port,
             catalog=[a.for_worker() for a in self.client.agents],
             user_join_timeout_s=self.settings.user_join_timeout_s,
-            rejoin_grace_s=self.settings.rejoin_grace_s,
             status_token=self._token(worker_id),
         )
         return {

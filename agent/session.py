@@ -5,15 +5,9 @@ enhanced system prompt comes from ``agent.priming``; the LLM, STT and TTS from t
 config (``agent.providers``: offline, text-only by default). With ``enable_rag`` every user
 turn gets the best passages from the client's own documents.
 
-The session ends when the room ends, when no end user has been in the room for
-``rejoin_grace_s`` after the last one left (agent.presence: a caller who reconnects leaves
-and joins again), or when no end user has joined within ``user_join_timeout_s`` (a
-trigger whose user never came must not hold a warm worker forever).
-
-The greeting comes first, whatever the caller does: a typed message or a spoken turn that
-arrives before the greeting has been said waits for it, and is then answered once.
-Answering it at once interrupted the greeting (lost), and the greeting's own reply could
-read the caller's message and answer it too (answered twice).
+The session ends when the room ends, when the last end user leaves, or when no end user
+has joined within ``user_join_timeout_s`` (a trigger whose user never came must
+not hold a warm worker forever).
 """
 
 from __future__ import annotations
@@ -21,19 +15,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import weakref
-from collections.abc import AsyncIterable
 from typing import Any
 
 from livekit import api, rtc
-from livekit.agents import Agent, AgentSession, JobContext, llm, stt
+from livekit.agents import Agent, AgentSession, JobContext, llm
 from livekit.agents.voice.room_io import RoomOptions
 
 from agent import priming, providers
 from agent.offline_llm import KNOWLEDGE_HEADER
-from agent.presence import Presence, users
 from agent.rag import KnowledgeBase
-from agent.turns import TypedTurns, background
 
 logger = logging.getLogger("autonomite.agent.session")
 
@@ -41,23 +31,11 @@ CONNECT_TIMEOUT_S = 10.0  # joining takes well under a second; longer means the 
 
 
 class PrimedAgent(Agent):
-    """The agent with its primed instructions and, with RAG on, its client's knowledge.
-    ``greeted`` is set once the greeting has been said: the caller's words wait for it."""
+    """The agent with its primed instructions and, with RAG on, its client's knowledge."""
 
     def __init__(self, instructions: str, knowledge: KnowledgeBase | None) -> None:
         super().__init__(instructions=instructions)
         self.knowledge = knowledge
-        self.greeted = asyncio.Event()
-
-    async def stt_node(self, audio: AsyncIterable, model_settings: Any) -> AsyncIterable[stt.SpeechEvent]:
-        # A caller's turn ends when its transcript comes (turn detection "vad" waits for
-        # it): held until the greeting has been said, a turn spoken over the greeting ends
-        # after it, and is answered instead of skipped (the greeting cannot be interrupted).
-        # The audio itself flows on meanwhile: nothing the caller says is lost.
-        async for event in Agent.default.stt_node(self, audio, model_settings):
-            if not self.greeted.is_set():
-                await self.greeted.wait()
-            yield event
 
     def llm_node(self, chat_ctx: llm.ChatContext, tools: list, model_settings: Any) -> Any:
         # Here rather than in on_user_turn_completed: that hook runs for spoken turns only,
@@ -78,12 +56,12 @@ def with_passages(chat_ctx: llm.ChatContext, knowledge: KnowledgeBase) -> llm.Ch
     return chat_ctx
 
 
-_presence: "weakref.WeakKeyDictionary[JobContext, Presence]" = weakref.WeakKeyDictionary()
+def _is_user(p: rtc.RemoteParticipant) -> bool:
+    return p.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
 
 
 async def run_session(
-    ctx: JobContext, catalog: list[dict], knowledge: KnowledgeBase | None, user_join_timeout_s: float,
-    rejoin_grace_s: float,
+    ctx: JobContext, catalog: list[dict], knowledge: KnowledgeBase | None, user_join_timeout_s: float
 ) -> None:
     """Join, start the agent, and return: the entrypoint never blocks on the end user.
 
@@ -102,7 +80,6 @@ async def run_session(
     instructions = priming.build_prompt(config.get("system_prompt"), info)
     use_rag = bool(config.get("enable_rag")) and knowledge is not None
 
-    typed = TypedTurns(ctx.room)  # before joining: a message may come with the join
     try:
         await asyncio.wait_for(ctx.connect(), CONNECT_TIMEOUT_S)
     except asyncio.TimeoutError:
@@ -128,27 +105,22 @@ async def run_session(
     # change nothing, a longer one would add to the window. Cloud STT keeps its own turns.
     pause = providers.silence_window(config)
     offline_voice = (config.get("stt") or {}).get("provider") == "offline"
-    turns: dict = ({"turn_detection": "manual"} if stt is None else
-                   {"turn_detection": "vad", "endpointing": {"min_delay": pause}} if offline_voice else {})
-    if stt is not None:  # words said over the greeting reach the recognizer (answered after it)
-        turns["interruption"] = {"discard_audio_if_uninterruptible": False}
+    turns = ({"turn_detection": "manual"} if stt is None else
+             {"turn_detection": "vad", "endpointing": {"min_delay": pause}} if offline_voice else {})
     session = AgentSession(llm=providers.make_llm(config.get("llm")), stt=stt, tts=tts, turn_handling=turns,
                            vad=providers.vad(pause) if stt is not None else None)
-    agent = PrimedAgent(instructions, knowledge if use_rag else None)
     await session.start(
-        agent,
+        PrimedAgent(instructions, knowledge if use_rag else None),
         room=ctx.room,
         room_options=RoomOptions(
-            text_input=False,  # typed turns: agent.turns.TypedTurns
-            text_output=True, audio_input=stt is not None, audio_output=tts is not None,
-            close_on_disconnect=False,  # the session's end is ours to decide: agent.presence
+            text_input=True, text_output=True, audio_input=stt is not None, audio_output=tts is not None,
+            close_on_disconnect=False,  # the session's end is ours to decide, below
         ),
     )
-    typed.start(session, agent.greeted)
-    _presence[ctx] = Presence(ctx.room, rejoin_grace_s, ctx.shutdown)
+    _end_when_users_leave(ctx)
     if stt is not None:
         _log_voice_metrics(session)
-    background(_greet_or_give_up(ctx, session, user_join_timeout_s, agent.greeted))
+    _background(_greet_or_give_up(ctx, session, user_join_timeout_s))
 
 
 def _log_voice_metrics(session: AgentSession) -> None:
@@ -165,22 +137,35 @@ def _log_voice_metrics(session: AgentSession) -> None:
             logger.info("voice metric %s", json.dumps({"kind": kind, **values}, sort_keys=True))
 
 
-async def _greet_or_give_up(ctx: JobContext, session: AgentSession, join_timeout_s: float,
-                            greeted: asyncio.Event) -> None:
+_tasks: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
+
+
+def _background(coro) -> None:  # noqa: ANN001
+    task = asyncio.create_task(coro)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+async def _greet_or_give_up(ctx: JobContext, session: AgentSession, join_timeout_s: float) -> None:
     try:
         await asyncio.wait_for(ctx.wait_for_participant(), join_timeout_s)
     except asyncio.TimeoutError:
         logger.info("no end user joined within %g s; ending the session", join_timeout_s)
         ctx.shutdown("no user joined")
         return
-    # The first words: a greeting that already knows the user. Nothing the caller says
-    # interrupts it; what they said meanwhile is answered once it has been said.
-    try:
-        greeting = session.generate_reply(allow_interruptions=False)
-    except BaseException:
-        greeted.set()  # no greeting to wait for: the caller's words must not wait forever
-        raise
-    greeting.add_done_callback(lambda _: greeted.set())
+    session.generate_reply()  # the first words: a greeting that already knows the user
+
+
+def _users(room: rtc.Room) -> list:
+    return [p for p in room.remote_participants.values() if _is_user(p)]
+
+
+def _end_when_users_leave(ctx: JobContext) -> None:
+    @ctx.room.on("participant_disconnected")
+    def _left(p: rtc.RemoteParticipant) -> None:
+        if _is_user(p) and not _users(ctx.room):
+            logger.info("the last end user left; ending the session")
+            ctx.shutdown("user left")
 
 
 def end_session(ctx: JobContext, entry: asyncio.Task | None, reason: str, if_no_users: bool) -> None:
@@ -189,11 +174,7 @@ def end_session(ctx: JobContext, entry: asyncio.Task | None, reason: str, if_no_
     Runs on the job's loop. An entrypoint still joining is cancelled rather than given
     livekit-agents' 15 s grace: the room it is joining is gone.
     """
-    presence = _presence.get(ctx)
-    if if_no_users and presence is not None and ctx.room.isconnected():
-        presence.user_left()  # the grace applies: the caller may be reconnecting
-        return
-    if if_no_users and ctx.room.isconnected() and users(ctx.room):
+    if if_no_users and ctx.room.isconnected() and _users(ctx.room):
         return
     logger.info("ending the session: %s", reason)
     ctx.shutdown(reason)

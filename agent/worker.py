@@ -48,7 +48,6 @@ class WorkerConfig:
     status_port: int
     catalog: list[dict]
     user_join_timeout_s: float = 120.0
-    rejoin_grace_s: float = 10.0  # runtime.settings.WorkerSettings.rejoin_grace_s
     status_host: str = "127.0.0.1"  # where the status port listens (another node's runtime probes it)
     status_token: str = field(default="", repr=False)  # every status call must carry it
 
@@ -62,7 +61,6 @@ class WorkerConfig:
             "AUTONOMITE_STATUS_PORT": str(self.status_port),
             "AUTONOMITE_CATALOG": json.dumps(self.catalog),
             "AUTONOMITE_USER_JOIN_TIMEOUT_S": str(self.user_join_timeout_s),
-            "AUTONOMITE_REJOIN_GRACE_S": str(self.rejoin_grace_s),
         }
 
     @classmethod
@@ -74,7 +72,6 @@ class WorkerConfig:
             status_port=int(os.environ["AUTONOMITE_STATUS_PORT"]),
             catalog=json.loads(os.environ.get("AUTONOMITE_CATALOG", "[]")),
             user_join_timeout_s=float(os.environ.get("AUTONOMITE_USER_JOIN_TIMEOUT_S", "120")),
-            rejoin_grace_s=float(os.environ.get("AUTONOMITE_REJOIN_GRACE_S", "10")),
             status_host=os.environ.get("AUTONOMITE_STATUS_HOST", "127.0.0.1"),
             status_token=os.environ.get("AUTONOMITE_STATUS_TOKEN", ""),
         )
@@ -322,7 +319,7 @@ async def run_worker(config: WorkerConfig) -> int:
         state.end_session = lambda reason, if_no_users, say=False: job_loop.call_soon_threadsafe(
             *(say_then_end, ctx, entry_task, reason) if say else (end_session, ctx, entry_task, reason, if_no_users)
         )
-        await run_session(ctx, config.catalog, knowledge, config.user_join_timeout_s, config.rejoin_grace_s)
+        await run_session(ctx, config.catalog, knowledge, config.user_join_timeout_s)
 
     server.on("worker_registered", lambda *_: _mark_idle(state))
 
