@@ -73,8 +73,10 @@ def test_a_spoken_question_gets_a_spoken_answer_from_the_clients_documents(
     greeting, answer = asyncio.run(call(r.body["livekit_url"], r.body["participant_token"], ears_model,
                                         ["What is the door code?"]))
     print(f"heard: {greeting!r}, then {answer!r}")
-    # The greeting came as audio (the offline LLM says "Hello ... how can I help you today").
-    assert "hello" in greeting and "help" in greeting, greeting
+    # The greeting came as audio (the offline LLM says "Hello, I'm the assistant for Acme.
+    # How can I help you today?"). Its end is what the caller's model hears reliably: the
+    # opening "Hello, I'm" was once heard as "will".
+    assert "help you today" in greeting, greeting
     # Heard through pocketsphinx, found in the client's documents, spoken by espeak-ng.
     assert "four two seven one" in answer, answer
     # Every espeak-ng the agent ran has ended: none outlives its sentence (an orphan would
