@@ -9,7 +9,6 @@ the new pool could not have seen it: no orphans.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -19,7 +18,7 @@ from concurrent.futures import Executor
 import pykka
 
 from actors.messages import LeaseUnused, WorkerExited, WorkerStarted, WorkerStartFailed, WorkerStatus
-from agent.status import StatusAddress
+from agent.status import StatusAddress, read_status  # noqa: F401 - read_status: used here, and by tests
 from runtime.backends.base import WorkerBackend, WorkerHandle, WorkerSpec
 
 logger = logging.getLogger("autonomite.pool")
@@ -138,17 +137,6 @@ def end_session(executor: Executor, address: StatusAddress, worker_id: str, reas
             logger.info("ending the session of %s: %s", worker_id, e)
 
     executor.submit(run)
-
-
-def read_status(address: StatusAddress, timeout: float = 1.0, wait: float = 0.0, since: str | None = None) -> dict | None:
-    """A worker's status; with ``since``, once it differs from that etag (or after ``wait``)."""
-    query = f"?since={urllib.parse.quote(since)}&wait={wait:g}" if since else ""
-    request = urllib.request.Request(address.url(f"/status{query}"), headers=address.headers())
-    try:
-        with urllib.request.urlopen(request, timeout=timeout + (wait if since else 0)) as r:
-            return json.loads(r.read())
-    except (OSError, ValueError):
-        return None
 
 
 def after(seconds: float, actor: pykka.ActorRef, message: object) -> threading.Timer:

@@ -319,6 +319,7 @@ class PoolActor(Supervised):
             catalog=[a.for_worker() for a in self.client.agents],
             user_join_timeout_s=self.settings.user_join_timeout_s,
             status_token=self._token(worker_id),
+            orphan_timeout_s=self.settings.orphan_timeout_s,
         )
         return {
             "LIVEKIT_URL": lk.url,

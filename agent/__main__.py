@@ -10,7 +10,6 @@ import os
 
 if "AUTONOMITE_IDENTITY" in os.environ:
     import json
-    import signal
 
     from agent import sandbox
     from agent.zygote import preload
@@ -18,8 +17,7 @@ if "AUTONOMITE_IDENTITY" in os.environ:
     preload([])
     parent = os.getppid()
     sandbox.enter(sandbox.Identity.from_json(json.loads(os.environ.pop("AUTONOMITE_IDENTITY"))))
-    sandbox.set_parent_death_signal(signal.SIGTERM)  # the uid change cleared the runtime's
-    if os.getppid() != parent:  # the runtime died meanwhile
+    if os.getppid() != parent:  # the runtime died meanwhile (later, the lifeline says: agent/lifeline.py)
         os._exit(1)
 
 from agent.worker import main  # noqa: E402

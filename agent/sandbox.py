@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
-PR_SET_PDEATHSIG = 1
 PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
@@ -250,11 +249,6 @@ def check(identity: Identity) -> None:
         wrong.append("seccomp")
     if wrong:
         raise SandboxError("identity not taken: " + ", ".join(wrong))
-
-
-def set_parent_death_signal(sig: int) -> None:
-    """After the uid change (which clears it), so the worker still dies with the runtime."""
-    _prctl(PR_SET_PDEATHSIG, sig)
 
 
 def new_pid_namespace() -> None:

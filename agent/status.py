@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,3 +37,14 @@ class StatusAddress:
 
 def status_token(key: str, worker_id: str) -> str:
     return hmac.new(key.encode(), f"worker-status:{worker_id}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def read_status(address: StatusAddress, timeout: float = 1.0, wait: float = 0.0, since: str | None = None) -> dict | None:
+    """A worker's status; with ``since``, once it differs from that etag (or after ``wait``)."""
+    query = f"?since={urllib.parse.quote(since)}&wait={wait:g}" if since else ""
+    request = urllib.request.Request(address.url(f"/status{query}"), headers=address.headers())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout + (wait if since else 0)) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):
+        return None

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from agent.lifeline import outlive_runtime, watch_lifeline
 from agent.status import ReportedState
 
 from aiohttp import web
@@ -50,6 +51,7 @@ class WorkerConfig:
     user_join_timeout_s: float = 120.0
     status_host: str = "127.0.0.1"  # where the status port listens (another node's runtime probes it)
     status_token: str = field(default="", repr=False)  # every status call must carry it
+    orphan_timeout_s: float = 300.0  # in session, no runtime following it this long: end (agent/orphan.py)
 
     def to_env(self) -> dict[str, str]:
         return {
@@ -61,6 +63,7 @@ class WorkerConfig:
             "AUTONOMITE_STATUS_PORT": str(self.status_port),
             "AUTONOMITE_CATALOG": json.dumps(self.catalog),
             "AUTONOMITE_USER_JOIN_TIMEOUT_S": str(self.user_join_timeout_s),
+            "AUTONOMITE_ORPHAN_TIMEOUT_S": str(self.orphan_timeout_s),
         }
 
     @classmethod
@@ -74,6 +77,7 @@ class WorkerConfig:
             user_join_timeout_s=float(os.environ.get("AUTONOMITE_USER_JOIN_TIMEOUT_S", "120")),
             status_host=os.environ.get("AUTONOMITE_STATUS_HOST", "127.0.0.1"),
             status_token=os.environ.get("AUTONOMITE_STATUS_TOKEN", ""),
+            orphan_timeout_s=float(os.environ.get("AUTONOMITE_ORPHAN_TIMEOUT_S", "300")),
         )
 
 
@@ -98,6 +102,8 @@ class WorkerState:
         self.claimed_at = 0.0
         self.end_session: Callable[[str, bool, bool], None] | None = None  # set once a job runs
         self.is_connected = is_connected  # set to the LiveKit connection once the server exists
+        self.runtime_gone = False  # the runtime that started it died: never claimed again
+        self.heard_at = time.monotonic()  # the last authenticated status call: a runtime follows us
 
     @property
     def state(self) -> ReportedState:
@@ -133,7 +139,8 @@ class WorkerState:
     def claim(self, lease_id: str, worker_id: str) -> bool:
         """``worker_id``: the runtime means this worker (a status port reused by another
         worker must not be claimed by mistake)."""
-        if self.state != "idle" or not self.registered or worker_id != self.config.worker_id or not lease_id:
+        if (self.state != "idle" or not self.registered or worker_id != self.config.worker_id or not lease_id
+                or self.runtime_gone):
             return False
         self.state, self.lease_id = "claimed", lease_id
         self.claimed_at = time.monotonic()
@@ -240,6 +247,7 @@ async def _serve_status(state: WorkerState) -> web.AppRunner:
         given = request.headers.get("Authorization", "")
         if token and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             return web.json_response({"error": "unauthorized", "detail": "a valid worker token is required"}, status=401)
+        state.heard_at = time.monotonic()
         return await handler(request)
 
     app = web.Application(middlewares=[authenticated])
@@ -339,10 +347,11 @@ async def run_worker(config: WorkerConfig) -> int:
             await asyncio.sleep(1.0)
         logger.warning("job %s is no longer running; ending this worker", state.accepted_job)
 
+    runtime_gone = watch_lifeline(loop, state)
     status_runner = await _serve_status(state)
     run_task = asyncio.create_task(server.run(devmode=False))
     waiters = [asyncio.create_task(e.wait()) for e in (session_over, stop_requested)]
-    waiters.append(asyncio.create_task(job_gone()))
+    waiters += [asyncio.create_task(job_gone()), asyncio.create_task(outlive_runtime(state, runtime_gone))]
     done, _ = await asyncio.wait([run_task, *waiters], return_when=asyncio.FIRST_COMPLETED)
 
     exit_code = 0
@@ -352,7 +361,7 @@ async def run_worker(config: WorkerConfig) -> int:
         exit_code = 1
     else:
         state.state = "draining"
-        if stop_requested.is_set():
+        if stop_requested.is_set() or state.runtime_gone:
             _exit_hard_after(DRAIN_TIMEOUT_S + 5)  # whoever stopped us may not be there to kill us
         try:
             await server.drain(timeout=DRAIN_TIMEOUT_S)

@@ -20,21 +20,21 @@ Why it is safe to fork here:
   (SCM_RIGHTS); only the child reads it. The zygote's own environment is the runtime's
   allow-list, without any client's credentials.
 - **Parentage.** The child forks once more and the middle process exits, so the worker is
-  re-parented to the runtime (a child subreaper, see ``runtime/backends/zygote.py``). The
-  worker then sets PR_SET_PDEATHSIG toward the runtime: it dies with the runtime, not with
-  the zygote, so a crashed zygote costs no live session, and the runtime can wait for
-  the worker's exit code as for any child of its own.
+  re-parented to the runtime (a child subreaper, see ``runtime/backends/zygote.py``), so a
+  crashed zygote costs no live session, and the runtime can wait for the worker's exit
+  code as for any child of its own. The worker learns of the *runtime's* death through its
+  lifeline (``agent/lifeline.py``): in a session it goes on, to be adopted by the next
+  runtime; otherwise it exits.
 
 - **An identity of its own.** Before it runs any worker code, the child takes the
   identity the runtime chose for it (its settings say which: a uid, its cgroups, seccomp;
-  ``agent/sandbox.py``), then sets PR_SET_PDEATHSIG (a uid change clears it). With
-  namespaces, the middle process unshares a pid namespace first, so the worker is pid 1
-  of its own. The zygote itself is not dumpable: no worker can read or write its memory.
+  ``agent/sandbox.py``). With namespaces, the middle process unshares a pid namespace
+  first, so the worker is pid 1 of its own. The zygote itself is not dumpable: no worker can read or write its memory.
 
 The protocol, on a Unix socket the runtime holds the other end of: the runtime sends
-``fork <runtime pid> [pidns]`` with two or three descriptors (the settings memfd, the log
-file, and a memfd of the client's documents, which only the child reads); the zygote
-answers ``{"pid": N, "threads": 1}`` or ``{"error": ...}``. End of file on the socket
+``fork <runtime pid> [pidns]`` with three or four descriptors (the settings memfd, the log
+file, the lifeline's read end, and a memfd of the client's documents, which only the
+child reads); the zygote answers ``{"pid": N, "threads": 1}`` or ``{"error": ...}``. End of file on the socket
 means the runtime is gone: the zygote exits.
 """
 
@@ -49,10 +49,9 @@ import socket
 import sys
 import time
 
-_PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
 _PR_SET_NAME = 15
-MAX_FDS = 3
+MAX_FDS = 4
 # Everything a worker imports, so the fork inherits it (``providers`` imports plugins lazily).
 PRELOAD = (
     "livekit.rtc", "livekit.rtc.resources", "livekit.api", "livekit.agents", "livekit.agents.ipc._preload",
@@ -125,8 +124,8 @@ def serve(sock: socket.socket) -> None:
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
         words = msg.decode().split()
         try:
-            reply = (_fork_worker(int(words[1]), list(fds), "pidns" in words[2:]) if len(fds) in (2, 3)
-                     else {"error": "expected 2 or 3 fds"})
+            reply = (_fork_worker(int(words[1]), list(fds), "pidns" in words[2:]) if len(fds) in (3, 4)
+                     else {"error": "expected 3 or 4 fds"})
         finally:
             for fd in fds:
                 os.close(fd)
@@ -169,7 +168,8 @@ def _fork_worker(runtime_pid: int, fds: list[int], pid_namespace: bool = False) 
     return {"pid": int(pid), "threads": count}
 
 
-def _become_worker(runtime_pid: int, middle_pid: int, settings_fd: int, log_fd: int, knowledge_fd: int = -1) -> None:
+def _become_worker(runtime_pid: int, middle_pid: int, settings_fd: int, log_fd: int, lifeline_fd: int,
+                   knowledge_fd: int = -1) -> None:
     """In the worker: detach from the zygote, take this worker's settings and identity, run
     it. Never returns."""
     code = 1
@@ -187,7 +187,6 @@ def _become_worker(runtime_pid: int, middle_pid: int, settings_fd: int, log_fd: 
         os.dup2(log_fd, 2)
         if settings.get("identity") is not None:
             _take_identity(settings["identity"])
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # after the identity: a uid change clears it
         _prctl(_PR_SET_NAME, b"worker")  # what ps and top show (its cmdline stays the zygote's)
         if _parent(status_fd) != runtime_pid:  # the runtime died before we were re-parented to it
             os._exit(1)
@@ -195,10 +194,17 @@ def _become_worker(runtime_pid: int, middle_pid: int, settings_fd: int, log_fd: 
         os.environ.update(settings["env"])
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
+        # The lifeline at 3 (end of file there: the runtime died, agent/lifeline.py), the
+        # client's documents at 4 (agent/rag.py); moved up first, so neither lands on the other.
+        import fcntl
+
+        kept = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in (lifeline_fd, knowledge_fd) if fd >= 0]
+        for target, fd in enumerate(kept, start=3):
+            os.dup2(fd, target)
+        os.environ["AUTONOMITE_LIFELINE_FD"] = "3"
         if knowledge_fd >= 0:
-            os.dup2(knowledge_fd, 3)  # the client's documents (agent/rag.py reads them)
-            os.environ["AUTONOMITE_KNOWLEDGE_FD"] = "3"
-        os.closerange(4 if knowledge_fd >= 0 else 3, 1 << 16)  # nothing else of the zygote's
+            os.environ["AUTONOMITE_KNOWLEDGE_FD"] = "4"
+        os.closerange(3 + len(kept), 1 << 16)  # nothing else of the zygote's
         # As a fresh interpreter has them: SIGINT raises KeyboardInterrupt, SIGPIPE stays
         # ignored (a write to a closed socket is an error, not death), SIGTERM the default;
         # but pid 1 of a namespace ignores a signal that has no handler: it exits on one.

@@ -52,7 +52,7 @@ def make_backend(settings: Settings) -> WorkerBackend:
 
         return DockerBackend(settings.runtime.workers.log_dir, settings.runtime.workers.volumes)
     return ProcessBackend(log_dir=settings.runtime.workers.log_dir, zygote=settings.runtime.workers.zygote,
-                          isolation=settings.runtime.isolation)
+                          isolation=settings.runtime.isolation, state_dir=settings.runtime.workers.state_dir)
 
 
 class Runtime:

@@ -116,7 +116,9 @@ class WorkerCgroup:
 
 def sweep_stale(where: Path, name: str) -> None:
     """Remove what a runtime killed by SIGKILL left: ``<prefix>-<pid>-...`` parents whose pid
-    is gone, with their workers' cgroups (their workers died with it: PR_SET_PDEATHSIG)."""
+    is gone, with their workers' empty cgroups. A cgroup with processes is a worker in a
+    session that outlived its runtime (``agent/orphan.py``): it stays, for the runtime that
+    adopts the worker to remove when the session ends (``runtime/backends/process.py``)."""
     prefix = name.split("-", 1)[0] + "-"
     for stale in where.glob(prefix + "*"):
         pid = stale.name[len(prefix):].split("-", 1)[0]
@@ -124,9 +126,10 @@ def sweep_stale(where: Path, name: str) -> None:
             continue
         version = 2 if (stale / "cgroup.controllers").exists() else 1
         for child in stale.glob("worker-*"):
-            WorkerCgroup((child,), version).remove(timeout=1.0)
+            if not WorkerCgroup((child,), version).pids():
+                WorkerCgroup((child,), version).remove(timeout=1.0)
         try:
-            stale.rmdir()
+            stale.rmdir()  # fails while a worker's cgroup is left in it
         except OSError:
             pass
 

@@ -88,6 +88,11 @@ class UidPool:
                     return uid
         raise RuntimeError(f"all {self.count} worker uids are in use")
 
+    def hold(self, uid: int) -> None:
+        """A uid an adopted worker runs as: not handed out until it is given back."""
+        with self._lock:
+            self._used.add(uid)
+
     def give_back(self, uid: int) -> None:
         with self._lock:
             self._used.discard(uid)
@@ -139,6 +144,13 @@ class Isolation:
         identity = Identity(uid=uid, gid=uid, cgroup_procs=cgroup.procs_files if cgroup else (),
                             mount_namespace=self.namespaces)
         return Placement(identity, cgroup)
+
+    def adopt(self, uid: int | None, cgroup: WorkerCgroup | None) -> Placement:
+        """The placement of a worker a dead runtime started: its uid is held from now on, and
+        its cgroup removed with it (by :meth:`release`), as for a worker of our own."""
+        if uid is not None and self.uids is not None:
+            self.uids.hold(uid)
+        return Placement(Identity(uid=uid, gid=uid, cgroup_procs=cgroup.procs_files if cgroup else ()), cgroup)
 
     def release(self, placement: Placement) -> bool:
         """After the worker exited: True if the OOM killer took a process of it. Its cgroup

@@ -107,6 +107,13 @@ class WorkerSettings(_Model):
     lease_timeout_s: float = Field(60.0, gt=0)  # a leased worker with no job by then is retired
     user_join_timeout_s: float = Field(120.0, gt=0)  # a session whose user never joins ends then
     log_dir: Path = Path("logs/workers")
+    # Process backend: where each runtime instance records its workers, so that the next
+    # one adopts the sessions in progress after a crash (runtime/backends/instance_state.py).
+    # Private to the runtime (it holds status tokens). Default: <log_dir>/.state.
+    state_dir: Path | None = None
+    # A worker in a session whose runtime died goes on while a runtime follows it (the next
+    # serve adopts it); once none has for this long, it ends the session and exits.
+    orphan_timeout_s: float = Field(300.0, gt=0, le=86_400)
     # process backend: fork workers from a pre-imported zygote (agent/zygote.py) instead of
     # starting each with a fresh interpreter; a plain start remains the fallback.
     zygote: bool = True

@@ -7,8 +7,15 @@ plainly with ``python -m agent``, which costs seconds of imports. Either way it 
 same worker program and gets a pid, an exit code and a log file.
 
 A worker's environment is built from an allow-list plus its own client's credentials, so it
-never inherits another client's secrets from ours. Workers get PR_SET_PDEATHSIG: if the
-runtime dies, even by SIGKILL, the kernel sends them SIGTERM, so none outlives ``serve``.
+never inherits another client's secrets from ours.
+
+A crash of ``serve`` cuts no call. Each worker holds the read end of a *lifeline*, a pipe
+whose write end only this runtime holds: when the runtime dies, even by SIGKILL, the
+worker reads end of file (``agent/lifeline.py``). A worker in no session then exits at
+once; one in a session goes on. Every worker is recorded in this instance's state file
+(``instance_state.py``), and the next runtime adopts the sessions recorded by a dead one
+(``adoption.py`` decides): it follows them as leased until they end, then removes what
+they leave (cgroup, uid, record), as for its own.
 
 With ``runtime.isolation`` (on by default) each worker also takes an identity of its own
 before it runs any worker code (``runtime/isolation.py`` decides it, ``agent/sandbox.py``
@@ -24,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -32,9 +40,12 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from agent.rag import documents_memfd
-from runtime._proc import die_with_parent
+from agent.status import StatusAddress, read_status
+from runtime.backends.adoption import WorkerRecord, verdict
 from runtime.backends.base import BackendError, WorkerHandle, WorkerSpec
-from runtime.backends.zygote import Zygote, open_private_log, private_dir
+from runtime.backends.instance_state import InstanceState, start_time
+from runtime.backends.zygote import AdoptedChild, Zygote, open_private_log, private_dir
+from runtime.cgroups import WorkerCgroup
 from runtime.isolation import Isolation, Placement, close_to_others
 from runtime.settings import IsolationSettings
 
@@ -66,7 +77,7 @@ class ProcessBackend:
     name = "process"
 
     def __init__(self, log_dir: Path, python: str = sys.executable, zygote: bool = True,
-                 isolation: IsolationSettings | None = IsolationSettings()) -> None:
+                 isolation: IsolationSettings | None = IsolationSettings(), state_dir: Path | None = None) -> None:
         self._log_dir = log_dir
         self._python = python
         self._lock = threading.Lock()
@@ -74,7 +85,13 @@ class ProcessBackend:
         self._exit_causes: dict[str, str] = {}
         self._sessions: deque[int] = deque(maxlen=4096)  # forked workers' session ids, for the sweep
         private_dir(log_dir)
+        # Each worker's lifeline: a pipe per worker, whose write end only this process holds
+        # (close-on-exec, never passed on); the worker's read end reads end of file once we
+        # are gone. Per worker, so no worker can hold another's open (agent/lifeline.py).
+        self._lifelines: dict[str, int] = {}
+        self.state = InstanceState(state_dir or log_dir / ".state")
         self.isolation = Isolation(isolation) if isolation is not None and isolation.enabled else None
+        self.adopted = self._take_over()
         self.zygote = Zygote(log_dir / "zygote.log", python, {**_allowed_env(), **_ZYGOTE_ENV}) if zygote else None
 
     def start(self, spec: WorkerSpec) -> WorkerHandle:
@@ -87,35 +104,47 @@ class ProcessBackend:
         log_path = self._log_path(spec.client_id, spec.worker_id)
         private_dir(log_path.parent)
         placement = None
+        lifeline, lifeline_end = os.pipe()
         try:
             if self.isolation is not None:
                 placement = self.isolation.place(spec.worker_id, spec.memory_mb, spec.pids)
             with open_private_log(log_path) as log:
-                proc, forked = self._fork(env, log, placement, documents), True
+                proc, forked = self._fork(env, log, lifeline, placement, documents), True
                 if proc is None:
-                    proc, forked = self._plain_start(spec, env, log, placement, documents), False
+                    proc, forked = self._plain_start(spec, env, log, lifeline, placement, documents), False
         except BaseException:
+            os.close(lifeline_end)
             if placement is not None:
                 self.isolation.release(placement)
             raise
         finally:
+            os.close(lifeline)
             if documents is not None:
                 os.close(documents)
         handle = WorkerHandle.from_labels(spec.labels, ref=str(proc.pid))
         with self._lock:
             self._procs[spec.worker_id] = (handle, proc, placement)
+            self._lifelines[spec.worker_id] = lifeline_end
             if forked:
                 self._sessions.append(proc.pid)  # it leads a session of its own
+        cgroup = placement.cgroup if placement is not None else None
+        self.state.add(WorkerRecord(
+            spec.worker_id, spec.client_id, spec.agent_name, spec.status_port, spec.credentials_fp, proc.pid,
+            start_time(proc.pid) or 0, spec.env.get("AUTONOMITE_STATUS_TOKEN", ""),
+            placement.identity.uid if placement is not None else None,
+            tuple(str(d) for d in cgroup.dirs) if cgroup else (), cgroup.version if cgroup else 1,
+        ))
         return handle
 
-    def _fork(self, env: dict, log: IO[bytes], placement: Placement | None, documents: int | None) -> _Child | None:
+    def _fork(self, env: dict, log: IO[bytes], lifeline: int, placement: Placement | None,
+              documents: int | None) -> _Child | None:
         if self.zygote is None:
             return None
         identity = placement.identity if placement is not None else None
-        return self.zygote.fork(env, log, identity.to_json() if identity else None, documents,
+        return self.zygote.fork(env, log, lifeline, identity.to_json() if identity else None, documents,
                                 pid_namespace=bool(identity and identity.mount_namespace))
 
-    def _plain_start(self, spec: WorkerSpec, env: dict, log: IO[bytes], placement: Placement | None,
+    def _plain_start(self, spec: WorkerSpec, env: dict, log: IO[bytes], lifeline: int, placement: Placement | None,
                      documents: int | None) -> _Child:
         """``python -m agent``: it imports as root, then takes the identity (agent/__main__.py).
         No namespaces here: a pid namespace needs the zygote's middle process."""
@@ -124,6 +153,7 @@ class ProcessBackend:
             env = {**env, **_PLAIN_ISOLATED_ENV, "AUTONOMITE_IDENTITY": json.dumps(identity)}
         if documents is not None:
             env["AUTONOMITE_KNOWLEDGE_FD"] = str(documents)
+        env["AUTONOMITE_LIFELINE_FD"] = str(lifeline)
         try:
             return subprocess.Popen(
                 [self._python, "-m", "agent"],
@@ -131,8 +161,7 @@ class ProcessBackend:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                pass_fds=[documents] if documents is not None else [],
-                preexec_fn=die_with_parent,
+                pass_fds=[lifeline, *([documents] if documents is not None else [])],
             )
         except OSError as e:
             raise BackendError(f"cannot start worker {spec.worker_id}: {e.strerror}") from None
@@ -175,8 +204,15 @@ class ProcessBackend:
         code = proc.wait()
         with self._lock:
             entry = self._procs.pop(handle.worker_id, None)
-        if entry is not None and entry[2] is not None and self.isolation.release(entry[2]):
-            self._exit_causes[handle.worker_id] = "oom"
+            lifeline_end = self._lifelines.pop(handle.worker_id, None)
+        if lifeline_end is not None:
+            os.close(lifeline_end)
+        if entry is not None and entry[2] is not None:
+            if self.isolation is not None and self.isolation.release(entry[2]):
+                self._exit_causes[handle.worker_id] = "oom"
+            if isinstance(proc, AdoptedChild):
+                self._remove_parents(entry[2].cgroup)
+        self.state.remove(handle.worker_id)
         self._reap_orphans()
         return code
 
@@ -195,6 +231,59 @@ class ProcessBackend:
             self.zygote.close()
         if self.isolation is not None:
             self.isolation.close()
+        self.state.close()
+
+    # -- after a crash: the sessions a dead runtime left ------------------------------------
+
+    def _take_over(self) -> int:
+        """Adopt the workers in session that dead runtimes recorded; remove the rest."""
+        adopted = 0
+        for path, records in self.state.left_by_the_dead():
+            for record in records:
+                adopted += self._take_over_one(record, path.stem)
+        return adopted
+
+    def _take_over_one(self, record: WorkerRecord, instance: str) -> bool:
+        child = None
+        try:
+            child = AdoptedChild(record.pid, lambda: _exit_code_in(self._log_path(record.client_id, record.worker_id)))
+        except (ProcessLookupError, OSError):
+            pass
+        current = start_time(record.pid) if child is not None else None  # after the pidfd: it names this process
+        status = None
+        if current == record.started:
+            address = StatusAddress("127.0.0.1", record.status_port, record.token)
+            for _ in range(3):  # a busy worker may answer late; a session is worth the wait
+                if (status := read_status(address, timeout=1.0)) is not None:
+                    break
+        what = verdict(record, current, status)
+        cgroup = WorkerCgroup(tuple(Path(d) for d in record.cgroups), record.cgroup_version) if record.cgroups else None
+        if what == "adopt":
+            placement = self.isolation.adopt(record.uid, cgroup) if self.isolation is not None else None
+            with self._lock:
+                self._procs[record.worker_id] = (record.handle(), child, placement)
+            self.state.add(record)
+            logger.warning("adopted worker %s of client %s (pid %d), in a session, from dead runtime %s; it is "
+                           "never leased again", record.worker_id, record.client_id, record.pid, instance)
+            return True
+        if what == "remove":
+            logger.info("removing worker %s of client %s (pid %d) left by dead runtime %s: in no session",
+                        record.worker_id, record.client_id, record.pid, instance)
+            child.kill()
+        if cgroup is not None:
+            cgroup.remove(timeout=5.0)  # kills what is left in it, as a worker's end does
+            self._remove_parents(cgroup)
+        return False
+
+    def _remove_parents(self, cgroup: WorkerCgroup | None) -> None:
+        """A dead runtime's parent cgroups, once its last adopted worker is gone (ours stay)."""
+        ours = set(self.isolation.cgroups.parents) if self.isolation and self.isolation.cgroups else set()
+        for d in cgroup.dirs if cgroup else ():
+            if d.parent not in ours:
+                try:
+                    d.parent.rmdir()
+                except OSError:
+                    pass  # another worker of it is still adopted, or it is gone
 
     def _log_path(self, client_id: str, worker_id: str) -> Path:
         return self._log_dir / client_id / f"{worker_id}.log"
@@ -224,6 +313,19 @@ class ProcessBackend:
                     os.waitpid(int(entry.name), os.WNOHANG)
                 except ChildProcessError:
                     pass
+
+
+def _exit_code_in(log: Path) -> int:
+    """An adopted worker's exit code, from its last words (``agent/worker.py`` logs "exits
+    with N"); -1 if it said none (killed)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return -1
+    found = re.findall(r" exits with (-?\d+)$", tail, re.MULTILINE)
+    return int(found[-1]) if found else -1
 
 
 def _allowed_env() -> dict[str, str]:

@@ -28,7 +28,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import IO, Mapping
+from typing import IO, Callable, Mapping
 
 from runtime._proc import die_with_parent, prctl
 
@@ -93,6 +93,27 @@ class ForkedChild:
             return self.returncode
 
 
+class AdoptedChild(ForkedChild):
+    """A worker a dead runtime started, adopted by this one (``runtime/backends/adoption.py``).
+
+    Not our child (its parent died; init or a subreaper above us has it), so the kernel
+    gives us no exit code: the pidfd says when it exited, ``exit_code()`` says how (the
+    worker's last log line)."""
+
+    def __init__(self, pid: int, exit_code: Callable[[], int]) -> None:
+        super().__init__(pid)
+        self._exit_code = exit_code
+
+    def _reap(self, timeout: float | None) -> int | None:
+        if self.returncode is None:
+            readable, _, _ = select.select([self._pidfd], [], [], timeout)
+            if readable:
+                with self._lock:
+                    if self.returncode is None:
+                        self.returncode = self._exit_code()
+        return self.returncode
+
+
 class Zygote:
     def __init__(self, log_path: Path, python: str, env: Mapping[str, str], modules: tuple[str, ...] = ()) -> None:
         self._log_path = log_path
@@ -112,10 +133,11 @@ class Zygote:
         self._keeper = threading.Thread(target=self._keep, name="zygote-keeper", daemon=True)
         self._keeper.start()
 
-    def fork(self, env: Mapping[str, str], log: IO[bytes], identity: dict | None = None, knowledge: int | None = None,
-             pid_namespace: bool = False) -> ForkedChild | None:
-        """Fork a worker with this environment, log file, identity (``agent/sandbox.py``) and
-        documents (a memfd); None if the zygote cannot now. Only the child reads the settings."""
+    def fork(self, env: Mapping[str, str], log: IO[bytes], lifeline: int, identity: dict | None = None,
+             knowledge: int | None = None, pid_namespace: bool = False) -> ForkedChild | None:
+        """Fork a worker with this environment, log file, lifeline (``agent/lifeline.py``),
+        identity (``agent/sandbox.py``) and documents (a memfd); None if the zygote cannot now.
+        Only the child reads the settings."""
         with self._changed:
             if not self._booted_once:
                 self._changed.wait_for(lambda: self._booted_once or self._closed, FIRST_BOOT_WAIT_S)
@@ -126,7 +148,7 @@ class Zygote:
         try:
             os.write(settings, json.dumps({"env": dict(env), "identity": identity}).encode())
             os.lseek(settings, 0, os.SEEK_SET)
-            fds = [settings, log.fileno(), *([knowledge] if knowledge is not None else [])]
+            fds = [settings, log.fileno(), lifeline, *([knowledge] if knowledge is not None else [])]
             with self._lock:
                 sock.sendmsg(
                     [f"fork {os.getpid()}{' pidns' if pid_namespace else ''}".encode()],
