@@ -283,6 +283,7 @@ class PoolActor(Supervised):
             env=self._worker_env(worker_id, agent_name, port),
             cpu=self.client.pool.cpu,
             memory_mb=self.client.pool.memory_mb,
+            pids=self.client.pool.pids,
             image=self.client.image or self.settings.image,
             knowledge_dir=str(self.client.knowledge_dir) if self.client.knowledge_dir else None,
             placement=tuple(self.client.pool.placement),

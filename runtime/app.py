@@ -21,8 +21,9 @@ from actors import ChildSpec, Directory, DispatchActor, PoolActor, Restart, Scal
 from livekit import api
 
 from actors.messages import Reconfigure, RoomEvent, ShutdownAll, StartChild, StopChild
-from runtime.backends import ProcessBackend, WorkerBackend
+from runtime.backends import BackendError, ProcessBackend, WorkerBackend
 from runtime.client_source import SourceWatcher
+from runtime.instance import Instance
 from runtime.livekit import LiveKitClient
 from runtime.metrics import Metrics
 from runtime.secrets import same_secret
@@ -42,15 +43,24 @@ class ReloadSummary:
 
 
 def make_backend(settings: Settings) -> WorkerBackend:
+    workers = settings.runtime.workers
     if settings.runtime.backend == "swarm":
         from runtime.backends.swarm import SwarmBackend  # imported only when used
 
-        return SwarmBackend(settings.runtime.workers.log_dir, settings.runtime.workers.engine_url)
+        return SwarmBackend(workers.log_dir, _instance(settings), workers.engine_url, workers.client_uids)
     if settings.runtime.backend == "docker":
         from runtime.backends.docker import DockerBackend  # imported only when used
 
-        return DockerBackend(settings.runtime.workers.log_dir, settings.runtime.workers.volumes)
+        return DockerBackend(workers.log_dir, _instance(settings), workers.volumes, workers.client_uids)
     return ProcessBackend(log_dir=settings.runtime.workers.log_dir, zygote=settings.runtime.workers.zygote)
+
+
+def _instance(settings: Settings) -> Instance:
+    """This runtime's instance id, which labels its containers (runtime/instance.py)."""
+    try:
+        return Instance.claim(settings.runtime.state_dir)
+    except OSError as e:
+        raise BackendError(f"runtime.state_dir {settings.runtime.state_dir}: {e.strerror or e}") from None
 
 
 class Runtime:

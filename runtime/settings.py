@@ -89,6 +89,21 @@ class SupervisorSettings(_Model):
     shutdown_timeout_s: float = Field(15.0, gt=0)
 
 
+class ClientUids(_Model):
+    """docker and swarm backends: every client's containers run as a uid of that client's
+    own, ``first + (a hash of the client id) % count`` (runtime/backends/uids.py). Ids that
+    no user of any node has, apart from the process backend's (runtime.isolation.uids)."""
+
+    first: int = Field(300_000, ge=1000, le=2**31 - 2)
+    count: int = Field(2**24, ge=1, le=2**30)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "ClientUids":
+        if self.first + self.count > 2**31 - 1:
+            raise ValueError("first + count must stay below 2147483647")
+        return self
+
+
 class WorkerSettings(_Model):
     """How workers are started, whatever the backend."""
 
@@ -102,6 +117,8 @@ class WorkerSettings(_Model):
     image: str = "autonomite-agent:latest"  # docker backend; a client may name its own
     volumes: list[str] = Field(default_factory=list)  # docker backend: "host:container[:ro]"
     engine_url: str | None = None  # swarm backend: the manager's Docker API (default: DOCKER_HOST)
+    # docker and swarm backends: the range each client's uid is derived from (see ClientUids)
+    client_uids: ClientUids = ClientUids()
 
 
 class DispatchSettings(_Model):
@@ -135,6 +152,8 @@ class RuntimeSettings(_Model):
     scaler: ScalerSettings = ScalerSettings()
     supervisor: SupervisorSettings = SupervisorSettings()
     workers: WorkerSettings = WorkerSettings()
+    # docker and swarm backends: where this runtime keeps its instance id (runtime/instance.py)
+    state_dir: Path = Path("state")
     fault_injection: bool = False
 
     @model_validator(mode="after")
@@ -173,6 +192,7 @@ class PoolSettings(_Model):
     max_size: int = Field(4, ge=1, le=100)
     cpu: float = Field(1.0, gt=0, le=64)
     memory_mb: int = Field(1024, ge=64)
+    pids: int = Field(512, ge=16, le=1_000_000)  # processes and threads per worker
     # swarm backend: Swarm placement constraints for this client's workers, for example
     # "node.labels.tier==voice"; none spreads them over the nodes.
     placement: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+\s*(==|!=)\s*[^\s]+$")]] = Field(

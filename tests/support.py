@@ -114,6 +114,7 @@ class Client:
     agents: list[dict] = field(default_factory=lambda: [{"name": "support", "system_prompt": "You are helpful."}])
     knowledge_dir: str | None = None
     placement: list[str] = field(default_factory=list)  # swarm constraints, e.g. node.labels.tier==voice
+    pool: dict = field(default_factory=dict)  # more pool settings: memory_mb, pids...
 
     def __post_init__(self) -> None:
         self.token = self.token or new_secret(f"{self.id}-token")
@@ -132,7 +133,7 @@ def write_config(path: Path, clients: list[Client], **runtime: Any) -> dict[str,
                 "name": f"{c.id.title()} Inc",
                 "api_token": f"${{{up}_TOKEN}}",
                 "livekit": {"url": c.project.url, "api_key": c.project.key, "api_secret": f"${{{up}_LK_SECRET}}"},
-                "pool": {"min_idle": c.min_idle, "max_size": c.max_size,
+                "pool": {"min_idle": c.min_idle, "max_size": c.max_size, **c.pool,
                          **({"placement": c.placement} if c.placement else {})},
                 "agents": c.agents,
                 **({"knowledge_dir": c.knowledge_dir} if c.knowledge_dir else {}),
@@ -145,6 +146,7 @@ def write_config(path: Path, clients: list[Client], **runtime: Any) -> dict[str,
             "backend": "process",
             "gateway": {"host": "127.0.0.1", "port": free_port()},
             "admin_token": "${TEST_ADMIN_TOKEN}",
+            "state_dir": str(path.parent / "state"),
             "scaler": {"interval_s": 0.2, "high_water": 0.8, "low_water": 0.3, "scale_down_after_s": 30},
             **runtime,
         },

@@ -16,6 +16,7 @@ LABEL_WORKER = "autonomite.worker"
 LABEL_AGENT_NAME = "autonomite.agent_name"
 LABEL_PORT = "autonomite.port"
 LABEL_CREDENTIALS = "autonomite.credentials"  # a fingerprint, never the secret
+LABEL_INSTANCE = "autonomite.instance"  # the runtime that owns the worker (runtime/instance.py)
 
 
 class BackendError(Exception):
@@ -41,6 +42,7 @@ class WorkerSpec:
     env: Mapping[str, str] = field(repr=False)
     cpu: float = 1.0
     memory_mb: int = 1024
+    pids: int = 512  # processes and threads
     image: str = ""
     knowledge_dir: str | None = None  # the client's documents, read-only; no other client's
     placement: tuple[str, ...] = ()  # swarm backend: placement constraints

@@ -124,8 +124,36 @@ def test_containers_of_a_removed_client_are_removed_at_start(run_serve, docker_b
     first = run_serve([alpha, beta], **docker_backend)
     assert len(containers("beta")) == 1
     first.stop(signal.SIGKILL)
-    run_serve([alpha], **docker_backend)  # beta is gone from the config
+    # The same runtime (its state directory: it takes over its instance id), beta gone from the config.
+    run_serve([alpha], state_dir=str(first.config.parent / "state"), **docker_backend)
     assert containers("beta") == []
+
+
+def test_two_runtimes_on_one_engine_leave_each_other_s_workers_alone(run_serve, docker_backend, lk_a, lk_b):
+    """Overlapping client ids: both serve alpha; beta is a client the second does not know."""
+    first = run_serve([Client("alpha", lk_a, min_idle=1, max_size=1), Client("beta", lk_b, min_idle=1, max_size=1)],
+                      **docker_backend)
+    firsts = {c.id[:12]: c.labels["autonomite.instance"] for c in containers("alpha") + containers("beta")}
+    assert len(firsts) == 2 and len(set(firsts.values())) == 1
+
+    # A second runtime, its own state directory, on the same engine: it neither adopts the
+    # first's alpha nor removes the first's beta (a client it does not know).
+    second = run_serve([Client("alpha", lk_a, min_idle=1, max_size=1)], **docker_backend)
+    [own] = second.pool("alpha")["workers"]
+    assert own["ref"] not in firsts
+    [container] = [c for c in containers("alpha") if c.id.startswith(own["ref"])]
+    assert container.labels["autonomite.instance"] not in firsts.values()
+    assert {c.id[:12] for c in containers("alpha") + containers("beta")} == set(firsts) | {own["ref"]}
+
+    assert second.stop() == 0  # it stops its own workers only
+    assert {c.id[:12] for c in containers("alpha", all=True) + containers("beta", all=True)} == set(firsts)
+    assert {w["ref"] for w in first.pool("alpha")["workers"] + first.pool("beta")["workers"]} == set(firsts)
+    assert first.pool("alpha")["idle"] == 1 and first.pool("beta")["idle"] == 1
+    r = first.start_session(Client("beta", lk_b, token=first.env["BETA_TOKEN"]), "room-other-runtime")
+    assert r.body["worker_id"] in {w["id"] for w in first.pool("beta")["workers"]}
+    lk_b.delete_room("room-other-runtime")
+    assert first.stop() == 0
+    assert containers("alpha", all=True) == containers("beta", all=True) == []
 
 
 def test_a_bad_image_fails_clearly_with_backoff_and_no_crash_loop(run_serve, docker_backend, lk_a):
