@@ -113,7 +113,7 @@ async def run_session(
         PrimedAgent(instructions, knowledge if use_rag else None),
         room=ctx.room,
         room_options=RoomOptions(
-            text_input=True, text_output=True, audio_input=stt is not None, audio_output=tts is not None,
+            text_input=True, text_output=True, audio_input=providers.audio_input(config), audio_output=tts is not None,
             close_on_disconnect=False,  # the session's end is ours to decide, below
         ),
     )

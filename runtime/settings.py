@@ -89,19 +89,35 @@ class SupervisorSettings(_Model):
     shutdown_timeout_s: float = Field(15.0, gt=0)
 
 
-class ClientUids(_Model):
-    """docker and swarm backends: every client's containers run as a uid of that client's
-    own, ``first + (a hash of the client id) % count`` (runtime/backends/uids.py). Ids that
-    no user of any node has, apart from the process backend's (runtime.isolation.uids)."""
+class ShutdownSettings(_Model):
+    """How ``serve`` goes down on SIGTERM: it drains. Live sessions go on for up to
+    ``drain_timeout_s``; those still running then are ended, their agent saying
+    ``end_message`` to the caller first."""
 
-    first: int = Field(300_000, ge=1000, le=2**31 - 2)
-    count: int = Field(2**24, ge=1, le=2**30)
+    drain_timeout_s: float = Field(600.0, gt=0, le=86_400)
+    end_message: str = Field(
+        "I'm sorry, this service is restarting and has to end our call now. Please call again in a minute.",
+        min_length=1, max_length=500)
+
+
+class UidRange(_Model):
+    """Where workers' uids (and gids, the same number) come from: ids no other user of the
+    host (or of any swarm node) has, and no file on it is owned by. The process backend
+    takes one per worker from ``runtime.isolation.uids``; the docker and swarm backends
+    derive one per client from ``runtime.workers.client_uids`` (runtime/backends/uids.py)."""
+
+    first: int = Field(200_000, ge=1000, le=2**31 - 2)
+    count: int = Field(65_536, ge=1, le=2**24)
 
     @model_validator(mode="after")
-    def _fits(self) -> "ClientUids":
+    def _fits(self) -> "UidRange":
         if self.first + self.count > 2**31 - 1:
             raise ValueError("first + count must stay below 2147483647")
         return self
+
+
+# docker and swarm backends: clear of the process backend's default range (runtime.isolation.uids)
+CLIENT_UIDS = UidRange(first=300_000, count=2**24)
 
 
 class WorkerSettings(_Model):
@@ -117,8 +133,20 @@ class WorkerSettings(_Model):
     image: str = "autonomite-agent:latest"  # docker backend; a client may name its own
     volumes: list[str] = Field(default_factory=list)  # docker backend: "host:container[:ro]"
     engine_url: str | None = None  # swarm backend: the manager's Docker API (default: DOCKER_HOST)
-    # docker and swarm backends: the range each client's uid is derived from (see ClientUids)
-    client_uids: ClientUids = ClientUids()
+    # docker and swarm backends: each client's containers run as ``first + sha256(id) % count``
+    client_uids: UidRange = CLIENT_UIDS
+
+
+class IsolationSettings(_Model):
+    """Process backend: what each worker becomes after the fork (agent/sandbox.py)."""
+
+    enabled: bool = True
+    # Refuse to start unless every part applies (root, cgroups; namespaces if asked for),
+    # instead of starting with what needs no privilege and logging what is missing.
+    required: bool = False
+    uids: UidRange = UidRange()
+    # A pid and a mount namespace per worker (a fresh /proc, private /tmp and /dev/shm).
+    namespaces: bool = False
 
 
 class DispatchSettings(_Model):
@@ -152,6 +180,8 @@ class RuntimeSettings(_Model):
     scaler: ScalerSettings = ScalerSettings()
     supervisor: SupervisorSettings = SupervisorSettings()
     workers: WorkerSettings = WorkerSettings()
+    isolation: IsolationSettings = IsolationSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
     # docker and swarm backends: where this runtime keeps its instance id (runtime/instance.py)
     state_dir: Path = Path("state")
     fault_injection: bool = False
@@ -266,9 +296,14 @@ class ClientSettings(_Model):
     @field_validator("knowledge_dir")
     @classmethod
     def _knowledge_dir_exists(cls, v: Path | None) -> Path | None:
-        if v is not None and not v.is_dir():
-            raise ValueError(f"{v} is not a directory")
-        return v.resolve() if v is not None else None
+        if v is None:
+            return None
+        try:  # is_dir() raises, not returns False, for some paths (e.g. a name too long)
+            if not v.is_dir():
+                raise ValueError(f"{v} is not a directory")
+            return v.resolve()
+        except OSError as e:
+            raise ValueError(f"cannot be read as a directory ({e.strerror or type(e).__name__})") from None
 
     @field_validator("agents")
     @classmethod
@@ -287,7 +322,7 @@ class SupabaseSettings(_Model):
     service_key: SecretStr  # a service_role JWT: it reads every client's secrets
     table: str = Field("clients", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     poll_interval_s: float = Field(10.0, gt=0, le=3600)
-    cache_file: Path | None = None  # the last good set, for a start while Supabase is down
+    cache_file: Path | None = None  # the set being served, for a start while Supabase is down
     # Optional: the project's Postgres URL. The watcher then LISTENs for the table's NOTIFY
     # (config/supabase/schema.sql) and reads at once on a change instead of at the next poll.
     database_url: SecretStr | None = None
@@ -354,6 +389,14 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None, al
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         # The message never echoes the input value: it may be a secret.
         raise ConfigError(f"{path}: {where}: {first['msg']}{more}") from None
+
+
+def placeholders(path: str | Path) -> set[str]:
+    """The environment variables a config file reads (``${VAR}``): its secrets, mostly."""
+    try:
+        return set(_PLACEHOLDER.findall(Path(path).read_text(encoding="utf-8")))
+    except OSError:
+        return set()
 
 
 def _expand(node: Any, env: Mapping[str, str], path: Path, loc: tuple) -> Any:

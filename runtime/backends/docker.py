@@ -25,7 +25,7 @@ from runtime.backends.base import LABEL_CLIENT, LABEL_WORKER, BackendError, Work
 from runtime.backends.uids import UidBook
 from runtime.backends.worker_logs import WorkerLogs
 from runtime.instance import Instance
-from runtime.settings import ClientUids
+from runtime.settings import CLIENT_UIDS, UidRange
 
 logger = logging.getLogger("autonomite.docker")
 
@@ -38,7 +38,7 @@ class DockerBackend:
     name = "docker"
 
     def __init__(self, log_dir: Path, instance: Instance, volumes: list[str] | None = None,
-                 client_uids: ClientUids = ClientUids()) -> None:
+                 client_uids: UidRange = CLIENT_UIDS) -> None:
         self._logs = WorkerLogs(log_dir)
         self._instance = instance
         self._uids = UidBook(client_uids)

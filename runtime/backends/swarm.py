@@ -56,7 +56,7 @@ from runtime.backends.swarm_board import Board, Ended, Placed, Unplaceable, curr
 from runtime.backends.uids import UidBook
 from runtime.backends.worker_logs import WorkerLogs
 from runtime.instance import Instance
-from runtime.settings import ClientUids
+from runtime.settings import CLIENT_UIDS, UidRange
 
 logger = logging.getLogger("autonomite.swarm")
 
@@ -71,7 +71,7 @@ class SwarmBackend:
     name = "swarm"
 
     def __init__(self, log_dir: Path, instance: Instance, engine_url: str | None = None,
-                 client_uids: ClientUids = ClientUids()) -> None:
+                 client_uids: UidRange = CLIENT_UIDS) -> None:
         self._logs = WorkerLogs(log_dir)
         self._instance = instance
         self._uids = UidBook(client_uids)

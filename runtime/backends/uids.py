@@ -29,10 +29,10 @@ import hashlib
 import threading
 
 from runtime.backends.base import BackendError
-from runtime.settings import ClientUids
+from runtime.settings import UidRange
 
 
-def client_uid(client_id: str, uids: ClientUids) -> int:
+def client_uid(client_id: str, uids: UidRange) -> int:
     digest = int.from_bytes(hashlib.sha256(client_id.encode()).digest()[:8], "big")
     return uids.first + digest % uids.count
 
@@ -40,7 +40,7 @@ def client_uid(client_id: str, uids: ClientUids) -> int:
 class UidBook:
     """The uids this runtime has given out, so that no two of its clients ever share one."""
 
-    def __init__(self, uids: ClientUids) -> None:
+    def __init__(self, uids: UidRange) -> None:
         self._uids = uids
         self._holders: dict[int, str] = {}
         self._lock = threading.Lock()  # starts run on many helper threads

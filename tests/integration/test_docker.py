@@ -27,29 +27,33 @@ def containers(client_id: str, all: bool = False) -> list:  # noqa: A002 - the S
 
 
 @pytest.fixture(params=["full", "read-only"])
-def broken_log_dir(request, tmp_path):
-    """A log directory no log can be written to: a tiny tmpfs the test mounts, filled to the
-    last byte or mounted read-only, and unmounted at the end."""
+def breakable_log_dir(request, tmp_path):
+    """A log directory on a tiny tmpfs the test mounts, and a call that breaks it: fills it
+    to the last byte or remounts it read-only. Broken only once serve runs (serve refuses
+    to start on a log directory it cannot write). Unmounted at the end."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     mount = tmp_path / "logs"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True, capture_output=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True, capture_output=True)
+
+    def fill() -> None:
+        fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            for _ in range(1000):  # 256 KiB in 4 KiB writes: ENOSPC long before the bound
+                os.write(fd, b"\0" * 4096)
+            raise AssertionError("the tmpfs never filled up")
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def remount_read_only() -> None:
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
+
     try:
         (mount / "workers").mkdir()
-        if request.param == "full":
-            fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
-            try:
-                for _ in range(1000):  # 64 KiB in 4 KiB writes: ENOSPC long before the bound
-                    os.write(fd, b"\0" * 4096)
-                raise AssertionError("the tmpfs never filled up")
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        else:
-            subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
-        yield mount / "workers"
+        yield mount / "workers", fill if request.param == "full" else remount_read_only
     finally:
         subprocess.run(["umount", str(mount)], check=True, capture_output=True)
 
@@ -69,11 +73,13 @@ def test_containers_are_labelled_named_limited_and_on_the_host_network(run_serve
     assert "registered as alpha--" in c.logs().decode()
 
 
-def test_a_log_directory_that_takes_no_log_leaves_no_container_behind(broken_log_dir, run_serve, docker_backend,
+def test_a_log_directory_that_takes_no_log_leaves_no_container_behind(breakable_log_dir, run_serve, docker_backend,
                                                                       lk_a):
+    log_dir, break_it = breakable_log_dir
     alpha = Client("alpha", lk_a, min_idle=2, max_size=2)
-    serve = run_serve([alpha], backend="docker", workers={**docker_backend["workers"], "log_dir": str(broken_log_dir)})
+    serve = run_serve([alpha], backend="docker", workers={**docker_backend["workers"], "log_dir": str(log_dir)})
     [ended, _] = serve.pool("alpha")["workers"]
+    break_it()  # the disk fills up (or turns read-only) while serve runs
     subprocess.run(["docker", "kill", ended["ref"]], check=True, capture_output=True)  # an end: wait() saves, removes
     wait_until(lambda: not [c for c in containers("alpha", all=True) if c.id.startswith(ended["ref"])], 30,
                "the ended container removed though its log could not be saved")
@@ -82,7 +88,7 @@ def test_a_log_directory_that_takes_no_log_leaves_no_container_behind(broken_log
     assert serve.stop() == 0  # a stop: stop() saves, removes
     assert containers("alpha", all=True) == [], "no container left, running or exited"
     assert "not saved" in serve.log()
-    assert not list(broken_log_dir.rglob("*.log"))
+    assert not [p for p in log_dir.rglob("*.log") if p.stat().st_size]
 
 
 def test_a_killed_idle_container_is_replaced(run_serve, docker_backend, lk_a):

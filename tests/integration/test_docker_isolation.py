@@ -16,7 +16,7 @@ from pathlib import Path
 import docker as docker_sdk
 import pytest
 
-from runtime.settings import ClientUids
+from runtime.settings import CLIENT_UIDS
 from tests.support import Client
 
 PROBE = Path(__file__).resolve().parent.parent / "container_probe.py"
@@ -55,7 +55,7 @@ def test_a_compromised_worker_reaches_nothing_of_another_client(run_serve, docke
     print(json.dumps({k: v for k, v in report.items() if k not in ("self_context", "worker_context")}, indent=1))
 
     # Each client runs as a uid of its own, from the configured range; gid the same.
-    uids = ClientUids()
+    uids = CLIENT_UIDS
     a_uid, b_uid = (int(c.attrs["Config"]["User"].split(":")[0]) for c in (a, b))
     assert a_uid != b_uid and all(uids.first <= u < uids.first + uids.count for u in (a_uid, b_uid))
     host = a.attrs["HostConfig"]

@@ -11,7 +11,7 @@ import pytest
 from runtime.backends.base import BackendError
 from runtime.backends.uids import UidBook, client_uid
 from runtime.instance import Instance
-from runtime.settings import ClientUids
+from runtime.settings import UidRange
 
 HOLD = "import sys, time; from pathlib import Path; from runtime.instance import Instance; " \
        "i = Instance.claim(Path(sys.argv[1])); print(i.id, flush=True); time.sleep(60)"
@@ -50,14 +50,14 @@ def test_a_clean_stop_that_leaves_nothing_forgets_its_id(tmp_path):
 
 
 def test_a_client_s_uid_is_stable_and_in_its_range():
-    uids = ClientUids(first=500_000, count=1000)
+    uids = UidRange(first=500_000, count=1000)
     assert client_uid("alpha", uids) == client_uid("alpha", uids)
     assert all(500_000 <= client_uid(c, uids) < 501_000 for c in ("alpha", "beta", "gamma"))
     assert client_uid("alpha", uids) != client_uid("beta", uids)
 
 
 def test_two_clients_on_one_uid_are_refused_not_shared():
-    uids = ClientUids(first=500_000, count=1)  # every client on one uid
+    uids = UidRange(first=500_000, count=1)  # every client on one uid
     book = UidBook(uids)
     assert book.uid("alpha") == 500_000
     assert book.uid("alpha") == 500_000, "the same client again is fine"
@@ -66,7 +66,7 @@ def test_two_clients_on_one_uid_are_refused_not_shared():
 
 
 def test_an_adopted_container_s_uid_stays_its_client_s():
-    book = UidBook(ClientUids(first=500_000, count=1))
+    book = UidBook(UidRange(first=500_000, count=1))
     book.note("beta", 500_000)  # found running at start
     with pytest.raises(BackendError, match="the uid of client 'beta'"):
         book.uid("alpha")
