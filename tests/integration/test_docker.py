@@ -9,7 +9,7 @@ import subprocess
 import docker as docker_sdk
 import pytest
 
-from tests.support import Client, metric_value, wait_until
+from tests.support import Client, Serve, metric_value, wait_until
 
 
 @pytest.fixture
@@ -160,6 +160,29 @@ def test_two_runtimes_on_one_engine_leave_each_other_s_workers_alone(run_serve, 
     lk_b.delete_room("room-other-runtime")
     assert first.stop() == 0
     assert containers("alpha", all=True) == containers("beta", all=True) == []
+
+
+def test_a_rolling_restart_on_docker_hands_over_without_touching_the_new_runtime_s_workers(run_serve, docker_backend,
+                                                                                          lk_a):
+    """The same config and state directory, as the README's one-liner: the old runtime still
+    holds its instance id, so the new one makes another; each stops only its own workers."""
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=2)
+    first = run_serve([alpha], **docker_backend)
+    [old] = [c.id[:12] for c in containers("alpha")]
+    second = Serve(first.config, first.env, first.log_path.with_name("serve-2.log"), args=("--replace",))
+    try:
+        second.start(wait_up=False)  # the address answers already: the old runtime's
+        wait_until(lambda: first.proc.poll() is not None, 120, "the old runtime to hand over and exit")
+        assert first.proc.returncode == 0, first.log()[-3000:]
+        assert second.get("/readyz").status == 200
+        [new] = second.pool("alpha")["workers"]
+        assert {c.id[:12] for c in containers("alpha", all=True)} == {new["ref"]} != {old}
+        assert len({c.labels["autonomite.instance"] for c in containers("alpha")}) == 1
+        second.start_session(alpha, "room-after-the-handover")
+        lk_a.delete_room("room-after-the-handover")
+    finally:
+        assert second.stop() == 0
+    assert containers("alpha", all=True) == []
 
 
 def test_a_bad_image_fails_clearly_with_backoff_and_no_crash_loop(run_serve, docker_backend, lk_a):

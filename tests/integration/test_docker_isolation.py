@@ -1,92 +1,132 @@
-"""Docker backend: a compromised worker of one client reaches nothing of another client.
+"""Docker backend: a compromised worker of one client reaches nothing of another client,
+nor of the runtime.
 
-The attacker is ``tests/container_probe.py``, run in client alpha's worker container with
-``docker exec`` and the container's own user: the same uid, capabilities, no_new_privs,
-seccomp filter, namespaces and cgroup as the worker (the test checks that first). Its
-targets are client beta's worker (another container on the same engine and the same host
-network) and alpha's own limits.
+The attacker is the process backend's probe (``tests/isolation_probe.py``), fed to the
+container's own python by ``docker exec`` in one of alpha's worker containers. Exec gives
+it the container's user, capabilities, no_new_privs, seccomp filter, namespaces and
+cgroup; the probe checks each of them against the worker's (pid 1 there) before it
+attacks. Its targets: beta's worker and alpha's other worker (other containers on the same
+engine and the same host network), ``serve``, their files, status ports and the admin API,
+and alpha's own limits. Every attack must be denied.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import docker as docker_sdk
 import pytest
 
+from agent.status import status_token
 from runtime.settings import CLIENT_UIDS
 from tests.support import Client
 
-PROBE = Path(__file__).resolve().parent.parent / "container_probe.py"
+PROBE = Path(__file__).resolve().parent.parent / "isolation_probe.py"
 FORKS = 200  # the fork bomb's bound
 MEMORY_MB, PIDS = 384, 128  # alpha's limits: a worker fits, and a 200-fork bomb does not
 
 
 @pytest.fixture
-def engine():
+def engine():  # noqa: ANN201
     client = docker_sdk.from_env(version="auto")
     yield client
     client.close()
 
 
-def container_of(engine, client_id: str):  # noqa: ANN001, ANN201
-    [container] = engine.containers.list(filters={"label": f"autonomite.client={client_id}"})
-    return container
+@pytest.fixture
+def open_dir():  # noqa: ANN201
+    """A directory every user may enter, as an operator's /srv would be (pytest's tmp is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="autonomite-docker-isolation-"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
-def probe(container, args: dict) -> dict:  # noqa: ANN001
-    """Run the probe in ``container`` as the container's own user (docker exec's default)."""
-    done = subprocess.run(["docker", "exec", "-i", container.id, "python", "-", json.dumps(args)],
-                          input=PROBE.read_text(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.splitlines()[-1])
+def containers_of(engine, client_id: str) -> list:  # noqa: ANN001
+    return sorted(engine.containers.list(filters={"label": f"autonomite.client={client_id}"}), key=lambda c: c.id)
 
 
-def test_a_compromised_worker_reaches_nothing_of_another_client(run_serve, docker_worker_image, engine, lk_a, lk_b):
-    alpha = Client("alpha", lk_a, min_idle=1, max_size=1, pool={"memory_mb": MEMORY_MB, "pids": PIDS})
-    beta = Client("beta", lk_b, min_idle=1, max_size=1)
-    serve = run_serve([alpha, beta], backend="docker", workers={"image": docker_worker_image["image"]})
-    a, b = container_of(engine, "alpha"), container_of(engine, "beta")
-    b_pid = b.attrs["State"]["Pid"]
+def probe(container, plan: dict) -> dict:  # noqa: ANN001
+    """The probe in ``container``, as the container's own user (docker exec's default)."""
+    done = subprocess.run(["docker", "exec", "-i", container.id, "python", "-", json.dumps(plan)],
+                          input=PROBE.read_text(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
-    report = probe(a, {"target_pids": [b_pid], "memory_bytes": MEMORY_MB * 2**20, "forks": FORKS})
-    print(json.dumps({k: v for k, v in report.items() if k not in ("self_context", "worker_context")}, indent=1))
 
-    # Each client runs as a uid of its own, from the configured range; gid the same.
-    uids = CLIENT_UIDS
-    a_uid, b_uid = (int(c.attrs["Config"]["User"].split(":")[0]) for c in (a, b))
-    assert a_uid != b_uid and all(uids.first <= u < uids.first + uids.count for u in (a_uid, b_uid))
-    host = a.attrs["HostConfig"]
-    assert host["CapDrop"] == ["ALL"] and "no-new-privileges:true" in host["SecurityOpt"] and host["ReadonlyRootfs"]
-    assert host["PidsLimit"] == PIDS and host["MemorySwap"] == host["Memory"] == MEMORY_MB * 2**20
+def test_a_compromised_worker_reaches_nothing_of_another_client(run_serve, docker_worker_image, engine, lk_a, lk_b,
+                                                                open_dir):
+    docs = {}
+    for name in ("alpha", "beta"):  # readable by every user: only the mount keeps them apart
+        docs[name] = open_dir / f"docs-{name}"
+        docs[name].mkdir(mode=0o755)
+        (docs[name] / "secret-plans.md").write_text(f"{name}'s confidential plans.\n")
+        os.chmod(docs[name] / "secret-plans.md", 0o644)
+    alpha = Client("alpha", lk_a, min_idle=2, max_size=2, knowledge_dir=str(docs["alpha"]),
+                   pool={"memory_mb": MEMORY_MB, "pids": PIDS})
+    beta = Client("beta", lk_b, min_idle=1, max_size=1, knowledge_dir=str(docs["beta"]))
+    serve = run_serve([alpha, beta], backend="docker", workers={"image": docker_worker_image["image"]},
+                      workdir=open_dir)
+    a, a2 = containers_of(engine, "alpha")
+    [b] = containers_of(engine, "beta")
+    a_id, b_id = a.labels["autonomite.worker"], b.labels["autonomite.worker"]
+    b_port, a2_port = b.labels["autonomite.port"], a2.labels["autonomite.port"]
+    a_token, gateway = status_token(serve.admin, a_id), f"http://127.0.0.1:{serve.port}"
+    log_dir = serve.config.parent / "workers"
+    pids = {"alpha's other worker": a2.attrs["State"]["Pid"], "beta's worker": b.attrs["State"]["Pid"],
+            "serve": serve.proc.pid}
+    plan = {
+        "become": False, "worker": 1,  # docker exec: the probe already is the worker, pid 1 is the worker
+        "targets": pids,  # as the host numbers them
+        "read": {"beta's knowledge directory": str(docs["beta"]), "beta's document": str(docs["beta"] / "secret-plans.md"),
+                 "the log directory": str(log_dir), "the config file": str(serve.config),
+                 "serve's root, through /proc": f"/proc/{serve.proc.pid}/root{serve.config}"},
+        "write_into": {"beta's knowledge directory": str(docs["beta"]), "alpha's own knowledge (/knowledge)": "/knowledge",
+                       "the log directory": str(log_dir), "the image's root filesystem (/var/tmp)": "/var/tmp",
+                       "the image's home": "/home/agent"},
+        "http": {"beta's status port, with its own token": (f"http://127.0.0.1:{b_port}/status", a_token),
+                 "beta's status port, with no token": (f"http://127.0.0.1:{b_port}/status", None),
+                 "alpha's other worker's status port, own token": (f"http://127.0.0.1:{a2_port}/status", a_token),
+                 "the admin API, no token": (f"{gateway}/api/v1/containers/pool/stats", None),
+                 "the admin API, its own token": (f"{gateway}/api/v1/containers/pool/stats", a_token)},
+        "allocate_mb": 2 * MEMORY_MB, "forks": FORKS, "privileged_files": "/",
+    }
+    report = probe(a, plan)
+    print(json.dumps(report, indent=1))
 
-    # The probe is the worker, as far as the kernel can tell.
-    assert report["self"] == report["worker"], "the probe must run with exactly the worker's identity"
-    assert report["self_context"] == report["worker_context"]
-    me = report["self"]
-    assert me["Uid"] == [str(a_uid)] * 4 and me["Gid"] == [str(a_uid)] * 4
-    assert set(me["Groups"]) <= {str(a_uid)}, "no supplementary group but its own"
-    assert me["CapEff"] == me["CapPrm"] == me["CapBnd"] == me["CapAmb"] == ["0000000000000000"]
-    assert me["NoNewPrivs"] == ["1"] and me["Seccomp"] == ["2"]
-
-    # beta's worker: not visible, and its environment, memory, ptrace and signals all denied.
-    assert b_pid not in report["visible_pids"]
-    for what, outcome in report["targets"][str(b_pid)].items():
-        assert outcome["got"] is None and outcome["error"], f"{what} of beta's worker: {outcome}"
-    assert lk_b.secret not in json.dumps(report) and beta.token not in json.dumps(report)
-    # No sniffing: no packet socket, no raw socket.
-    for kind, outcome in report["raw_sockets"].items():
-        assert outcome["error"] == "EPERM", f"{kind}: {outcome}"
-    # A fork bomb stops at the pids limit, well before its bound.
-    assert report["fork_bomb"]["forked"] < FORKS and report["fork_bomb"]["error"] == "EAGAIN", report["fork_bomb"]
-    # Twice the memory limit is never given: the allocating process is killed.
-    assert report["allocation"] == {"completed": False, "ended_by": "signal 9"}, report["allocation"]
-    # Nothing in the image can raise privileges.
-    assert report["privileged_files"] == []
-
-    # beta never noticed: its worker runs on and still serves.
+    # One list of everything that is wrong, so that a broken protection shows with the rest.
+    problems = [f"identity: {d}" for d in report["identity"]]  # the probe must be exactly the worker
+    problems += [f"{k}: {v}" for k, v in report["results"].items() if not v.startswith("denied")]
+    problems += worker_privileges(a)
+    a_uid, a2_uid, b_uid = (int(c.attrs["Config"]["User"].split(":")[0]) for c in (a, a2, b))
+    if not a_uid == a2_uid != b_uid:
+        problems.append(f"uids: alpha {a_uid} and {a2_uid}, beta {b_uid}: not one per client")
+    assert problems == [], "\n".join(problems)
+    assert all(CLIENT_UIDS.first <= u < CLIENT_UIDS.first + CLIENT_UIDS.count for u in (a_uid, b_uid))
+    assert len(report["results"]) >= 30, report["results"]
+    # The attacks are not refused because the targets are out of everyone's reach.
+    assert serve.get("/api/v1/containers/pool/stats", token=serve.admin).status == 200
+    # Nothing was harmed: beta's worker runs on and serves.
     b.reload()
-    assert b.status == "running" and b.attrs["State"]["Pid"] == b_pid
-    assert serve.pool("beta")["idle"] == 1
+    assert b.status == "running" and b.attrs["State"]["Pid"] == pids["beta's worker"]
+    assert (docs["beta"] / "secret-plans.md").read_text() == "beta's confidential plans.\n"
+    r = serve.start_session(beta, "room-after-the-probe")
+    assert r.body["worker_id"] == b_id
+    lk_b.delete_room("room-after-the-probe")
+
+
+def worker_privileges(container) -> list[str]:  # noqa: ANN001
+    """What the worker process itself (pid 1 of its container, read from the host) holds
+    that it should not: its client's uid and gid, no group, no capability in any set,
+    no_new_privs and a seccomp filter."""
+    uid = container.attrs["Config"]["User"].split(":")[0]
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{container.attrs['State']['Pid']}/status")
+                  .read_text().splitlines() if ":\t" in line)
+    want = {"Uid": "\t".join([uid] * 4), "Gid": "\t".join([uid] * 4), "Groups": "", "NoNewPrivs": "1", "Seccomp": "2",
+            **{caps: "0000000000000000" for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}}
+    return [f"the worker's {k}: {status[k].strip()!r}, not {v!r}" for k, v in want.items() if status[k].strip() != v]
