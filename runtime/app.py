@@ -45,15 +45,21 @@ class ReloadSummary:
 
 def make_backend(settings: Settings) -> WorkerBackend:
     workers = settings.runtime.workers
-    if settings.runtime.backend == "swarm":
-        from runtime.backends.swarm import SwarmBackend  # imported only when used
+    if settings.runtime.backend == "process":
+        return ProcessBackend(log_dir=workers.log_dir, zygote=workers.zygote, isolation=settings.runtime.isolation)
+    instance = _instance(settings)
+    try:
+        if settings.runtime.backend == "swarm":
+            from runtime.backends.swarm import SwarmBackend  # imported only when used
 
-        return SwarmBackend(workers.log_dir, _instance(settings), workers.engine_url, workers.client_uids)
-    if settings.runtime.backend == "docker":
+            return SwarmBackend(workers.log_dir, instance, workers.engine_url, workers.client_uids)
         from runtime.backends.docker import DockerBackend  # imported only when used
 
-        return DockerBackend(workers.log_dir, _instance(settings), workers.volumes, workers.client_uids)
-    return ProcessBackend(log_dir=workers.log_dir, zygote=workers.zygote, isolation=settings.runtime.isolation)
+        return DockerBackend(workers.log_dir, instance, workers.volumes, workers.client_uids)
+    except BackendError:
+        # No engine: nothing started. A new id goes; one taken over stays for the next start.
+        instance.release(forget=instance.new)
+        raise
 
 
 def _instance(settings: Settings) -> Instance:

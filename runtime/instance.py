@@ -35,8 +35,9 @@ PREFIX = "instance-"
 class Instance:
     """This runtime's id, and the lock that says it is alive."""
 
-    def __init__(self, instance_id: str, path: Path, fd: int) -> None:
+    def __init__(self, instance_id: str, path: Path, fd: int, new: bool) -> None:
         self.id, self.path, self._fd = instance_id, path, fd
+        self.new = new  # False: taken over from a runtime that is gone, whose workers may run on
 
     @classmethod
     def claim(cls, state_dir: Path) -> "Instance":
@@ -45,7 +46,7 @@ class Instance:
         for path in sorted(state_dir.glob(f"{PREFIX}*"), key=_age):
             fd = _lock(path)
             if fd is not None:
-                instance = cls(path.name[len(PREFIX):], path, fd)
+                instance = cls(path.name[len(PREFIX):], path, fd, new=False)
                 logger.info("runtime instance %s: taken over from a runtime that is gone (its workers are adopted)",
                             instance.id)
                 return instance
@@ -64,7 +65,7 @@ class Instance:
             finally:
                 partial.unlink(missing_ok=True)
             logger.info("runtime instance %s: new", instance_id)
-            return cls(instance_id, path, fd)
+            return cls(instance_id, path, fd, new=True)
         raise OSError(f"{state_dir}: no free instance id after 100 tries")
 
     def release(self, forget: bool) -> None:

@@ -209,3 +209,4 @@ def test_serve_without_a_docker_engine_fails_at_start(tmp_path, lk_a):
     with pytest.raises(AssertionError, match="serve exited with 1"):
         serve.start()
     assert "cannot start: docker backend: cannot reach the Docker engine" in serve.log()
+    assert list((tmp_path / "state").iterdir()) == [], "an instance id with nothing to adopt is not kept"
