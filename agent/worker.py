@@ -405,6 +405,9 @@ def main() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
+    from agent.boot import boot
+
+    boot()  # no new privileges; on swarm, the settings out of their secret file
     config = WorkerConfig.from_env()
     from agent.providers import ProviderError
 

@@ -98,10 +98,11 @@ def backends(work: Path, with_docker: bool, with_swarm: bool) -> dict[str, Worke
 
         from runtime.backends.docker import DockerBackend
         from runtime.image import build
+        from runtime.instance import Instance
 
         built = build(docker.from_env(version="auto", timeout=600), IMAGE)
         print(f"image {built.tag}: {built.size_mb:.0f} MB ({'reused' if built.reused else 'built'} in {built.seconds:.0f} s)")
-        found["docker"] = DockerBackend(log_dir=work / "docker")
+        found["docker"] = DockerBackend(log_dir=work / "docker", instance=Instance.claim(work / "state-docker"))
         ENGINES["docker"] = docker.from_env(version="auto")
         if with_swarm:  # a private engine in swarm mode, one node (tests/swarm_stack.py)
             from runtime.backends.swarm import SwarmBackend
@@ -110,7 +111,8 @@ def backends(work: Path, with_docker: bool, with_swarm: bool) -> dict[str, Worke
             swarm = PrivateSwarm(work / "dockerd-swarm.log").start()
             atexit.register(swarm.stop)
             swarm.load(ENGINES["docker"], IMAGE)
-            found["swarm"] = SwarmBackend(log_dir=work / "swarm", engine_url=swarm.url)
+            found["swarm"] = SwarmBackend(log_dir=work / "swarm", instance=Instance.claim(work / "state-swarm"),
+                                          engine_url=swarm.url)
             ENGINES["swarm"] = swarm.engine
     zygote = found["zygote fork"].zygote
     wait_until(lambda: zygote.pid, 120, "the zygote to boot (before any clock starts)")

@@ -22,8 +22,9 @@ from actors import ChildSpec, Directory, DispatchActor, PoolActor, Restart, Scal
 from livekit import api
 
 from actors.messages import DrainChildren, EndSessions, Reconfigure, RoomEvent, ShutdownAll, StartChild, StopChild
-from runtime.backends import ProcessBackend, WorkerBackend
+from runtime.backends import BackendError, ProcessBackend, WorkerBackend
 from runtime.client_source import SourceWatcher
+from runtime.instance import Instance
 from runtime.livekit import LiveKitClient
 from runtime.metrics import Metrics
 from runtime.secrets import same_secret
@@ -43,16 +44,31 @@ class ReloadSummary:
 
 
 def make_backend(settings: Settings) -> WorkerBackend:
-    if settings.runtime.backend == "swarm":
-        from runtime.backends.swarm import SwarmBackend  # imported only when used
+    workers = settings.runtime.workers
+    if settings.runtime.backend == "process":
+        return ProcessBackend(log_dir=workers.log_dir, zygote=workers.zygote, isolation=settings.runtime.isolation,
+                              state_dir=settings.runtime.state_dir)
+    instance = _instance(settings)
+    try:
+        if settings.runtime.backend == "swarm":
+            from runtime.backends.swarm import SwarmBackend  # imported only when used
 
-        return SwarmBackend(settings.runtime.workers.log_dir, settings.runtime.workers.engine_url)
-    if settings.runtime.backend == "docker":
+            return SwarmBackend(workers.log_dir, instance, workers.engine_url, workers.client_uids)
         from runtime.backends.docker import DockerBackend  # imported only when used
 
-        return DockerBackend(settings.runtime.workers.log_dir, settings.runtime.workers.volumes)
-    return ProcessBackend(log_dir=settings.runtime.workers.log_dir, zygote=settings.runtime.workers.zygote,
-                          isolation=settings.runtime.isolation, state_dir=settings.runtime.workers.state_dir)
+        return DockerBackend(workers.log_dir, instance, workers.volumes, workers.client_uids)
+    except BackendError:
+        # No engine: nothing started. A new id goes; one taken over stays for the next start.
+        instance.release(forget=instance.new)
+        raise
+
+
+def _instance(settings: Settings) -> Instance:
+    """This runtime's instance id, which labels its containers (runtime/instance.py)."""
+    try:
+        return Instance.claim(settings.runtime.state_dir)
+    except OSError as e:
+        raise BackendError(f"runtime.state_dir {settings.runtime.state_dir}: {e.strerror or e}") from None
 
 
 class Runtime:

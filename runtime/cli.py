@@ -183,14 +183,10 @@ def serve(config_path: Path, with_livekit: bool, replace: bool = False) -> int:
     except CannotListen as e:
         logger.error("%s", e)
         return 1
+    # Another runtime on this address: this one is the new half of a rolling restart. Its
+    # docker and swarm workers are told apart from the old one's by instance labels
+    # (runtime/instance.py), so neither adopts, removes or stops the other's.
     beside = bool(listeners.others_listening(bound[0].socks))
-    if beside and settings.runtime.backend != "process":
-        # Docker and swarm workers do not say yet which runtime owns them: this one would
-        # adopt the other's containers, and its shutdown sweep would stop them.
-        logger.error("cannot start beside the runtime on %s:%d: a rolling restart needs the process backend for "
-                     "now (%s workers are not yet labelled with the runtime that owns them)",
-                     settings.runtime.gateway.host, settings.runtime.gateway.port, settings.runtime.backend)
-        return 1
     from runtime.app import Runtime
     from runtime.backends import BackendError
     from runtime.client_source import SourceUnavailable

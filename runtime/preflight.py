@@ -19,9 +19,8 @@ from runtime.settings import Settings
 
 def unwritable(settings: Settings) -> str | None:
     """The first place that cannot be written, as one line; None when all can."""
-    places: list[tuple[str, Path]] = [("runtime.workers.log_dir", settings.runtime.workers.log_dir)]
-    if settings.runtime.workers.state_dir is not None:  # by default under the log directory
-        places.append(("runtime.workers.state_dir", settings.runtime.workers.state_dir))
+    places: list[tuple[str, Path]] = [("runtime.workers.log_dir", settings.runtime.workers.log_dir),
+                                      ("runtime.state_dir", settings.runtime.state_dir)]
     source = settings.clients_source
     if source is not None and source.supabase.cache_file is not None:
         places.append(("clients_source.supabase.cache_file's directory", source.supabase.cache_file.parent))

@@ -100,31 +100,11 @@ class ShutdownSettings(_Model):
         min_length=1, max_length=500)
 
 
-class WorkerSettings(_Model):
-    """How workers are started, whatever the backend."""
-
-    ready_timeout_s: float = Field(60.0, gt=0)
-    lease_timeout_s: float = Field(60.0, gt=0)  # a leased worker with no job by then is retired
-    user_join_timeout_s: float = Field(120.0, gt=0)  # a session whose user never joins ends then
-    log_dir: Path = Path("logs/workers")
-    # Process backend: where each runtime instance records its workers, so that the next
-    # one adopts the sessions in progress after a crash (runtime/backends/instance_state.py).
-    # Private to the runtime (it holds status tokens). Default: <log_dir>/.state.
-    state_dir: Path | None = None
-    # A worker in a session whose runtime died goes on while a runtime follows it (the next
-    # serve adopts it); once none has for this long, it ends the session and exits.
-    orphan_timeout_s: float = Field(300.0, gt=0, le=86_400)
-    # process backend: fork workers from a pre-imported zygote (agent/zygote.py) instead of
-    # starting each with a fresh interpreter; a plain start remains the fallback.
-    zygote: bool = True
-    image: str = "autonomite-agent:latest"  # docker backend; a client may name its own
-    volumes: list[str] = Field(default_factory=list)  # docker backend: "host:container[:ro]"
-    engine_url: str | None = None  # swarm backend: the manager's Docker API (default: DOCKER_HOST)
-
-
 class UidRange(_Model):
-    """Where per-worker uids (and gids, the same number) come from: ids no other user of
-    the host has, and no file on it is owned by."""
+    """Where workers' uids (and gids, the same number) come from: ids no other user of the
+    host (or of any swarm node) has, and no file on it is owned by. The process backend
+    takes one per worker from ``runtime.isolation.uids``; the docker and swarm backends
+    derive one per client from ``runtime.workers.client_uids`` (runtime/backends/uids.py)."""
 
     first: int = Field(200_000, ge=1000, le=2**31 - 2)
     count: int = Field(65_536, ge=1, le=2**24)
@@ -134,6 +114,30 @@ class UidRange(_Model):
         if self.first + self.count > 2**31 - 1:
             raise ValueError("first + count must stay below 2147483647")
         return self
+
+
+# docker and swarm backends: clear of the process backend's default range (runtime.isolation.uids)
+CLIENT_UIDS = UidRange(first=300_000, count=2**24)
+
+
+class WorkerSettings(_Model):
+    """How workers are started, whatever the backend."""
+
+    ready_timeout_s: float = Field(60.0, gt=0)
+    lease_timeout_s: float = Field(60.0, gt=0)  # a leased worker with no job by then is retired
+    user_join_timeout_s: float = Field(120.0, gt=0)  # a session whose user never joins ends then
+    log_dir: Path = Path("logs/workers")
+    # A worker in a session whose runtime died goes on while a runtime follows it (the next
+    # serve adopts it); once none has for this long, it ends the session and exits.
+    orphan_timeout_s: float = Field(300.0, gt=0, le=86_400)
+    # process backend: fork workers from a pre-imported zygote (agent/zygote.py) instead of
+    # starting each with a fresh interpreter; a plain start remains the fallback.
+    zygote: bool = True
+    image: str = "autonomite-agent:latest"  # docker backend; a client may name its own
+    volumes: list[str] = Field(default_factory=list)  # docker backend: "host:container[:ro]"
+    engine_url: str | None = None  # swarm backend: the manager's Docker API (default: DOCKER_HOST)
+    # docker and swarm backends: each client's containers run as ``first + sha256(id) % count``
+    client_uids: UidRange = CLIENT_UIDS
 
 
 class IsolationSettings(_Model):
@@ -181,6 +185,11 @@ class RuntimeSettings(_Model):
     workers: WorkerSettings = WorkerSettings()
     isolation: IsolationSettings = IsolationSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+    # The runtime's own, private (0700): the process backend's per-instance record of its
+    # workers, from which the next runtime adopts sessions after a crash
+    # (runtime/backends/instance_state.py); the docker and swarm backends' instance id
+    # (runtime/instance.py). One per deployment: two deployments never share it.
+    state_dir: Path = Path("state")
     fault_injection: bool = False
 
     @model_validator(mode="after")

@@ -8,7 +8,13 @@ did (every identity line of ``/proc/self/status``, its cgroups and namespaces, a
 worker's, read while it was still root) and then tries each attack of the plan, printing
 one JSON object: ``{"identity": [mismatches], "results": {attack: "denied: ..." | "ALLOWED: ..."}}``.
 
+In a worker's container (``tests/integration/test_docker_isolation.py``) it is fed to the
+container's own python by ``docker exec``, which already gives it the worker's identity
+(the container's user, capabilities, no_new_privs, seccomp filter, namespaces and cgroup):
+with ``"become": false`` it only checks that identity against the worker's (pid 1 there).
+
 Each attack is what a compromised dependency would do: plain syscalls and file opens.
+Nothing here imports the project at module level: in a container, only this file is there.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 import urllib.error
@@ -73,6 +80,15 @@ def become(worker: int) -> list[str]:
         enter(Identity(uid=None, seccomp=want["Seccomp"] == "2"))
     else:
         enter(Identity(uid=uid, gid=gid, cgroup_procs=procs, seccomp=want["Seccomp"] == "2"))
+    return differences(want, want_ns, want_cgroups)
+
+
+def same_as(worker: int) -> list[str]:
+    """Already started with ``worker``'s identity (docker exec): what differs from it."""
+    return differences(status_of(worker), namespaces_of(worker), open(f"/proc/{worker}/cgroup").read())
+
+
+def differences(want: dict[str, str], want_ns: dict[str, str], want_cgroups: str) -> list[str]:
     got = status_of("self")
     wrong = [f"{k}: worker {want[k]!r}, probe {got.get(k)!r}" for k in IDENTITY_FIELDS if want[k] != got.get(k)]
     if open("/proc/self/cgroup").read() != want_cgroups:
@@ -198,6 +214,11 @@ def allocate(megabytes: int) -> str:
     """In a child: touch ``megabytes`` of memory. Denied if the kernel kills it on the way."""
     pid = os.fork()
     if pid == 0:
+        # The allocation is what must be stopped. A container's worker is charged for all
+        # its own pages in the same cgroup, so without this the OOM killer may pick it
+        # instead (any process may raise its own score).
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
         chunks = []
         for _ in range(megabytes):
             chunks.append(b"\x01" * (1024 * 1024))  # written, so really resident
@@ -206,6 +227,26 @@ def allocate(megabytes: int) -> str:
     if os.WIFSIGNALED(status):
         return f"denied: killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"ALLOWED: {megabytes} MB allocated"
+
+
+def privileged_files(root: str) -> str:
+    """Denied unless a file on ``root``'s filesystem is setuid, setgid or has file capabilities."""
+    found, device = [], os.stat(root).st_dev
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if os.lstat(os.path.join(folder, d)).st_dev == device]
+        for name in files:
+            path = os.path.join(folder, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode) and (mode & (stat.S_ISUID | stat.S_ISGID) or file_capabilities(path)):
+                found.append(path)
+    return f"ALLOWED: {found}" if found else "denied: none on the root filesystem"
+
+
+def file_capabilities(path: str) -> bool:
+    try:
+        return bool(os.getxattr(path, "security.capability", follow_symlinks=False))
+    except OSError:  # ENODATA: none; or unreadable to this uid, so no exec either
+        return False
 
 
 def run(plan: dict) -> dict:
@@ -232,13 +273,15 @@ def run(plan: dict) -> dict:
     results["raw IP socket"] = attempt(lambda: raw_socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
     results["fork bomb (200 forks)"] = fork_bomb(plan.get("forks", 200))
     results[f"allocate {plan['allocate_mb']} MB"] = allocate(plan["allocate_mb"])
+    if plan.get("privileged_files"):
+        results["setuid, setgid or file-capability binaries"] = privileged_files(plan["privileged_files"])
     return results
 
 
 def main() -> None:
     plan = json.loads(sys.argv[1])
     started = time.monotonic()
-    identity = become(plan["worker"])
+    identity = become(plan["worker"]) if plan.get("become", True) else same_as(plan["worker"])
     results = run(plan)
     print(json.dumps({"identity": identity, "results": results, "seconds": round(time.monotonic() - started, 2)}))
 

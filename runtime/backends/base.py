@@ -16,6 +16,7 @@ LABEL_WORKER = "autonomite.worker"
 LABEL_AGENT_NAME = "autonomite.agent_name"
 LABEL_PORT = "autonomite.port"
 LABEL_CREDENTIALS = "autonomite.credentials"  # a fingerprint, never the secret
+LABEL_INSTANCE = "autonomite.instance"  # the runtime that owns the worker (runtime/instance.py)
 
 
 class BackendError(Exception):

@@ -12,9 +12,8 @@ reused by another process is not mistaken for it.
 The file holds each worker's status token (a runtime may start with a new admin token and
 still reach the workers it adopts), so it is the runtime's alone: the directory 0700 and
 the file 0600, owned by the runtime's user, which no worker has (each runs as a uid of its
-own). By default the directory is ``<log_dir>/.state``: as private as the worker logs
-already are, and one per deployment, so two deployments on a host never adopt each
-other's workers.
+own). The directory is ``runtime.state_dir``: one per deployment, so two deployments on a
+host never adopt each other's workers.
 """
 
 from __future__ import annotations

@@ -6,12 +6,20 @@ of 1 replica with restart condition ``none`` gives exactly that (``replicated-jo
 avoided: on Docker 20.10 it leaves containers behind, moby/moby#44312 and #42789).
 
 Each service runs the image **by ID** (with a tag, every task would first ask a registry),
-with host networking, the pool's CPU and memory limits, service and container labels
-(``autonomite.client/pool/worker``...), only its client's credentials, and the client's
-placement constraints (``pool.placement``; by default Swarm spreads the tasks). Swarm does
-not ship images between nodes: every node must have the image (``docker save | docker
-load`` it, see the README); a node without it rejects the task, and that rejection is the
-start's error.
+with host networking, service and container labels (``autonomite.client/pool/worker``...,
+and the runtime instance that owns it: a runtime lists, adopts and removes only its own),
+the client's placement constraints (``pool.placement``; by default Swarm spreads the
+tasks), and the same hardening as the docker backend (``containers.py``). Swarm does not
+ship images between nodes: every node must have the image (``docker save | docker load``
+it, see the README); a node without it rejects the task, and that rejection is the start's
+error.
+
+**Credentials as a Docker secret.** Everything the worker is told (its client's LiveKit
+secret, its agents' provider keys, its status token, its settings) goes into one secret per
+worker, mounted at ``/run/secrets/autonomite-worker``, owned by the client's uid, mode 0400
+(``agent/boot.py`` reads it). The service spec holds only the file's path: ``docker service
+inspect`` shows no secret. Swarm keeps secrets encrypted in its Raft log and sends one only
+to the node that runs a task using it, on a tmpfs. The secret is removed with its service.
 
 The runtime reaches each worker's status port at its node's address (``WorkerHandle
 .status_host``), so the worker listens on all interfaces there, and answers only callers
@@ -32,6 +40,7 @@ container): the pool calls them from helper threads, never from its mailbox.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -39,69 +48,96 @@ from pathlib import Path
 
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
-from docker.types import Mount, Resources, RestartPolicy, ServiceMode
+from docker.types import Mount, Privileges, Resources, RestartPolicy, SecretReference, ServiceMode
 
-from runtime.backends.base import LABEL_CLIENT, LABEL_WORKER, BackendError, WorkerHandle, WorkerSpec, short_error
+from runtime.backends import containers
+from runtime.backends.base import LABEL_INSTANCE, BackendError, WorkerHandle, WorkerSpec, short_error
 from runtime.backends.swarm_board import Board, Ended, Placed, Unplaceable, current_task, ended, placed
+from runtime.backends.uids import UidBook
 from runtime.backends.worker_logs import WorkerLogs
+from runtime.instance import Instance
+from runtime.settings import CLIENT_UIDS, UidRange
 
 logger = logging.getLogger("autonomite.swarm")
 
 PLACED_TIMEOUT_S = 60.0  # a task not running on a node by then is a failed start
 NODE_CHECK_S = 1.0  # how often the manager is asked which nodes are down, whoever asks
 STARTING = {"new", "pending", "assigned", "accepted", "preparing", "ready", "starting"}
+SETTINGS_FILE = "autonomite-worker"  # the secret's file name under /run/secrets
+NO_NEW_PRIVILEGES_API = (1, 46)  # the first Engine API whose services take NoNewPrivileges (Engine 25)
 
 
 class SwarmBackend:
     name = "swarm"
 
-    def __init__(self, log_dir: Path, engine_url: str | None = None) -> None:
+    def __init__(self, log_dir: Path, instance: Instance, engine_url: str | None = None,
+                 client_uids: UidRange = CLIENT_UIDS) -> None:
         self._logs = WorkerLogs(log_dir)
+        self._instance = instance
+        self._uids = UidBook(client_uids)
         self._url = engine_url
         try:
             self._docker = self._engine()
             info = self._docker.info()
+            api = tuple(int(n) for n in self._docker.version()["ApiVersion"].split("."))
         except DockerException as e:
             raise BackendError(f"swarm backend: cannot reach the Docker engine ({short_error(e)})") from None
         if info.get("Swarm", {}).get("ControlAvailable") is not True:
             raise BackendError("swarm backend: this Docker engine is not a swarm manager (docker swarm init)")
+        self._no_new_privileges = api >= NO_NEW_PRIVILEGES_API  # older: the worker sets it itself (agent/boot.py)
         self._nodes: dict[str, str] = {}  # node id -> address, cached
         self._node_states = NodeStates(self._docker)
-        self._board = Board(self._engine)  # every wait() and every placement read one listing
+        # every wait() and every placement read one listing, of this runtime's services only
+        self._board = Board(self._engine, f"{LABEL_INSTANCE}={instance.id}")
 
     def start(self, spec: WorkerSpec) -> WorkerHandle:
-        env = {**spec.env, "AUTONOMITE_STATUS_HOST": "0.0.0.0"}  # reached at its node's address
-        mounts = [Mount("/tmp", None, type="tmpfs", tmpfs_size=256 * 2**20)]  # the job runner's IPC
+        uid, name = self._uids.uid(spec.client_id), _name(spec.client_id, spec.worker_id)
+        settings = {**containers.environment(spec), "AUTONOMITE_STATUS_HOST": "0.0.0.0"}  # reached at its node's address
+        mounts = [Mount("/tmp", None, type="tmpfs", tmpfs_size=containers.TMP_MB * 2**20, tmpfs_mode=0o1777)]
         if spec.knowledge_dir:  # must exist at this path on the node: only this client's documents
-            mounts.append(Mount("/knowledge", spec.knowledge_dir, type="bind", read_only=True))
-            env["AUTONOMITE_KNOWLEDGE_DIR"] = "/knowledge"
+            mounts.append(Mount(containers.KNOWLEDGE, spec.knowledge_dir, type="bind", read_only=True))
         try:
             image_id = self._docker.images.get(spec.image).id
         except ImageNotFound:
             raise BackendError(
                 f"docker image {spec.image!r} not found on the manager (build it, and docker load it on every node)"
             ) from None
+        labels = containers.labels(spec, self._instance.id)
+        resources = Resources(cpu_limit=int(spec.cpu * 1e9), mem_limit=spec.memory_mb * 2**20)
+        resources["Limits"]["Pids"] = spec.pids  # API 1.41; docker-py has no argument for it
+        privileges = None
+        if self._no_new_privileges:
+            privileges = Privileges()
+            privileges["NoNewPrivileges"] = True
         try:
+            secret = self._docker.secrets.create(name=name, data=json.dumps(settings).encode(), labels=labels)
             service = self._docker.services.create(
                 image_id,
-                name=f"autonomite-{spec.client_id}-{spec.worker_id}",
-                env=[f"{k}={v}" for k, v in env.items()],
-                labels=spec.labels,
-                container_labels=spec.labels,
+                name=name,
+                env=["HOME=/tmp", f"AUTONOMITE_SETTINGS_FILE=/run/secrets/{SETTINGS_FILE}"],  # no secret here
+                secrets=[SecretReference(secret.id, name, filename=SETTINGS_FILE, uid=str(uid), gid=str(uid),
+                                         mode=0o400)],
+                user=f"{uid}:{uid}",
+                cap_drop=["ALL"],
+                read_only=True,
+                privileges=privileges,
+                labels=labels,
+                container_labels=labels,
                 mode=ServiceMode("replicated", replicas=1),
                 restart_policy=RestartPolicy(condition="none"),
-                resources=Resources(cpu_limit=int(spec.cpu * 1e9), mem_limit=spec.memory_mb * 2**20),
+                resources=resources,
                 constraints=list(spec.placement),
                 networks=["host"],
                 mounts=mounts,
                 stop_grace_period=15 * 10**9,
             )
         except DockerException as e:
+            self._remove(None, name)  # the secret, if it was made
             raise BackendError(f"swarm could not create worker {spec.worker_id}: {short_error(e)}") from None
         try:
             node = self._wait_placed(service.id)
         except BackendError:
-            self._remove(service.id)
+            self._remove(service.id, name)
             raise
         return WorkerHandle.from_labels(spec.labels, ref=service.id[:12], status_host=node)
 
@@ -111,18 +147,26 @@ class SwarmBackend:
         self._retire(handle)
 
     def list(self, client_id: str | None = None) -> list[WorkerHandle]:
-        """Services with our labels whose task still runs; ended ones found on the way are removed."""
-        label = f"{LABEL_CLIENT}={client_id}" if client_id else LABEL_CLIENT
-        handles = []
-        for service in self._docker.services.list(filters={"label": [label, LABEL_WORKER]}):
+        """This runtime's services whose task still runs; ended ones found on the way are
+        removed (and, listing every client, secrets whose service is gone)."""
+        handles, names = [], set()
+        for service in self._docker.services.list(filters={"label": containers.owned(self._instance.id, client_id)}):
             task = current_task(service.tasks())
             state = task["Status"]["State"] if task else "none"
             if (state == "running" or state in STARTING) and not self._node_states.down(task.get("NodeID")):
                 node = self._node_address(task["NodeID"]) if task.get("NodeID") else "127.0.0.1"
                 handles.append(WorkerHandle.from_labels(service.attrs["Spec"]["Labels"], ref=service.id[:12],
                                                         status_host=node))
+                names.add(service.name)
+                user = service.attrs["Spec"]["TaskTemplate"]["ContainerSpec"].get("User", "").partition(":")[0]
+                if user.isdigit():  # an adopted worker keeps its uid: it stays its client's
+                    self._uids.note(handles[-1].client_id, int(user))
             else:
-                self._remove(service.id)
+                self._remove(service.id, service.name)
+        if client_id is None:
+            for secret in self._docker.secrets.list(filters={"label": containers.owned(self._instance.id)}):
+                if secret.name not in names:
+                    self._remove(None, secret.name)
         return handles
 
     def wait(self, handle: WorkerHandle) -> int:
@@ -147,9 +191,6 @@ class SwarmBackend:
             return b"".join(chunks).decode(errors="replace")
         except (DockerException, StopIteration):
             return self._logs.tail(handle.client_id, handle.worker_id, tail)
-
-    def close(self) -> None:
-        self._docker.close()
 
     # -- internals -----------------------------------------------------------------------
 
@@ -178,7 +219,7 @@ class SwarmBackend:
         remove the service whatever became of the log."""
         if save_log and not self._on_down_node(handle.ref[:12]):
             self._logs.save(handle.client_id, handle.worker_id, lambda: self._read_log(handle.ref))
-        self._remove(handle.ref)
+        self._remove(handle.ref, _name(handle.client_id, handle.worker_id))
 
     def _on_down_node(self, service: str) -> bool:
         task = self._board.task(service)
@@ -193,13 +234,33 @@ class SwarmBackend:
         finally:
             engine.close()
 
-    def _remove(self, service_id: str) -> None:
+    def _remove(self, service_id: str | None, name: str) -> None:
+        """Remove a worker's service, then its secret (Swarm refuses to remove a secret a
+        service still uses). Both share ``name``."""
+        for what, remove, ref in (("service", self._docker.api.remove_service, service_id),
+                                  ("secret", self._docker.api.remove_secret, name)):
+            if ref is None:
+                continue
+            try:
+                remove(ref)
+            except NotFound:
+                pass
+            except APIError as e:
+                logger.warning("removing %s %s: %s", what, ref[:40], short_error(e))
+
+    def close(self) -> None:
+        """Give up the instance id, and forget it if none of its workers is left."""
         try:
-            self._docker.api.remove_service(service_id)
-        except NotFound:
-            pass
-        except APIError as e:
-            logger.warning("removing service %s: %s", service_id[:12], short_error(e))
+            left = bool(self.list())
+        except DockerException:
+            left = True
+        self._instance.release(forget=not left)
+        self._docker.close()
+
+
+def _name(client_id: str, worker_id: str) -> str:
+    """A worker's service and secret name."""
+    return f"autonomite-{client_id}-{worker_id}"
 
 
 class NodeStates:

@@ -41,8 +41,9 @@ class Snapshot:
 
 
 class Board:
-    def __init__(self, engine: Callable[[], docker.DockerClient]) -> None:
+    def __init__(self, engine: Callable[[], docker.DockerClient], owner: str | None = None) -> None:
         self._engine_factory = engine
+        self._labels = [LABEL_WORKER, owner] if owner else [LABEL_WORKER]  # whose services are listed
         self._cond = threading.Condition()
         self._snapshot = Snapshot(seq=0)
         self._begun = 0  # the number of the listing under way (or the last one begun)
@@ -96,7 +97,7 @@ class Board:
                     seq = self._begun
                 try:
                     engine = engine or self._engine_factory()
-                    snapshot = _list(engine, seq)
+                    snapshot = _list(engine, seq, self._labels)
                     self.listings += 1
                     backoff = POLL_S
                 except Exception as e:  # noqa: BLE001 - the board must outlive any listing; waiters' deadlines stand
@@ -122,8 +123,8 @@ class Board:
         self._thread.start()
 
 
-def _list(engine: docker.DockerClient, seq: int) -> Snapshot:
-    services = frozenset(s["ID"][:12] for s in engine.api.services(filters={"label": LABEL_WORKER}))
+def _list(engine: docker.DockerClient, seq: int, labels: list[str]) -> Snapshot:
+    services = frozenset(s["ID"][:12] for s in engine.api.services(filters={"label": labels}))
     tasks: dict[str, list[dict]] = {}
     for task in engine.api.tasks():
         if (sid := task.get("ServiceID", "")[:12]) in services:

@@ -9,7 +9,7 @@ import subprocess
 import docker as docker_sdk
 import pytest
 
-from tests.support import Client, metric_value, wait_until
+from tests.support import Client, Serve, metric_value, wait_until
 
 
 @pytest.fixture
@@ -130,8 +130,59 @@ def test_containers_of_a_removed_client_are_removed_at_start(run_serve, docker_b
     first = run_serve([alpha, beta], **docker_backend)
     assert len(containers("beta")) == 1
     first.stop(signal.SIGKILL)
-    run_serve([alpha], **docker_backend)  # beta is gone from the config
+    # The same runtime (its state directory: it takes over its instance id), beta gone from the config.
+    run_serve([alpha], state_dir=str(first.config.parent / "state"), **docker_backend)
     assert containers("beta") == []
+
+
+def test_two_runtimes_on_one_engine_leave_each_other_s_workers_alone(run_serve, docker_backend, lk_a, lk_b):
+    """Overlapping client ids: both serve alpha; beta is a client the second does not know."""
+    first = run_serve([Client("alpha", lk_a, min_idle=1, max_size=1), Client("beta", lk_b, min_idle=1, max_size=1)],
+                      **docker_backend)
+    firsts = {c.id[:12]: c.labels["autonomite.instance"] for c in containers("alpha") + containers("beta")}
+    assert len(firsts) == 2 and len(set(firsts.values())) == 1
+
+    # A second runtime, its own state directory, on the same engine: it neither adopts the
+    # first's alpha nor removes the first's beta (a client it does not know).
+    second = run_serve([Client("alpha", lk_a, min_idle=1, max_size=1)], **docker_backend)
+    [own] = second.pool("alpha")["workers"]
+    assert own["ref"] not in firsts
+    [container] = [c for c in containers("alpha") if c.id.startswith(own["ref"])]
+    assert container.labels["autonomite.instance"] not in firsts.values()
+    assert {c.id[:12] for c in containers("alpha") + containers("beta")} == set(firsts) | {own["ref"]}
+
+    assert second.stop() == 0  # it stops its own workers only
+    assert {c.id[:12] for c in containers("alpha", all=True) + containers("beta", all=True)} == set(firsts)
+    assert {w["ref"] for w in first.pool("alpha")["workers"] + first.pool("beta")["workers"]} == set(firsts)
+    assert first.pool("alpha")["idle"] == 1 and first.pool("beta")["idle"] == 1
+    r = first.start_session(Client("beta", lk_b, token=first.env["BETA_TOKEN"]), "room-other-runtime")
+    assert r.body["worker_id"] in {w["id"] for w in first.pool("beta")["workers"]}
+    lk_b.delete_room("room-other-runtime")
+    assert first.stop() == 0
+    assert containers("alpha", all=True) == containers("beta", all=True) == []
+
+
+def test_a_rolling_restart_on_docker_hands_over_without_touching_the_new_runtime_s_workers(run_serve, docker_backend,
+                                                                                          lk_a):
+    """The same config and state directory, as the README's one-liner: the old runtime still
+    holds its instance id, so the new one makes another; each stops only its own workers."""
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=2)
+    first = run_serve([alpha], **docker_backend)
+    [old] = [c.id[:12] for c in containers("alpha")]
+    second = Serve(first.config, first.env, first.log_path.with_name("serve-2.log"), args=("--replace",))
+    try:
+        second.start(wait_up=False)  # the address answers already: the old runtime's
+        wait_until(lambda: first.proc.poll() is not None, 120, "the old runtime to hand over and exit")
+        assert first.proc.returncode == 0, first.log()[-3000:]
+        assert second.get("/readyz").status == 200
+        [new] = second.pool("alpha")["workers"]
+        assert {c.id[:12] for c in containers("alpha", all=True)} == {new["ref"]} != {old}
+        assert len({c.labels["autonomite.instance"] for c in containers("alpha")}) == 1
+        second.start_session(alpha, "room-after-the-handover")
+        lk_a.delete_room("room-after-the-handover")
+    finally:
+        assert second.stop() == 0
+    assert containers("alpha", all=True) == []
 
 
 def test_a_bad_image_fails_clearly_with_backoff_and_no_crash_loop(run_serve, docker_backend, lk_a):
@@ -158,3 +209,4 @@ def test_serve_without_a_docker_engine_fails_at_start(tmp_path, lk_a):
     with pytest.raises(AssertionError, match="serve exited with 1"):
         serve.start()
     assert "cannot start: docker backend: cannot reach the Docker engine" in serve.log()
+    assert list((tmp_path / "state").iterdir()) == [], "an instance id with nothing to adopt is not kept"

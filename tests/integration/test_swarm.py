@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import docker
 import pytest
 
+from agent.status import status_token
 from tests.support import Client, Serve, metric_value, wait_until
 from tests.swarm_stack import PrivateSwarm
 
@@ -50,8 +52,6 @@ def test_a_trigger_reaches_a_swarm_worker_and_the_pool_refills(run_serve, swarm,
     assert task["Resources"]["Limits"]["MemoryBytes"] == 1024 * 2**20  # the pool's limits
     [worker] = serve.pool("alpha")["workers"]
     assert container_of(swarm, worker["id"]).attrs["HostConfig"]["NetworkMode"] == "host"
-    env = "\n".join(task["ContainerSpec"]["Env"])
-    assert lk_a.secret in env and lk_b.secret not in env and alpha.token not in env and serve.admin not in env
 
     r = serve.trigger(alpha, "room-swarm")
     assert r.status == 200, r.body
@@ -63,6 +63,41 @@ def test_a_trigger_reaches_a_swarm_worker_and_the_pool_refills(run_serve, swarm,
                                                   for s in services(swarm, "alpha")}, 60, "the service removed")
     wait_until(lambda: serve.pool("alpha")["idle"] == 1 and serve.pool("alpha")["leased"] == 0, 60, "refill")
     assert metric_value(serve.metrics(), "autonomite_worker_exits_total", client="alpha", cause="session_end") == 1
+
+
+def test_credentials_reach_a_swarm_worker_as_a_secret_never_in_its_service_spec(run_serve, swarm, swarm_backend,
+                                                                                lk_a, lk_b):
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=1, pool={"pids": 200})
+    beta = Client("beta", lk_b, min_idle=1, max_size=1)
+    serve = run_serve([alpha, beta], **swarm_backend)
+    [worker] = serve.pool("alpha")["workers"]
+    [service] = services(swarm, "alpha")
+    # What anyone with manager access reads (docker service inspect): no secret value at all.
+    spec = json.dumps(service.attrs)
+    for secret in (lk_a.secret, lk_b.secret, alpha.token, beta.token, serve.admin, status_token(serve.admin, worker["id"])):
+        assert secret not in spec
+    container = service.attrs["Spec"]["TaskTemplate"]["ContainerSpec"]
+    assert container["Env"] == ["HOME=/tmp", "AUTONOMITE_SETTINGS_FILE=/run/secrets/autonomite-worker"]
+    [ref] = container["Secrets"]
+    uid = container["User"].split(":")[0]
+    assert ref["File"] == {"Name": "autonomite-worker", "UID": uid, "GID": uid, "Mode": 0o400}
+    assert "Data" not in swarm.engine.secrets.get(ref["SecretID"]).attrs["Spec"], "the API never gives a secret back"
+    # The same hardening as the docker backend.
+    assert container["ReadOnly"] and container["CapabilityDrop"] == ["ALL"] and int(uid) >= 300_000
+    assert service.attrs["Spec"]["TaskTemplate"]["Resources"]["Limits"]["Pids"] == 200
+    assert services(swarm, "beta")[0].attrs["Spec"]["TaskTemplate"]["ContainerSpec"]["User"] != container["User"]
+    # The worker itself, as its node sees it: the client's uid, no capability, no new privileges.
+    done = container_of(swarm, worker["id"]).exec_run(["cat", "/proc/1/status"])
+    status = dict(line.split(":\t", 1) for line in done.output.decode().splitlines() if ":\t" in line)
+    assert status["Uid"].split()[0] == uid and status["CapEff"] == "0000000000000000"
+    assert status["CapBnd"] == "0000000000000000" and status["NoNewPrivs"] == "1"
+    # It registered with its client's LiveKit (read from the secret file), and serves.
+    r = serve.trigger(alpha, "room-secret")
+    assert r.status == 200, r.body
+    lk_a.delete_room("room-secret")
+    # The secret goes with its service.
+    wait_until(lambda: {s.name for s in swarm.engine.secrets.list()} == {s.name for s in swarm.engine.services.list()},
+               60, "the ended worker's secret removed with its service")
 
 
 def test_concurrent_triggers_on_swarm_never_lease_a_worker_twice(run_serve, swarm_backend, lk_a):

@@ -88,7 +88,8 @@ def in_room(nodes: Nodes, room: str, worker_id: str) -> bool:
 
 
 def no_workers_left(nodes: Nodes) -> bool:
-    return not nodes.a.engine.services.list() and not nodes.a.containers() and not nodes.b.containers()
+    return not nodes.a.engine.services.list() and not nodes.a.engine.secrets.list() \
+        and not nodes.a.containers() and not nodes.b.containers()
 
 
 def test_placement_puts_a_clients_workers_on_the_node_it_names(nodes, run_serve):
