@@ -123,7 +123,7 @@ class PoolActor(Supervised):
             self.handles[handle.worker_id] = handle
             self.addresses[handle.worker_id] = self._address(handle)
             _watch.adopt_worker(self.backend, handle, self.actor_ref, self.settings.ready_timeout_s,
-                                self._token(handle.worker_id))
+                                self.addresses[handle.worker_id].token)
         if self.handles:
             logger.info("pool %s adopted %d live workers", self.client.id, len(self.handles))
         self._apply(self.machine.reconcile(now))
@@ -306,7 +306,7 @@ class PoolActor(Supervised):
         return status_token(self.status_key, worker_id) if self.status_key else ""
 
     def _address(self, handle: WorkerHandle) -> StatusAddress:
-        return StatusAddress(handle.status_host, handle.status_port, self._token(handle.worker_id))
+        return StatusAddress(handle.status_host, handle.status_port, handle.status_token or self._token(handle.worker_id))
 
     def _worker_env(self, worker_id: str, agent_name: str, port: int) -> dict[str, str]:
         """Only this client's credentials and catalog: nothing of any other client."""

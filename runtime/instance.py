@@ -43,6 +43,7 @@ class Instance:
     def claim(cls, state_dir: Path) -> "Instance":
         """Take over the id of a runtime that is gone, or make a new one."""
         state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(state_dir, 0o700)  # the runtime's alone (runtime.state_dir)
         for path in sorted(state_dir.glob(f"{PREFIX}*"), key=_age):
             fd = _lock(path)
             if fd is not None:

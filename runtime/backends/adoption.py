@@ -44,7 +44,7 @@ class WorkerRecord:
 
     def handle(self) -> WorkerHandle:
         return WorkerHandle(self.worker_id, self.client_id, self.agent_name, self.status_port, self.credentials_fp,
-                            ref=str(self.pid))
+                            ref=str(self.pid), status_token=self.token)
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}

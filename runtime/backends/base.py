@@ -70,6 +70,9 @@ class WorkerHandle:
     credentials_fp: str
     ref: str  # pid for processes, container id for containers
     status_host: str = "127.0.0.1"  # the node the worker runs on, as the runtime reaches it
+    # A worker adopted from a dead runtime answers to the token that runtime gave it, which
+    # differs from ours if the admin token changed meanwhile; empty: ours (the usual case).
+    status_token: str = field(default="", repr=False, compare=False)
 
     @classmethod
     def from_labels(cls, labels: Mapping[str, str], ref: str, status_host: str = "127.0.0.1") -> "WorkerHandle":

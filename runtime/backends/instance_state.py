@@ -77,16 +77,21 @@ class InstanceState:
                 continue
             if not runtime_gone(int(started), start_time(int(pid))):
                 continue  # a runtime that is alive (draining beside us): its workers are its own
+            path.with_suffix(".tmp").unlink(missing_ok=True)  # a write its crash cut short
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
+            except OSError as e:
+                if not isinstance(e, FileNotFoundError):
+                    logger.warning("state file %s unreadable (%s); ignored", path, e.strerror)
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if os.fstat(fd).st_nlink == 0:  # another runtime took it meanwhile
                     continue
-                yield path, self._read(path, fd)
-                path.unlink(missing_ok=True)
+                try:
+                    yield path, self._read(path, fd)
+                finally:  # handled, or failed to be: never read again (a bad file must not stop every start)
+                    path.unlink(missing_ok=True)
             finally:
                 os.close(fd)
 
@@ -96,6 +101,8 @@ class InstanceState:
         try:
             data = json.loads(os.pread(fd, 1 << 22, 0))
             entries = data["workers"]
+            if not isinstance(entries, list):
+                raise TypeError("workers is not a list")
         except (ValueError, KeyError, TypeError) as e:
             logger.warning("state file %s unreadable (%s); ignored", path, type(e).__name__)
             return []

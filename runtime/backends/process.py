@@ -83,13 +83,14 @@ class ProcessBackend:
         self._lock = threading.Lock()
         self._procs: dict[str, tuple[WorkerHandle, _Child, Placement | None]] = {}
         self._exit_causes: dict[str, str] = {}
+        self._stopped: dict[str, int] = {}  # exit codes of workers stop() saw end, until waited for
         self._sessions: deque[int] = deque(maxlen=4096)  # forked workers' session ids, for the sweep
         private_dir(log_dir)
         # Each worker's lifeline: a pipe per worker, whose write end only this process holds
         # (close-on-exec, never passed on); the worker's read end reads end of file once we
         # are gone. Per worker, so no worker can hold another's open (agent/lifeline.py).
         self._lifelines: dict[str, int] = {}
-        self.state = InstanceState(state_dir or log_dir / ".state")
+        self.state = InstanceState(state_dir or log_dir / ".state")  # serve passes runtime.state_dir
         self.isolation = Isolation(isolation) if isolation is not None and isolation.enabled else None
         self.adopted = self._take_over()
         self.zygote = Zygote(log_dir / "zygote.log", python, {**_allowed_env(), **_ZYGOTE_ENV}) if zygote else None
@@ -188,6 +189,11 @@ class ProcessBackend:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        self._release(handle.worker_id, proc)  # whoever waits on it may be gone (a dead pool)
+        with self._lock:
+            self._stopped[handle.worker_id] = proc.wait()  # for a wait() that comes after
+            while len(self._stopped) > 1024:  # nobody waited for those (bounded)
+                self._stopped.pop(next(iter(self._stopped)))
 
     def list(self, client_id: str | None = None) -> list[WorkerHandle]:
         with self._lock:
@@ -200,21 +206,29 @@ class ProcessBackend:
     def wait(self, handle: WorkerHandle) -> int:
         proc = self._proc(handle)
         if proc is None:
-            return -1
+            with self._lock:
+                return self._stopped.pop(handle.worker_id, -1)
         code = proc.wait()
-        with self._lock:
-            entry = self._procs.pop(handle.worker_id, None)
-            lifeline_end = self._lifelines.pop(handle.worker_id, None)
-        if lifeline_end is not None:
-            os.close(lifeline_end)
-        if entry is not None and entry[2] is not None:
-            if self.isolation is not None and self.isolation.release(entry[2]):
-                self._exit_causes[handle.worker_id] = "oom"
-            if isinstance(proc, AdoptedChild):
-                self._remove_parents(entry[2].cgroup)
-        self.state.remove(handle.worker_id)
+        self._release(handle.worker_id, proc)
         self._reap_orphans()
         return code
+
+    def _release(self, worker_id: str, proc: _Child) -> None:
+        """What an ended worker held: its lifeline, uid and cgroup, and its record. Once:
+        both :meth:`wait` and :meth:`stop` call it, whichever comes first does it."""
+        with self._lock:
+            entry = self._procs.pop(worker_id, None)
+            lifeline_end = self._lifelines.pop(worker_id, None)
+        if entry is None:
+            return
+        if lifeline_end is not None:
+            os.close(lifeline_end)
+        if entry[2] is not None:
+            if self.isolation is not None and self.isolation.release(entry[2]):
+                self._exit_causes[worker_id] = "oom"
+            if isinstance(proc, AdoptedChild):
+                self._remove_parents(entry[2].cgroup)
+        self.state.remove(worker_id)
 
     def exit_cause(self, handle: WorkerHandle) -> str | None:
         """After :meth:`wait`: ``oom`` if the kernel killed it for its memory limit, else None."""
@@ -227,6 +241,10 @@ class ProcessBackend:
         return "\n".join(path.read_text(errors="replace").splitlines()[-tail:])
 
     def close(self) -> None:
+        with self._lock:
+            lifelines, self._lifelines = list(self._lifelines.values()), {}
+        for fd in lifelines:  # a worker still running learns that we are gone (agent/lifeline.py)
+            os.close(fd)
         if self.zygote is not None:
             self.zygote.close()
         if self.isolation is not None:
@@ -240,7 +258,11 @@ class ProcessBackend:
         adopted = 0
         for path, records in self.state.left_by_the_dead():
             for record in records:
-                adopted += self._take_over_one(record, path.stem)
+                try:
+                    adopted += self._take_over_one(record, path.stem)
+                except Exception:  # one bad record must not stop this runtime
+                    logger.exception("could not take over worker %s left by dead runtime %s", record.worker_id,
+                                     path.stem)
         return adopted
 
     def _take_over_one(self, record: WorkerRecord, instance: str) -> bool:

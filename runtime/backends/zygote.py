@@ -79,9 +79,16 @@ class ForkedChild:
                 except ProcessLookupError:
                     pass
 
+    def _exited(self, timeout: float | None) -> bool:
+        """Whether the process exited (its pidfd is readable then), waiting up to ``timeout``.
+        poll, not select: a runtime with many workers holds descriptors above 1024."""
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else timeout * 1000))
+
     def _reap(self, timeout: float | None) -> int | None:
         if self.returncode is None:
-            select.select([self._pidfd], [], [], timeout)  # readable once the process exited
+            self._exited(timeout)
         with self._lock:
             if self.returncode is None:
                 try:
@@ -106,8 +113,7 @@ class AdoptedChild(ForkedChild):
 
     def _reap(self, timeout: float | None) -> int | None:
         if self.returncode is None:
-            readable, _, _ = select.select([self._pidfd], [], [], timeout)
-            if readable:
+            if self._exited(timeout):
                 with self._lock:
                     if self.returncode is None:
                         self.returncode = self._exit_code()

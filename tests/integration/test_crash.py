@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from agent.orphan import END_MESSAGE
+from runtime.backends.instance_state import start_time
 from runtime.cgroups import sweep_stale
 from tests.integration.test_drain import Caller
 from tests.support import Client, Serve, pid_alive, wait_until
@@ -44,7 +45,7 @@ def _cgroups(pid: int) -> list[Path]:
 
 
 def _state_files(serve: Serve) -> list[Path]:
-    return sorted((serve.config.parent / "workers" / ".state").glob("*.json"))
+    return sorted((serve.config.parent / "state").glob("*.json"))  # runtime.state_dir (tests/support.py)
 
 
 def _kill(serve: Serve) -> None:
@@ -63,6 +64,7 @@ def test_sigkill_of_serve_cuts_no_call_and_the_next_serve_adopts_it(run_serve, l
     cgroups = _cgroups(pid)
     assert cgroups, "isolation gives each worker a cgroup"
     first_pid = serve.proc.pid
+    assert [p.name for p in _state_files(serve)][:1] == [f"{first_pid}-{start_time(first_pid)}.json"]
     given: list[str] = []
 
     async def call() -> None:

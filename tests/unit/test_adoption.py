@@ -107,3 +107,24 @@ def test_only_files_of_dead_runtimes_are_taken_and_each_once(tmp_path):
     assert all(name != alive_file.name for name, _ in taken)
     assert not dead_file.exists() and alive_file.exists()
     assert list(state.left_by_the_dead()) == []
+
+
+def test_a_bad_state_file_is_ignored_once_even_when_handling_it_fails(tmp_path):
+    directory = tmp_path / "state"
+    directory.mkdir()
+    (directory / "999999997-1.json").write_text(json.dumps({"workers": 5}))  # not a list
+    (directory / "999999998-1.json").write_text(json.dumps({"workers": [RECORD.to_json()]}))
+    (directory / "999999998-1.tmp").write_text("a write the crash cut short")
+    (directory / "instance-abc123").touch()  # a docker runtime's id shares the directory
+    state = InstanceState(directory)
+    seen = []
+    try:
+        for path, records in state.left_by_the_dead():
+            seen.append((path.name, records))
+            if records:
+                raise RuntimeError("taking the record over failed")
+    except RuntimeError:
+        pass
+    assert seen == [("999999997-1.json", []), ("999999998-1.json", [RECORD])]
+    assert sorted(p.name for p in directory.iterdir()) == ["instance-abc123"]  # none is read again
+    assert list(state.left_by_the_dead()) == []

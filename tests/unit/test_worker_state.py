@@ -117,3 +117,53 @@ def test_the_status_port_answers_only_to_its_workers_token():
         return seen
 
     assert asyncio.run(scenario()) == [(401, "unauthorized"), (401, "unauthorized"), (200, "claimed")]
+
+
+def test_a_worker_whose_runtime_died_is_never_claimed_again(state):
+    state.runtime_gone = True
+    assert not state.claim("L1", "w1") and state.state == "idle"
+
+
+def _lifeline_run(in_session: bool, bound_s: float, monkeypatch) -> tuple[list, bool]:  # noqa: ANN001
+    """A real pipe: its write end closed as a dead runtime's is; what the worker then does."""
+    import asyncio
+    import os
+
+    from agent.lifeline import outlive_runtime, watch_lifeline
+
+    read_end, write_end = os.pipe()
+    monkeypatch.setenv("AUTONOMITE_LIFELINE_FD", str(read_end))
+    ended: list = []
+
+    async def run() -> bool:
+        s = WorkerState(WorkerConfig("w1", "acme", "acme--w1", 1234, [], orphan_timeout_s=bound_s))
+        s.accepted_job = "J1" if in_session else None
+        s.end_session = lambda reason, if_no_users, say: ended.append((reason, say))
+        gone = watch_lifeline(asyncio.get_running_loop(), s)
+        task = asyncio.create_task(outlive_runtime(s, gone))
+        await asyncio.sleep(0.05)
+        assert not gone.is_set() and not task.done()  # the runtime lives: nothing happens
+        os.close(write_end)
+        deadline = asyncio.get_running_loop().time() + bound_s + 2
+        while not (task.done() or ended) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert task.done() != bool(ended)  # returned (exit now), or ended the session (and waits for its end)
+        task.cancel()
+        return s.runtime_gone
+
+    try:
+        return ended, asyncio.run(run())
+    finally:
+        os.close(read_end)
+
+
+def test_the_lifelines_end_makes_a_worker_in_no_session_exit_at_once(monkeypatch):
+    ended, gone = _lifeline_run(in_session=False, bound_s=30, monkeypatch=monkeypatch)
+    assert gone and ended == []  # outlive_runtime returned at once: the worker exits
+
+
+def test_a_session_outlives_the_runtime_until_the_bound_then_the_agent_says_why(monkeypatch):
+    from agent.orphan import END_MESSAGE
+
+    ended, gone = _lifeline_run(in_session=True, bound_s=0.2, monkeypatch=monkeypatch)
+    assert gone and ended == [(END_MESSAGE, True)]
