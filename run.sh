@@ -2,6 +2,7 @@
 # The two commands a new user needs, each setting up whatever is missing first:
 #   ./run.sh demo   start the runtime on config/clients.example.yaml with local livekit-servers
 #   ./run.sh test   run the whole test suite
+#   ./run.sh unit   the fast inner loop: the unit tests only, with nothing but the Python packages
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -99,6 +100,18 @@ demo_env() {
     export GLOBEX_LK_SECRET="${GLOBEX_LK_SECRET:-demo-globex-livekit-secret-change-me}"
 }
 
+only_unit_tests() {  # every path argument names unit tests (options are passed on)
+    local arg paths=0
+    for arg in "$@"; do
+        case "$arg" in
+            -*) ;;
+            tests/unit|tests/unit/*) paths=$((paths + 1)) ;;
+            *) return 1 ;;
+        esac
+    done
+    [ "$paths" -gt 0 ]
+}
+
 case "${1:-}" in
     demo)
         setup_python
@@ -107,9 +120,17 @@ case "${1:-}" in
         demo_env
         exec .venv/bin/autonomite serve --config config/clients.example.yaml --with-livekit
         ;;
+    unit)
+        shift
+        setup_python
+        exec .venv/bin/python -m pytest tests/unit "$@"
+        ;;
     test)
         shift
         setup_python
+        if [ "$#" -gt 0 ] && only_unit_tests "$@"; then  # the fast loop: nothing else to set up
+            exec .venv/bin/python -m pytest "$@"
+        fi
         setup_livekit
         apt_install promtool prometheus
         apt_install espeak-ng espeak-ng  # the offline TTS of the voice tests
@@ -120,7 +141,7 @@ case "${1:-}" in
         .venv/bin/python -m pytest "$@"
         ;;
     *)
-        echo "usage: ./run.sh demo | ./run.sh test [pytest args]" >&2
+        echo "usage: ./run.sh demo | ./run.sh test [pytest args] | ./run.sh unit [pytest args]" >&2
         exit 2
         ;;
 esac
