@@ -31,6 +31,16 @@ from runtime.backends.adoption import WorkerRecord, runtime_gone
 logger = logging.getLogger("autonomite.process")
 
 
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+BOOT_ID = _boot_id()  # pids and start times name a process only within one boot
+
+
 def start_time(pid: int) -> int | None:
     """When process ``pid`` started (clock ticks since boot); None if there is none (or a zombie)."""
     try:
@@ -101,6 +111,9 @@ class InstanceState:
         try:
             data = json.loads(os.pread(fd, 1 << 22, 0))
             entries = data["workers"]
+            if data.get("boot") != BOOT_ID:  # before a reboot: its pids now name other processes
+                logger.info("state file %s is from before this host's last boot; nothing in it runs", path)
+                return []
             if not isinstance(entries, list):
                 raise TypeError("workers is not a list")
         except (ValueError, KeyError, TypeError) as e:
@@ -128,7 +141,7 @@ class InstanceState:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.fchmod(fd, 0o600)
-            os.write(fd, json.dumps({"workers": [r.to_json() for r in self._records.values()]}).encode())
+            os.write(fd, json.dumps({"boot": BOOT_ID, "workers": [r.to_json() for r in self._records.values()]}).encode())
             os.fsync(fd)
         finally:
             os.close(fd)

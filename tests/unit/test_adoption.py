@@ -12,7 +12,7 @@ import sys
 
 from agent.orphan import Orphan
 from runtime.backends.adoption import WorkerRecord, runtime_gone, verdict
-from runtime.backends.instance_state import InstanceState, start_time
+from runtime.backends.instance_state import BOOT_ID, InstanceState, start_time
 
 RECORD = WorkerRecord("w1", "alpha", "alpha--w1", 4711, "fp", pid=1234, started=999, token="tok", uid=200_001,
                       cgroups=("/sys/fs/cgroup/memory/x/worker-w1",), cgroup_version=1)
@@ -97,13 +97,16 @@ def test_only_files_of_dead_runtimes_are_taken_and_each_once(tmp_path):
     directory.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_file = directory / f"{dead.stdout.strip()}-12345.json"
-    dead_file.write_text(json.dumps({"workers": [RECORD.to_json(), {"bad": 1}]}))
+    dead_file.write_text(json.dumps({"boot": BOOT_ID, "workers": [RECORD.to_json(), {"bad": 1}]}))
+    before_reboot = directory / "999999996-1.json"
+    before_reboot.write_text(json.dumps({"boot": "another", "workers": [RECORD.to_json()]}))
     alive_file = directory / f"{os.getppid()}-{start_time(os.getppid())}.json"  # a live runtime beside us
     alive_file.write_text(json.dumps({"workers": [RECORD.to_json()]}))
     (directory / "999999999-1.json").write_text("not json")
     state = InstanceState(directory)
     taken = [(path.name, records) for path, records in state.left_by_the_dead()]
     assert (dead_file.name, [RECORD]) in taken and ("999999999-1.json", []) in taken
+    assert (before_reboot.name, []) in taken  # its pids may name other processes now: none is touched
     assert all(name != alive_file.name for name, _ in taken)
     assert not dead_file.exists() and alive_file.exists()
     assert list(state.left_by_the_dead()) == []
@@ -113,7 +116,7 @@ def test_a_bad_state_file_is_ignored_once_even_when_handling_it_fails(tmp_path):
     directory = tmp_path / "state"
     directory.mkdir()
     (directory / "999999997-1.json").write_text(json.dumps({"workers": 5}))  # not a list
-    (directory / "999999998-1.json").write_text(json.dumps({"workers": [RECORD.to_json()]}))
+    (directory / "999999998-1.json").write_text(json.dumps({"boot": BOOT_ID, "workers": [RECORD.to_json()]}))
     (directory / "999999998-1.tmp").write_text("a write the crash cut short")
     (directory / "instance-abc123").touch()  # a docker runtime's id shares the directory
     state = InstanceState(directory)
