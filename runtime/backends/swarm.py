@@ -44,6 +44,7 @@ import json
 import logging
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import docker
@@ -165,7 +166,8 @@ class SwarmBackend:
                 self._remove(service.id, service.name)
         if client_id is None:
             for secret in self._docker.secrets.list(filters={"label": containers.owned(self._instance.id)}):
-                if secret.name not in names:
+                # A young one may belong to a start between its secret and its service.
+                if secret.name not in names and _age_s(secret.attrs.get("CreatedAt")) > PLACED_TIMEOUT_S:
                     self._remove(None, secret.name)
         return handles
 
@@ -289,3 +291,11 @@ class NodeStates:
                 except (DockerException, OSError) as e:  # keep the last view; the next call retries
                     logger.warning("reading the swarm's nodes: %s", short_error(e))
             return bool(self._states) and self._states.get(node_id, "down") == "down"
+
+
+def _age_s(created_at: str | None) -> float:
+    """Seconds since an engine timestamp (RFC 3339); unreadable counts as old."""
+    try:
+        return time.time() - datetime.fromisoformat((created_at or "").replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return float("inf")

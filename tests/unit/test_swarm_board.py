@@ -147,3 +147,13 @@ def test_a_manager_unreachable_at_first_is_waited_out(monkeypatch):
     api.services_listed, api.tasks_listed = [SID + "cdef"], [task("complete", code=3)]
     board = board_of(api, failures=2)
     assert board.wait(lambda s: ended(SID, s, up), timeout=5) == Ended(3, "exited")
+
+
+def test_a_secret_is_young_by_the_engines_clock_and_unreadable_counts_as_old():
+    from datetime import datetime, timedelta, timezone
+
+    from runtime.backends.swarm import PLACED_TIMEOUT_S, _age_s
+
+    stamp = (datetime.now(timezone.utc) - timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%S.123456789Z")
+    assert 4 < _age_s(stamp) < PLACED_TIMEOUT_S  # a start may still be creating its service: kept
+    assert _age_s("2020-01-01T00:00:00Z") > PLACED_TIMEOUT_S and _age_s(None) == _age_s("junk") == float("inf")
