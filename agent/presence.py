@@ -73,9 +73,15 @@ class Presence:
         self.attendance = Attendance(grace_s)
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
-        room.on("participant_connected", lambda p: is_user(p) and self.check())
-        room.on("participant_disconnected", lambda p: is_user(p) and self.check())
+        room.on("participant_connected", lambda p: is_user(p) and self._changed(p, "joined"))
+        room.on("participant_disconnected", lambda p: is_user(p) and self._changed(p, "left"))
+        room.on("reconnecting", lambda: logger.warning("the agent's connection to LiveKit dropped; reconnecting"))
         room.on("reconnected", self._back)
+        self.check()
+
+    def _changed(self, p: rtc.RemoteParticipant, what: str) -> None:
+        logger.info("end user %s %s (%s)", p.identity, what, rtc.DisconnectReason.Name(p.disconnect_reason or 0)
+                    if what == "left" else rtc.ParticipantKind.Name(p.kind))
         self.check()
 
     def user_left(self) -> None:
@@ -105,5 +111,6 @@ class Presence:
         self._timer = self._loop.call_at(due, self.check)
 
     def _back(self) -> None:
+        logger.info("the agent is back in the room (%d end users)", len(users(self.room)))
         self.attendance.restart(self._loop.time())
         self.check()

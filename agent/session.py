@@ -29,8 +29,9 @@ from livekit import api, rtc
 from livekit.agents import Agent, AgentSession, JobContext, llm, stt
 from livekit.agents.voice.room_io import RoomOptions
 
-from agent import priming, providers
+from agent import hearing, priming, providers
 from agent.offline_llm import KNOWLEDGE_HEADER
+from agent.hearing import Hearing
 from agent.presence import Presence, users
 from agent.rag import KnowledgeBase
 from agent.turns import TypedTurns, background
@@ -48,16 +49,24 @@ class PrimedAgent(Agent):
         super().__init__(instructions=instructions)
         self.knowledge = knowledge
         self.greeted = asyncio.Event()
+        self.hearing = Hearing()
 
     async def stt_node(self, audio: AsyncIterable, model_settings: Any) -> AsyncIterable[stt.SpeechEvent]:
         # A caller's turn ends when its transcript comes (turn detection "vad" waits for
         # it): held until the greeting has been said, a turn spoken over the greeting ends
         # after it, and is answered instead of skipped (the greeting cannot be interrupted).
         # The audio itself flows on meanwhile: nothing the caller says is lost.
-        async for event in Agent.default.stt_node(self, audio, model_settings):
+        async for event in Agent.default.stt_node(self, self._heard(audio), model_settings):
             if not self.greeted.is_set():
                 await self.greeted.wait()
             yield event
+
+    async def _heard(self, audio: AsyncIterable) -> AsyncIterable:
+        """The caller's audio on its way to the recognizer, each frame noted (agent.hearing)."""
+        loop = asyncio.get_running_loop()
+        async for frame in audio:
+            self.hearing.frame(loop.time())
+            yield frame
 
     def llm_node(self, chat_ctx: llm.ChatContext, tools: list, model_settings: Any) -> Any:
         # Here rather than in on_user_turn_completed: that hook runs for spoken turns only,
@@ -148,6 +157,8 @@ async def run_session(
     _presence[ctx] = Presence(ctx.room, rejoin_grace_s, ctx.shutdown)
     if stt is not None:
         _log_voice_metrics(session)
+        watching = background(hearing.watch(ctx.room, session, agent.hearing, ctx.shutdown))
+        session.on("close", lambda _: watching.cancel())
     background(_greet_or_give_up(ctx, session, user_join_timeout_s, agent.greeted))
 
 

@@ -309,6 +309,7 @@ async def run_worker(config: WorkerConfig) -> int:
     @server.rtc_session(agent_name=config.agent_name, on_request=on_request)
     async def entry(ctx: JobContext) -> None:
         async def on_shutdown(reason: str) -> None:
+            logger.info("session over: %s", reason)
             # Shutdown callbacks run on the job's loop; the event belongs to ours.
             loop.call_soon_threadsafe(session_over.set)
 
