@@ -83,7 +83,8 @@ def _follow(
     def wait_for_exit() -> None:
         code = backend.wait(handle)
         exited.set()
-        tell(pool, WorkerExited(handle.worker_id, code))
+        cause = getattr(backend, "exit_cause", lambda _: None)(handle)  # a backend may know why
+        tell(pool, WorkerExited(handle.worker_id, code, oom=cause == "oom"))
 
     threading.Thread(target=wait_for_exit, name=f"wait-{handle.worker_id}", daemon=True).start()
     deadline = time.monotonic() + ready_timeout_s
@@ -120,6 +121,21 @@ def check_job_arrived(
         status = read_status(address)
         if status is not None and status.get("job_id") is None:
             tell(pool, LeaseUnused(worker_id, lease_no))
+
+    executor.submit(run)
+
+
+def end_session(executor: Executor, address: StatusAddress, worker_id: str, reason: str) -> None:
+    """Ask a worker to end its session, its agent saying ``reason`` to the caller first."""
+
+    def run() -> None:
+        query = urllib.parse.urlencode({"reason": reason, "say": "1"})
+        request = urllib.request.Request(address.url(f"/end?{query}"), method="POST", headers=address.headers())
+        try:
+            with urllib.request.urlopen(request, timeout=2.0):
+                pass
+        except (OSError, ValueError) as e:  # over already, or gone: its exit is reported anyway
+            logger.info("ending the session of %s: %s", worker_id, e)
 
     executor.submit(run)
 

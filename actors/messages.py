@@ -150,7 +150,17 @@ class Reconfigure:
 
 @dataclass(frozen=True)
 class Drain:
-    """The client is leaving: stop idle workers now, leased ones after their session, then stop."""
+    """The pool is going: stop idle workers now, leased ones after their session, then stop.
+    ``why``: the client was ``removed``, or the runtime is shutting down (``shutdown``)."""
+
+    why: Literal["removed", "shutdown"] = "removed"
+
+
+@dataclass(frozen=True)
+class EndSessions:
+    """End every session of this pool now; each agent says ``reason`` to its caller first."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -209,6 +219,7 @@ class WorkerStartFailed:
 class WorkerExited:
     worker_id: str
     exit_code: int
+    oom: bool = False  # the kernel killed it for its memory limit (its cgroup says so)
 
 
 # -- DispatchActor -------------------------------------------------------------------------
@@ -326,6 +337,16 @@ class StartChild:
 class StopChild:
     child_id: str
     graceful: bool = True  # a pool drains (sessions finish) instead of stopping at once
+
+
+@dataclass(frozen=True)
+class DrainChildren:
+    """The runtime is shutting down: every child whose id starts with ``prefix`` drains
+    (its sessions finish), none of them starts again, and ``on_drained()`` runs once, in
+    the supervisor's thread, when the last of them has stopped."""
+
+    prefix: str
+    on_drained: Callable[[], None] = field(compare=False)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from actors.messages import (
     CheckLease,
     Crash,
     Drain,
+    EndSessions,
     GetStats,
     Lease,
     Leased,
@@ -154,9 +155,12 @@ class PoolActor(Supervised):
             case Reconfigure(client):
                 self.client = client
                 m.reconfigure(client.pool.min_idle, client.pool.max_size, config_fingerprint(client))
-            case Drain():
-                logger.info("pool %s draining: the client was removed", self.client.id)
-                m.drain()
+            case Drain(why):
+                logger.info("pool %s draining: %s", self.client.id,
+                            "the client was removed" if why == "removed" else "the runtime is shutting down")
+                m.drain(why)
+            case EndSessions(reason):
+                self._end_sessions(reason)
             case Tick():
                 pass
             case WorkerStarted(worker_id, handle):
@@ -167,8 +171,8 @@ class PoolActor(Supervised):
                 m.status(worker_id, registered, state, lease_id, now)
             case WorkerStartFailed(worker_id, reason, started):
                 m.start_failed(worker_id, reason, started, now)
-            case WorkerExited(worker_id, exit_code):
-                m.exited(worker_id, exit_code, now)
+            case WorkerExited(worker_id, exit_code, oom):
+                m.exited(worker_id, exit_code, now, oom)
                 self.handles.pop(worker_id, None)
                 self.addresses.pop(worker_id, None)
                 self.projects.pop(worker_id, None)
@@ -200,6 +204,13 @@ class PoolActor(Supervised):
         )
         if not _watch.tell(message.reply_to, answer):  # the dispatcher died meanwhile
             self.machine.return_lease(worker.id, worker.lease_id)
+
+    def _end_sessions(self, reason: str) -> None:
+        leased = [w.id for w in self.machine.workers.values() if w.state == "leased" and w.id in self.addresses]
+        if leased:
+            logger.warning("pool %s: ending %d sessions (%s)", self.client.id, len(leased), ", ".join(leased))
+        for worker_id in leased:
+            _watch.end_session(self.executor, self.addresses[worker_id], worker_id, reason)
 
     def _stats(self) -> PoolStats:
         m, now = self.machine, time.monotonic()
@@ -283,6 +294,7 @@ class PoolActor(Supervised):
             env=self._worker_env(worker_id, agent_name, port),
             cpu=self.client.pool.cpu,
             memory_mb=self.client.pool.memory_mb,
+            pids=self.client.pool.pids,
             image=self.client.image or self.settings.image,
             knowledge_dir=str(self.client.knowledge_dir) if self.client.knowledge_dir else None,
             placement=tuple(self.client.pool.placement),

@@ -13,7 +13,7 @@ from typing import Literal, Union
 WorkerState = Literal["starting", "idle", "leased", "draining"]
 ExitCause = Literal[
     "session_end", "session_failed", "scaled_down", "reconfigured", "removed", "start_failed", "lease_unused",
-    "lost_livekit", "crashed",
+    "lost_livekit", "crashed", "oom", "shutdown",
 ]
 LeaseFailure = Literal["unregistered", "claimed", "not_accepted"]
 
@@ -93,7 +93,8 @@ class GaveUp:
 
 @dataclass(frozen=True)
 class Drained:
-    """The client was removed and its last worker is gone: the pool may stop."""
+    """The pool is draining (its client was removed, or the runtime shuts down) and its
+    last worker is gone: the pool may stop."""
 
 
 Effect = Union[

@@ -88,7 +88,7 @@ class PoolMachine:
     failures: int = 0  # consecutive failed starts
     last_error: str | None = None
     next_start_at: float = 0.0
-    leaving: bool = False
+    leaving: ExitCause | None = None  # draining: why its workers stop ("removed" or "shutdown")
     new_id: Callable[[], str] = _new_id
     _outbox: list[Effect] = field(default_factory=list)
 
@@ -161,8 +161,10 @@ class PoolMachine:
         self.min_idle, self.max_size, self.config_fp = min_idle, max_size, config_fp
         self.target = self._clamp(self.target)
 
-    def drain(self) -> None:
-        self.leaving = True
+    def drain(self, cause: ExitCause = "removed") -> None:
+        """The pool is going (its client was removed, or the runtime shuts down): idle and
+        starting workers stop now, leased ones once their session ends."""
+        self.leaving = cause
 
     def started(self, worker_id: str) -> bool:
         """The backend started it; False means stop it at once (retired or unknown meanwhile)."""
@@ -207,12 +209,18 @@ class PoolMachine:
             del self.workers[worker_id]
             self._outbox.append(Exited(worker_id, "start_failed", -1))
 
-    def exited(self, worker_id: str, exit_code: int, now: float) -> None:
+    def exited(self, worker_id: str, exit_code: int, now: float, oom: bool = False) -> None:
+        """``oom``: killed for its memory limit, whatever it was doing (a start that dies so
+        backs off like any failed start: a limit too small for the agent must not loop)."""
         worker = self.workers.pop(worker_id, None)
         if worker is None:
             return
         cause: ExitCause
-        if worker.retire_cause:
+        if oom:
+            cause = "oom"
+            if worker.state == "starting" and not worker.ready_at and not worker.adopting:
+                self._back_off(worker_id, "killed at its memory limit before registering", now)
+        elif worker.retire_cause:
             cause = worker.retire_cause
         elif worker.state == "leased":
             cause = "session_end" if exit_code == 0 else "session_failed"
@@ -239,8 +247,9 @@ class PoolMachine:
         self._serve_waiters(now)
         if self.leaving:
             for w in self._live():
-                if w.state != "leased":
-                    self._retire(w, "removed")
+                # An adopted worker may be mid-session until its probe says: not yet.
+                if w.state != "leased" and not w.adopting:
+                    self._retire(w, self.leaving)
             if not self.workers:
                 self._outbox.append(Drained())
             return self._take()

@@ -11,6 +11,9 @@ process exits non-zero instead of looping or hanging.
 
 A child stopped gracefully (a removed client's pool drains: its sessions finish) stays
 tracked until it has stopped, so it still shows in stats and in the ordered shutdown.
+When the runtime shuts down, :class:`DrainChildren` drains every pool that way at once and
+no pool starts again; a draining pool that crashes then is started again and drains what
+it adopts, since its sessions must still finish. The runtime hears when the last is gone.
 
 pykka tells an actor about an unhandled exception only for messages sent with ``tell``
 (``ask`` returns it to the caller), so children subclass :class:`Supervised`, which turns
@@ -30,7 +33,16 @@ from typing import Callable
 import pykka
 
 from actors import _watch
-from actors.messages import ChildFailed, ChildStopped, Drain, RestartChild, ShutdownAll, StartChild, StopChild
+from actors.messages import (
+    ChildFailed,
+    ChildStopped,
+    Drain,
+    DrainChildren,
+    RestartChild,
+    ShutdownAll,
+    StartChild,
+    StopChild,
+)
 
 logger = logging.getLogger("autonomite.supervisor")
 
@@ -145,6 +157,8 @@ class Supervisor(pykka.ThreadingActor):
         self.draining: dict[str, tuple[ChildSpec, pykka.ActorRef]] = {}
         self.restarts: collections.deque[float] = collections.deque()
         self.gave_up = False
+        self.closing: DrainChildren | None = None  # shutting down: these children drain, none starts
+        self.told_drained = False
 
     def on_receive(self, message: object) -> object:
         match message:
@@ -158,13 +172,21 @@ class Supervisor(pykka.ThreadingActor):
                 return self._restart(child_id)
             case ChildStopped(child_id, ref):
                 return self._child_stopped(child_id, ref)
+            case DrainChildren():
+                return self._drain_children(message)
             case ShutdownAll():
                 return self._shutdown_all()
         raise TypeError(f"supervisor: unexpected message {type(message).__name__}")
 
     def _start_child(self, spec: ChildSpec) -> None:
+        if self._closed_to(spec.id):
+            logger.info("not starting %s: the runtime is shutting down", spec.id)
+            return
         self.specs[spec.id] = spec
         self._start(spec)
+
+    def _closed_to(self, child_id: str) -> bool:
+        return self.closing is not None and child_id.startswith(self.closing.prefix)
 
     def _start(self, spec: ChildSpec) -> None:
         """Guarded: a start that raises is reported like a crash, and so retried or given up."""
@@ -180,14 +202,44 @@ class Supervisor(pykka.ThreadingActor):
         spec = self.specs.pop(child_id, None)
         ref = self.directory.get(child_id)
         self.directory._set(child_id, None)
+        if spec is not None and ref is None and graceful and self.closing is not None:
+            ref = self._start_once(spec)  # it was restarting: its successor drains what it adopts
         if spec is None or ref is None:
             return
         if graceful:
-            self.draining[child_id] = (spec, ref)
-            self.directory._set_draining(child_id, ref)
-            _watch.tell(ref, Drain())  # the child stops itself once its work is done
+            self._drain(spec, ref)
         else:
             _stop(child_id, ref, spec.shutdown_timeout_s)
+
+    def _drain(self, spec: ChildSpec, ref: pykka.ActorRef) -> None:
+        self.draining[spec.id] = (spec, ref)
+        self.directory._set_draining(spec.id, ref)
+        # The child stops itself once its work is done.
+        _watch.tell(ref, Drain("shutdown" if self.closing is not None else "removed"))
+
+    def _drain_children(self, message: DrainChildren) -> None:
+        self.closing = message
+        for child_id in [c for c in self.specs if c.startswith(message.prefix)]:
+            self._stop_child(child_id, graceful=True)
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        """Shutting down and the last draining child is gone: tell the runtime, once."""
+        if self.closing is None or self.told_drained or self.draining or any(map(self._closed_to, self.specs)):
+            return
+        self.told_drained = True
+        try:
+            self.closing.on_drained()
+        except Exception:  # noqa: BLE001 - the runtime's hook must never take the supervisor down
+            logger.exception("the drained hook failed")
+
+    def _start_once(self, spec: ChildSpec) -> pykka.ActorRef | None:
+        try:
+            return spec.start(supervisor=self.actor_ref, child_id=spec.id)
+        except Exception as e:  # noqa: BLE001 - whatever a child's start raises
+            logger.error("child %s could not start again to drain (%s: %s); its workers are left to the sweep",
+                         spec.id, type(e).__name__, e)
+            return None
 
     def _child_stopped(self, child_id: str, ref: pykka.ActorRef) -> None:
         entry = self.draining.get(child_id)
@@ -195,11 +247,11 @@ class Supervisor(pykka.ThreadingActor):
             del self.draining[child_id]
             self.directory._set_draining(child_id, None)
             logger.info("child %s drained and stopped", child_id)
+            self._check_drained()
 
     def _child_failed(self, child_id: str, error: str, ref: pykka.ActorRef | None = None) -> None:
         if ref is not None and self.draining.get(child_id, (None, None))[1] == ref:
-            logger.error("draining child %s crashed (%s); its workers are left to the sweep at shutdown", child_id, error)
-            return self._child_stopped(child_id, ref)
+            return self._draining_child_failed(child_id, error, ref)
         if ref is not None and self.directory.get(child_id) not in (None, ref):
             return  # an older incarnation (the client was removed and added again meanwhile)
         spec = self.specs.get(child_id)
@@ -210,23 +262,42 @@ class Supervisor(pykka.ThreadingActor):
             del self.specs[child_id]
             self.directory._set(child_id, None)
             return
-        now = time.monotonic()
-        self.restarts.append(now)
-        while self.restarts and now - self.restarts[0] > self.within_s:
-            self.restarts.popleft()
-        if len(self.restarts) > self.max_restarts:
-            self.gave_up = True
-            reason = (
-                f"supervisor: restart intensity exceeded ({len(self.restarts)} restarts within "
-                f"{self.within_s:g} s, limit {self.max_restarts}); last crash: child {child_id}: {error}"
-            )
-            logger.critical(reason)
-            self._shutdown_all()
-            self.on_give_up(reason)
+        if self._intensity_exceeded(child_id, error):
             return
         logger.warning("child %s crashed (%s); restarting", child_id, error)
         self.directory._set(child_id, None)
         self.actor_ref.tell(RestartChild(child_id))
+
+    def _draining_child_failed(self, child_id: str, error: str, ref: pykka.ActorRef) -> None:
+        if self.closing is None:
+            logger.error("draining child %s crashed (%s); its workers are left to the sweep at shutdown", child_id, error)
+        elif not self._intensity_exceeded(child_id, error):
+            # Shutting down: its sessions must still finish, so a new incarnation adopts them and drains.
+            logger.warning("draining child %s crashed (%s); starting it again to finish draining", child_id, error)
+            spec = self.draining[child_id][0]
+            new = self._start_once(spec)
+            if new is not None:
+                self.on_restart(child_id)
+                return self._drain(spec, new)
+        self._child_stopped(child_id, ref)
+
+    def _intensity_exceeded(self, child_id: str, error: str) -> bool:
+        """Count a restart; past the intensity, stop everything and report upward."""
+        now = time.monotonic()
+        self.restarts.append(now)
+        while self.restarts and now - self.restarts[0] > self.within_s:
+            self.restarts.popleft()
+        if len(self.restarts) <= self.max_restarts:
+            return False
+        self.gave_up = True
+        reason = (
+            f"supervisor: restart intensity exceeded ({len(self.restarts)} restarts within "
+            f"{self.within_s:g} s, limit {self.max_restarts}); last crash: child {child_id}: {error}"
+        )
+        logger.critical(reason)
+        self._shutdown_all()
+        self.on_give_up(reason)
+        return True
 
     def _restart(self, child_id: str) -> None:
         spec = self.specs.get(child_id)

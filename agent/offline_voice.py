@@ -8,6 +8,17 @@ itself says, common question words) heard every test phrase right, in ~0.1 s eac
 each worker builds one at start from what its client can talk about. Words outside it
 are not heard: the trade that a phone menu makes too.
 
+Why the recognizer fills digital silence: pocketsphinx was trained on microphones, whose
+silence always has some noise. Phone and WebRTC legs send exact zeros instead (a muted
+microphone, comfort noise off), and so do espeak-ng's pauses and the caller's mouth
+between lines. pocketsphinx's front end makes a zero frame's log energy its floor (c0 of
+-46, where a faint noise gives ~11); its CMN leaves such frames out of the mean it
+subtracts, and the decoder hears words in them and, through the delta features, garbles
+the words beside them: "what is the [1.2 s of zeros] gate code" came out as "why is at day
+so", and the VAD's own padding of zeros made "seven three one nine" end in "you are you".
+So each utterance has its digital silence cut to a short pause and a faint room tone laid
+under it before decoding (:func:`as_a_microphone_hears`).
+
 Both are non-streaming: livekit-agents wraps the STT in a ``StreamAdapter`` driven by the
 session's VAD (one silero model per worker, loaded at start), and the TTS in one that
 synthesizes sentence by sentence. espeak-ng runs as one short subprocess per sentence,
@@ -37,6 +48,8 @@ from livekit import rtc
 from livekit.agents import APIConnectionError, stt, tts, utils
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, NotGivenOr
 
+from agent.spoken_numbers import spoken_variants
+
 logger = logging.getLogger("autonomite.agent.voice")
 
 STT_RATE = 16_000  # what the en-us acoustic model was trained on
@@ -49,24 +62,34 @@ what when where who how why which is are was do does did can could would will th
 for on in at by with from and or my me i you your it its this that tell please what's hello hi
 thanks thank yes no okay goodbye bye help need want know about open close time today number
 """
+# How callers open a question, for the bigrams: without them "what is the door code" was
+# often heard as "what's is the door code" (the model knew each word, not the phrase).
+CALLER_PHRASES = ["What is the", "What are the", "Where is the", "When is the", "When does the", "How do I"]
 # What the offline LLM says around them (agent/offline_llm.py), for the bigrams.
 REPLY_PHRASES = ["Hello, how can I help you today?", "Welcome back.", "I'm the assistant for",
                  "Here is what I found:", "You said:"]
+# Digital silence: 10 ms frames whose samples are all within this of zero (exact zeros come
+# out of Opus and the resamplers as +-1 or 2; a microphone's noise floor peaks well above).
+SILENT_PEAK = 4
+KEPT_SILENCE_FRAMES = 10  # a run of it is cut to 0.1 s: a pause between words, not a word
+ROOM_TONE_RMS = 8.0  # the faint noise laid under each utterance (-72 dBFS; speech is ~-20)
 _WORD = re.compile(r"[a-z']+")
-_SENTENCE = re.compile(r"[.?!;:\n]+")
+_SENTENCE = re.compile(r"(?:[.:](?!\d)|[?!;\n])+")  # not inside 3.5 or 9:30
 
 
 def domain_corpus(texts: list[str], max_words: int = MAX_CORPUS_WORDS) -> list[list[str]]:
     """Sentences of lower-case words, from every text the client's agent may hear or say
-    (the first ``max_words`` of them: a worker builds its model at every start)."""
+    (the first ``max_words`` of them: a worker builds its model at every start). Numbers
+    become words, once per way of reading them (agent/spoken_numbers.py)."""
     sentences, words = [], 0
     for text in texts:
         for sentence in _SENTENCE.split(text):
             if words >= max_words:
                 break
-            sentences.append(_WORD.findall(sentence.lower()))
-            words += len(sentences[-1])
-    sentences += [_WORD.findall(s.lower()) for s in REPLY_PHRASES]
+            for variant in spoken_variants(sentence):  # "code 4271": each way it may be read out
+                sentences.append(_WORD.findall(variant.lower()))
+                words += len(sentences[-1])
+    sentences += [_WORD.findall(s.lower()) for s in CALLER_PHRASES + REPLY_PHRASES]
     return [s for s in sentences if s] + [[w] for w in COMMON_WORDS.split()]
 
 
@@ -120,15 +143,32 @@ class Recognizer:
         self._lock = threading.Lock()
 
     def words(self, pcm16k: bytes) -> str:
+        audio = as_a_microphone_hears(np.frombuffer(pcm16k, dtype=np.int16)).tobytes()
         with self._lock:
             self._decoder.start_utt()
-            self._decoder.process_raw(pcm16k, full_utt=True)
+            self._decoder.process_raw(audio, full_utt=True)
             self._decoder.end_utt()
             hyp = self._decoder.hyp()
         return hyp.hypstr if hyp is not None else ""
 
     def transcribe(self, frames: list[rtc.AudioFrame]) -> str:
         return self.words(to_16k_mono(frames)) if frames else ""
+
+
+def as_a_microphone_hears(samples: np.ndarray) -> np.ndarray:
+    """16 kHz int16 ``samples`` with each run of digital silence cut to 0.1 s and a faint
+    room tone under all of it: what a microphone would have sent (see the module's notes).
+    The room tone is the same for the same input, so the same audio gives the same words."""
+    frame = STT_RATE // 100  # pocketsphinx's frame step
+    whole = len(samples) // frame * frame
+    frames = samples[:whole].reshape(-1, frame)
+    silent = np.abs(frames.astype(np.int32)).max(axis=1) <= SILENT_PEAK
+    index = np.arange(len(frames))
+    run_start = np.maximum.accumulate(np.where(silent, 0, index + 1))  # the frame after the last sound
+    kept = frames[~silent | (index - run_start < KEPT_SILENCE_FRAMES)].ravel()
+    kept = np.concatenate([kept, samples[whole:]]).astype(np.float64)
+    tone = np.random.default_rng(0).normal(0.0, ROOM_TONE_RMS, len(kept))
+    return np.clip(np.rint(kept + tone), -32768, 32767).astype(np.int16)
 
 
 def to_16k_mono(frames: list[rtc.AudioFrame]) -> bytes:

@@ -99,7 +99,7 @@ class WorkerState:
         self.job_accepted = asyncio.Event()
         self.assignment_failed = False
         self.claimed_at = 0.0
-        self.end_session: Callable[[str, bool], None] | None = None  # set once a job runs
+        self.end_session: Callable[[str, bool, bool], None] | None = None  # set once a job runs
         self.is_connected = is_connected  # set to the LiveKit connection once the server exists
 
     @property
@@ -225,12 +225,14 @@ async def _serve_status(state: WorkerState) -> web.AppRunner:
         return web.json_response(state.as_json(), status=200 if ok else 409)
 
     async def end(request: web.Request) -> web.Response:
-        """The room ended (a LiveKit webhook): end the session now."""
+        """The room ended (a LiveKit webhook), or the runtime is shutting down: end the
+        session now. With ``say=1`` the agent says ``reason`` to the caller first."""
         if state.end_session is None:
             return web.json_response(state.as_json(), status=409)
         try:
-            state.end_session(request.query.get("reason", "ended by the runtime")[:100],
-                              request.query.get("if_no_users") == "1")
+            say = request.query.get("say") == "1"
+            state.end_session(request.query.get("reason", "ended by the runtime")[:500 if say else 100],
+                              request.query.get("if_no_users") == "1", say)
         except RuntimeError:  # the job's loop is closed: the session is over already
             return web.json_response(state.as_json(), status=409)
         return web.json_response(state.as_json())
@@ -259,6 +261,7 @@ async def run_worker(config: WorkerConfig) -> int:
     from livekit.agents import AgentServer, JobContext, JobExecutorType, JobRequest
 
     from agent import providers
+    from agent.last_words import say_then_end
     from agent.rag import KnowledgeBase
     from agent.session import end_session, run_session
 
@@ -270,8 +273,9 @@ async def run_worker(config: WorkerConfig) -> int:
         os.environ.setdefault("LIVEKIT_AGENTS_PRELOAD_LOCAL_INFERENCE", "0")
     # Everything a session needs is ready before the worker registers (and so reports idle):
     # the client's documents indexed, the configured provider plugins imported.
-    knowledge_dir = os.environ.get("AUTONOMITE_KNOWLEDGE_DIR")
-    knowledge = KnowledgeBase.from_dir(Path(knowledge_dir)) if knowledge_dir else None
+    knowledge_dir, knowledge_fd = os.environ.get("AUTONOMITE_KNOWLEDGE_DIR"), os.environ.get("AUTONOMITE_KNOWLEDGE_FD")
+    knowledge = (KnowledgeBase.from_fd(int(knowledge_fd)) if knowledge_fd
+                 else KnowledgeBase.from_dir(Path(knowledge_dir)) if knowledge_dir else None)
     providers.preload(config.catalog, knowledge.passages if knowledge else None)
     loop = asyncio.get_running_loop()
     session_over = asyncio.Event()
@@ -316,8 +320,8 @@ async def run_worker(config: WorkerConfig) -> int:
         ctx.add_shutdown_callback(on_shutdown)
         # The job runs on a loop of its own (thread executor); /end reaches it through here.
         job_loop, entry_task = asyncio.get_running_loop(), asyncio.current_task()
-        state.end_session = lambda reason, if_no_users: job_loop.call_soon_threadsafe(
-            end_session, ctx, entry_task, reason, if_no_users
+        state.end_session = lambda reason, if_no_users, say=False: job_loop.call_soon_threadsafe(
+            *(say_then_end, ctx, entry_task, reason) if say else (end_session, ctx, entry_task, reason, if_no_users)
         )
         await run_session(ctx, config.catalog, knowledge, config.user_join_timeout_s, config.rejoin_grace_s)
 

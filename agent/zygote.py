@@ -25,8 +25,15 @@ Why it is safe to fork here:
   the zygote, so a crashed zygote costs no live session, and the runtime can wait for
   the worker's exit code as for any child of its own.
 
+- **An identity of its own.** Before it runs any worker code, the child takes the
+  identity the runtime chose for it (its settings say which: a uid, its cgroups, seccomp;
+  ``agent/sandbox.py``), then sets PR_SET_PDEATHSIG (a uid change clears it). With
+  namespaces, the middle process unshares a pid namespace first, so the worker is pid 1
+  of its own. The zygote itself is not dumpable: no worker can read or write its memory.
+
 The protocol, on a Unix socket the runtime holds the other end of: the runtime sends
-``fork <runtime pid>`` with two descriptors (the settings memfd, the log file); the zygote
+``fork <runtime pid> [pidns]`` with two or three descriptors (the settings memfd, the log
+file, and a memfd of the client's documents, which only the child reads); the zygote
 answers ``{"pid": N, "threads": 1}`` or ``{"error": ...}``. End of file on the socket
 means the runtime is gone: the zygote exits.
 """
@@ -43,8 +50,9 @@ import sys
 import time
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
 _PR_SET_NAME = 15
-MAX_FDS = 2
+MAX_FDS = 3
 # Everything a worker imports, so the fork inherits it (``providers`` imports plugins lazily).
 PRELOAD = (
     "livekit.rtc", "livekit.rtc.resources", "livekit.api", "livekit.agents", "livekit.agents.ipc._preload",
@@ -54,6 +62,7 @@ PRELOAD = (
     "multiprocessing.spawn", "runpy", "httpcore2", "h2.connection", "anyio.streams.tls", "truststore",
     "openai.resources",
     "agent.worker", "agent.session", "agent.rag", "agent.providers", "agent.offline_llm", "agent.priming",
+    "pyseccomp", "agent.sandbox",
 )
 
 
@@ -82,6 +91,9 @@ def preload(extra: list[str]) -> list[str]:
         if threads() != 1:  # fail here, naming the culprit, rather than fork a threaded process
             raise SystemExit(f"zygote: importing {name} started a thread; not forking from this process")
     _warm_up()
+    from agent import sandbox
+
+    sandbox.prepared_filter()  # compiled once here, loaded by each child
     return missing
 
 
@@ -111,8 +123,10 @@ def serve(sock: socket.socket) -> None:
         for level, kind, data in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        words = msg.decode().split()
         try:
-            reply = _fork_worker(int(msg.split()[1]), list(fds)) if len(fds) == 2 else {"error": "expected 2 fds"}
+            reply = (_fork_worker(int(words[1]), list(fds), "pidns" in words[2:]) if len(fds) in (2, 3)
+                     else {"error": "expected 2 or 3 fds"})
         finally:
             for fd in fds:
                 os.close(fd)
@@ -123,7 +137,7 @@ def serve(sock: socket.socket) -> None:
             return
 
 
-def _fork_worker(runtime_pid: int, fds: list[int]) -> dict:
+def _fork_worker(runtime_pid: int, fds: list[int], pid_namespace: bool = False) -> dict:
     count = threads()
     if count != 1:
         return {"error": f"zygote has {count} threads; refusing to fork", "fatal": True}
@@ -135,6 +149,10 @@ def _fork_worker(runtime_pid: int, fds: list[int]) -> dict:
         try:
             os.close(read_end)
             me = os.getpid()  # not the child's getppid(): by then this process may be gone
+            if pid_namespace:
+                from agent.sandbox import new_pid_namespace
+
+                new_pid_namespace()
             worker = os.fork()
             if worker == 0:
                 os.close(write_end)
@@ -151,31 +169,42 @@ def _fork_worker(runtime_pid: int, fds: list[int]) -> dict:
     return {"pid": int(pid), "threads": count}
 
 
-def _become_worker(runtime_pid: int, middle_pid: int, settings_fd: int, log_fd: int) -> None:
-    """In the worker: detach from the zygote, take this worker's settings, run it. Never returns."""
+def _become_worker(runtime_pid: int, middle_pid: int, settings_fd: int, log_fd: int, knowledge_fd: int = -1) -> None:
+    """In the worker: detach from the zygote, take this worker's settings and identity, run
+    it. Never returns."""
     code = 1
     try:
         os.setsid()  # its own session: the runtime can tell its descendants apart
+        # The parent as the runtime sees it: getppid() says 0 in a pid namespace of our own,
+        # and a /proc mounted later would too; this descriptor reads the runtime's /proc.
+        status_fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
         deadline = time.monotonic() + 5.0
-        while os.getppid() == middle_pid and time.monotonic() < deadline:
+        while _parent(status_fd) == middle_pid and time.monotonic() < deadline:
             time.sleep(0.001)
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        _prctl(_PR_SET_NAME, b"worker")  # what ps and top show (its cmdline stays the zygote's)
-        if os.getppid() != runtime_pid:  # the runtime died before we were re-parented to it
-            os._exit(1)
         with os.fdopen(settings_fd, "rb", closefd=True) as f:
             settings = json.loads(f.read())
-        os.environ.clear()
-        os.environ.update(settings["env"])
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
+        if settings.get("identity") is not None:
+            _take_identity(settings["identity"])
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # after the identity: a uid change clears it
+        _prctl(_PR_SET_NAME, b"worker")  # what ps and top show (its cmdline stays the zygote's)
+        if _parent(status_fd) != runtime_pid:  # the runtime died before we were re-parented to it
+            os._exit(1)
+        os.environ.clear()
+        os.environ.update(settings["env"])
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
-        os.closerange(3, 1 << 16)  # the zygote's socket, the log fd: nothing else of the zygote
+        if knowledge_fd >= 0:
+            os.dup2(knowledge_fd, 3)  # the client's documents (agent/rag.py reads them)
+            os.environ["AUTONOMITE_KNOWLEDGE_FD"] = "3"
+        os.closerange(4 if knowledge_fd >= 0 else 3, 1 << 16)  # nothing else of the zygote's
         # As a fresh interpreter has them: SIGINT raises KeyboardInterrupt, SIGPIPE stays
-        # ignored (a write to a closed socket is an error, not death), SIGTERM the default.
+        # ignored (a write to a closed socket is an error, not death), SIGTERM the default;
+        # but pid 1 of a namespace ignores a signal that has no handler: it exits on one.
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if os.getpid() != 1
+                      else (lambda *_: os._exit(128 + signal.SIGTERM)))
         from agent.worker import main
 
         try:
@@ -198,11 +227,24 @@ def _become_worker(runtime_pid: int, middle_pid: int, settings_fd: int, log_fd: 
             os._exit(code)
 
 
+def _parent(status_fd: int) -> int:
+    text = os.pread(status_fd, 4096, 0).decode()
+    return int(text.split("\nPPid:", 1)[1].split()[0])
+
+
+def _take_identity(identity: dict) -> None:
+    from agent.sandbox import Identity, enter
+
+    taken = enter(Identity.from_json(identity))
+    print(f"worker identity: {', '.join(taken.applied) or 'unchanged'}; no_new_privs, not dumpable", flush=True)
+
+
 def main() -> None:
     fd = int(sys.argv[1])
     sock = socket.socket(fileno=fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runtime stops us by closing the socket
     _prctl(_PR_SET_NAME, b"zygote")
+    _prctl(_PR_SET_DUMPABLE, 0)  # an exec made it dumpable again; no worker may read or write it
     missing = preload(sys.argv[2:])
     gc.freeze()  # from here on, collections in the children leave the inherited objects alone
     print(f"zygote {os.getpid()} ready; optional modules not installed: {', '.join(missing) or 'none'}", flush=True)

@@ -9,18 +9,19 @@ settings.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import pykka
 
 from actors import ChildSpec, Directory, DispatchActor, PoolActor, Restart, ScalerActor, Supervisor, _watch, pool_id
 from livekit import api
 
-from actors.messages import Reconfigure, RoomEvent, ShutdownAll, StartChild, StopChild
+from actors.messages import DrainChildren, EndSessions, Reconfigure, RoomEvent, ShutdownAll, StartChild, StopChild
 from runtime.backends import ProcessBackend, WorkerBackend
 from runtime.client_source import SourceWatcher
 from runtime.livekit import LiveKitClient
@@ -50,15 +51,26 @@ def make_backend(settings: Settings) -> WorkerBackend:
         from runtime.backends.docker import DockerBackend  # imported only when used
 
         return DockerBackend(settings.runtime.workers.log_dir, settings.runtime.workers.volumes)
-    return ProcessBackend(log_dir=settings.runtime.workers.log_dir, zygote=settings.runtime.workers.zygote)
+    return ProcessBackend(log_dir=settings.runtime.workers.log_dir, zygote=settings.runtime.workers.zygote,
+                          isolation=settings.runtime.isolation)
 
 
 class Runtime:
-    def __init__(self, settings: Settings, config_path: Path | None = None, backend: WorkerBackend | None = None) -> None:
+    def __init__(self, settings: Settings, config_path: Path | None = None, backend: WorkerBackend | None = None,
+                 environ: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.config_path = config_path
+        # Where a reload finds ``${VAR}``: serve took the config's variables out of os.environ.
+        self.environ = environ
         self.metrics = Metrics()
         self.metrics.set_scaler_thresholds(settings.runtime.scaler.high_water, settings.runtime.scaler.low_water)
+        self.source: SourceWatcher | None = None
+        if settings.clients_source is not None:
+            # Clients from Supabase are read before anything is started (the zygote boots in
+            # seconds; a docker backend connects to its engine): a start that cannot read
+            # them fails in about a second, and leaves nothing to stop.
+            self.source = SourceWatcher(settings.clients_source.supabase, self.metrics)
+            self.settings = settings.model_copy(update={"clients": self.source.first_read()})
         self.directory = Directory()
         self.backend = backend or make_backend(settings)
         self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="worker-io")
@@ -67,10 +79,6 @@ class Runtime:
         self.failed = threading.Event()
         self._failure_callbacks: list[Callable[[str], None]] = []
         self._reload_lock = threading.Lock()
-        self.source: SourceWatcher | None = None
-        if settings.clients_source is not None:  # clients from Supabase: read them first
-            self.source = SourceWatcher(settings.clients_source.supabase, self.metrics)
-            self.settings = settings.model_copy(update={"clients": self.source.first_read()})
         sup = settings.runtime.supervisor
         self.supervisor = Supervisor.start(
             self.directory,
@@ -134,7 +142,7 @@ class Runtime:
         if self.config_path is None:
             raise ConfigError("no config file to reload from")
         with self._reload_lock:
-            new = load_settings(self.config_path)
+            new = load_settings(self.config_path, None if self.environ is None else {**os.environ, **self.environ})
             if new.clients_source != self.settings.clients_source:
                 raise ConfigError(f"{self.config_path}: clients_source: this section changes only with a restart")
             if self.source is None:
@@ -184,6 +192,21 @@ class Runtime:
     def _tell(ref: pykka.ActorRef | None, message: object) -> None:
         if ref is not None:  # a dead one is restarting: the new incarnation starts from what it finds
             _watch.tell(ref, message)
+
+    # -- drain: a shutdown that lets live sessions finish (runtime/drain.py decides when) --
+
+    def begin_drain(self, on_drained: Callable[[], None]) -> None:
+        """Take no new client and no new session: idle and starting workers stop now, leased
+        ones keep their sessions. ``on_drained()`` runs, in the supervisor's thread, once the
+        last pool has stopped. Waits for the client source's thread: call it off the loop."""
+        self.supervisor.tell(DrainChildren(pool_id(""), on_drained))  # from now on no pool starts
+        if self.source is not None:
+            self.source.stop()
+
+    def end_sessions(self, reason: str) -> None:
+        """End every session now; each agent says ``reason`` to its caller first."""
+        for ref in self.directory.with_prefix(pool_id(""), draining=True).values():
+            self._tell(ref, EndSessions(reason))
 
     # -- failure and shutdown ------------------------------------------------------------
 

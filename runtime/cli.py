@@ -17,16 +17,9 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from aiohttp import web
-
-
 from runtime.settings import ConfigError, Settings, load_settings
-
-if TYPE_CHECKING:
-    from runtime.app import Runtime
 
 logger = logging.getLogger("autonomite")
 
@@ -37,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_p = sub.add_parser("serve", help="run the runtime and its gateway")
     serve_p.add_argument("--config", required=True, type=Path)
     serve_p.add_argument("--with-livekit", action="store_true", help="start a local livekit-server per LiveKit URL")
+    serve_p.add_argument("--replace", action="store_true",
+                         help="a rolling restart: once warm, send SIGTERM to the runtime listening on the gateway's "
+                              "address (it drains) and take its place")
     check_p = sub.add_parser("check-config", help="validate a config file and print its clients")
     check_p.add_argument("file", type=Path)
     clients_p = sub.add_parser("clients", help="the clients kept in Supabase (clients_source)")
@@ -78,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return chat(args.gateway, args.token, args.client, args.agent, args.room, args.context,
                     voice_words=args.words if args.voice else None, voice=args.voice)
-    return serve(args.config, args.with_livekit)
+    return serve(args.config, args.with_livekit, args.replace)
 
 
 def image_build(tag: str, base: str | None) -> int:
@@ -165,7 +161,7 @@ def _fp(secret) -> str:  # noqa: ANN001
     return fingerprint(secret.get_secret_value())
 
 
-def serve(config_path: Path, with_livekit: bool) -> int:
+def serve(config_path: Path, with_livekit: bool, replace: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
@@ -173,21 +169,47 @@ def serve(config_path: Path, with_livekit: bool) -> int:
     except ConfigError as e:
         logger.error("config error: %s", e)
         return 1
+    from runtime import listeners
+    from runtime.preflight import unwritable
+    from runtime.serve import CannotListen, bind_all, serve_http
+
+    # Before any worker, zygote or container exists: what cannot work stops serve here.
+    problem = unwritable(settings)
+    if problem:
+        logger.error("cannot start: %s", problem)
+        return 1
+    try:
+        bound = bind_all(settings)
+    except CannotListen as e:
+        logger.error("%s", e)
+        return 1
+    beside = bool(listeners.others_listening(bound[0].socks))
+    if beside and settings.runtime.backend != "process":
+        # Docker and swarm workers do not say yet which runtime owns them: this one would
+        # adopt the other's containers, and its shutdown sweep would stop them.
+        logger.error("cannot start beside the runtime on %s:%d: a rolling restart needs the process backend for "
+                     "now (%s workers are not yet labelled with the runtime that owns them)",
+                     settings.runtime.gateway.host, settings.runtime.gateway.port, settings.runtime.backend)
+        return 1
     from runtime.app import Runtime
     from runtime.backends import BackendError
     from runtime.client_source import SourceUnavailable
+    from runtime.isolation import IsolationUnavailable
 
+    environ = _harden(settings, config_path) if settings.runtime.isolation.enabled else None
     try:
-        runtime = Runtime(settings, config_path)
-    except (BackendError, SourceUnavailable) as e:
+        runtime = Runtime(settings, config_path, environ=environ)
+    except (BackendError, SourceUnavailable, IsolationUnavailable) as e:
         logger.error("cannot start: %s", e)
         return 1
     servers = start_local_livekit(settings) if with_livekit else []
     try:
         runtime.start()
-        listening = asyncio.run(_serve_http(runtime))
+        asyncio.run(serve_http(runtime, bound, beside, replace))
     finally:
-        # A second SIGTERM or Ctrl-C must not cut the shutdown short and strand workers.
+        for listener in bound:
+            listener.close()
+        # A signal now must not cut the shutdown short and strand workers.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: logger.warning("already shutting down; please wait"))
         runtime.stop()
@@ -196,48 +218,27 @@ def serve(config_path: Path, with_livekit: bool) -> int:
     if runtime.failure:
         logger.critical("exiting: %s", runtime.failure)
         return 1
-    return 0 if listening else 1
+    return 0
 
 
-async def _serve_http(runtime: "Runtime") -> bool:
-    """Serve the gateway (and the metrics listener, if configured) until told to stop;
-    False, logged, if an address cannot be listened on."""
-    from runtime.gateway import create_runner
-    from runtime.metrics_http import create_metrics_runner
+def _harden(settings: Settings, config_path: Path) -> dict[str, str]:
+    """Before any child starts: serve not dumpable, the config's ``${VAR}`` secrets out of
+    os.environ (kept for reloads in the returned mapping), its files closed to workers."""
+    from runtime.isolation import close_to_others, harden_runtime, take_secrets_from_environ
+    from runtime.settings import placeholders
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, _reload_logged, runtime))
-    # The supervisor gives up in its own thread; wake the loop from there.
-    runtime.on_failure(lambda reason: loop.call_soon_threadsafe(stop.set))
-    rt = runtime.settings.runtime
-    listeners = [("gateway", create_runner(runtime), rt.gateway.host, rt.gateway.port)]  # with its header timeout
-    if rt.metrics is not None:
-        listeners.append(("metrics", create_metrics_runner(runtime), rt.metrics.host, rt.metrics.port))
-    try:
-        for name, runner, host, port in listeners:
-            await runner.setup()
-            try:
-                await web.TCPSite(runner, host, port).start()
-            except OSError as e:
-                logger.error("cannot listen for the %s on %s:%d: %s", name, host, port, e.strerror or e)
-                return False
-            logger.info("%s listening on http://%s:%d", name, host, port)
-        await stop.wait()
-        logger.info("shutting down")
-        return True
-    finally:
-        for _, runner, _, _ in listeners:
-            await runner.cleanup()
-
-
-def _reload_logged(runtime: "Runtime") -> None:
-    try:
-        runtime.reload()
-    except ConfigError as e:
-        logger.error("reload on SIGHUP refused, nothing changed: %s", e)
+    harden_runtime()
+    environ = take_secrets_from_environ(placeholders(config_path))
+    source = settings.clients_source
+    for path in (config_path, source.supabase.cache_file if source else None):
+        if path is None:
+            continue
+        try:
+            if close_to_others(Path(path)):
+                logger.warning("%s was readable by other users (so by workers); it no longer is", path)
+        except OSError as e:
+            logger.warning("cannot close %s to other users: %s", path, e.strerror)
+    return environ
 
 
 def start_local_livekit(settings: Settings) -> list:

@@ -1,16 +1,28 @@
 """Following the clients in Supabase: poll, validate row by row, and apply what changed.
 
 The watcher runs in a thread of its own (never an actor's, never the gateway's loop). Each
-poll reads the table, merges it with the last good set (``client_store.merge``) and, if
-the set changed, hands it to the same path as a file reload (``Runtime.apply``): a new
-client gets a pool, a deleted or deactivated one drains, changed credentials or agents
-replace idle workers rolling while leased ones finish.
+poll reads the table, merges it with the set being served (``client_store.parse_rows`` and
+``merge``) and, if the set changed, hands it to the same path as a file reload
+(``Runtime.apply``): a new client gets a pool, a deleted or deactivated one drains, changed
+credentials or agents replace idle workers rolling while leased ones finish.
 
-An outage changes nothing that is served: the last good set stays, ``/readyz`` says what
-it said, and the outage shows in ``autonomite_client_source_up`` and in one log line per
-change of state (not one per poll).
+Nothing a poll meets changes what is served except a good read: the last good set stays,
+``/readyz`` says what it said, and the source shows down (``autonomite_client_source_up``
+0, ``source.up`` false with its ``down_reason`` in the stats, one log line per change of
+state, not one per poll). It is down for one of three reasons:
 
-State owned by the watcher's thread; ``status()`` reads a snapshot under a lock.
+- ``unreachable``: an outage; it ends by itself.
+- ``refused``: the key may not read the table (not the service_role key, or a grant
+  revoked). Waiting will not fix it, but stopping would hang up every caller for a fault
+  in the control plane: the runtime serves on and says so loudly; the grant can be fixed
+  live, a new key needs a restart. At start, the same error stops ``serve`` (nothing is
+  served yet, and a cache would hide the mistake).
+- ``crashed``: a poll raised (a bug: a bad row or an outage never does). It is counted in
+  ``autonomite_client_source_watcher_crashes_total`` and the loop goes on polling.
+
+The cache file holds the set being served, written when it changes, so that a start while
+Supabase is down serves exactly what was served. State owned by the watcher's thread;
+``status()`` reads a snapshot under a lock.
 """
 
 from __future__ import annotations
@@ -18,19 +30,30 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
 from runtime.errors import describe
-from runtime.client_store import RowError, SupabaseStore, load_cache, merge, parse_rows, save_cache
+from runtime.client_store import (
+    AccessRefused, RowError, Snapshot, SupabaseStore, load_cache, merge, parse_rows, save_cache,
+)
 from runtime.metrics import Metrics
 from runtime.settings import ClientSettings, SupabaseSettings
 
 logger = logging.getLogger("autonomite.source")
 
+_DOWN_LOG = {
+    "unreachable": "client source: Supabase unreachable (%s); serving the last good clients",
+    "refused": "client source: Supabase refused the key (%s); serving the last good clients until the key or "
+               "its grants are fixed (a new key needs a restart)",
+    "crashed": "client source: a poll crashed (%s); serving the last good clients and polling on",
+}
+
 
 class SourceUnavailable(Exception):
-    """Supabase could not be read at start and no cache file stands in for it."""
+    """The clients cannot be read at start: Supabase refuses the key, or is unreachable
+    with no cache file to start from."""
 
 
 class SourceWatcher:
@@ -46,34 +69,51 @@ class SourceWatcher:
         self.apply: Callable[[list[ClientSettings]], object] = lambda clients: None
         self.clients: dict[str, ClientSettings] = {}
         self.errors: dict[str, RowError] = {}
-        self.up = True
+        self.down: tuple[str, str] | None = None  # (kind, detail) while down, see the module's docstring
         self.last_ok: float | None = None
+        self._cached: dict[str, ClientSettings] | None = None  # what the cache file holds, if this run wrote it
         self._lock = threading.Lock()
         self._polling = threading.Lock()  # the watcher's thread and a reload may both poll
         self._stop = threading.Event()
         self._poll_now = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @property
+    def up(self) -> bool:
+        return self.down is None
+
     # -- start ---------------------------------------------------------------------------
 
     def first_read(self) -> list[ClientSettings]:
-        """The clients to start with: from Supabase, else from the cache file, else raise."""
+        """The clients to start with: from Supabase, else from the cache file, else raise.
+
+        When both answer, the cache says who was served: the clients that held a token
+        keep it, and a row bad now keeps its cached configuration, as across a poll."""
+        cached = self._read_cache()
         try:
             rows = self.store.rows()
-        except Exception as e:  # noqa: BLE001 - any failure to read is an outage
-            cache = self.settings.cache_file
-            if cache is None or not Path(cache).exists():
+        except AccessRefused as e:
+            raise SourceUnavailable(
+                f"Supabase at {self.settings.url} refused the key ({e}): clients_source.supabase.service_key "
+                "must be the project's service_role key"
+            ) from None
+        except Exception as e:  # noqa: BLE001 - any other failure to read is an outage
+            if cached is None:
                 raise SourceUnavailable(
                     f"cannot read clients from Supabase at {self.settings.url} ({_describe(e)}) "
                     "and no clients_source.supabase.cache_file to start from"
                 ) from None
-            logger.error("Supabase unreachable at start (%s); starting from the cache file %s", _describe(e), cache)
-            rows = load_cache(Path(cache))
-            self._set_up(False)
+            logger.error("client source: Supabase unreachable at start (%s); starting from the cache file %s",
+                         _describe(e), self.settings.cache_file)
+            self.down = ("unreachable", _describe(e))
+            self.metrics.source_up.set(0)
+            self._take(cached)
+            self._cached = dict(self.clients)
         else:
-            self._saved(rows)
-            self._set_up(True)
-        self._take(parse_rows(rows))
+            self.clients = dict(cached.clients) if cached is not None else {}
+            self._take(parse_rows(rows, self.clients))
+            self._save_cache()
+            self._set_up()
         return list(self.clients.values())
 
     def start(self, apply: Callable[[list[ClientSettings]], object]) -> None:
@@ -96,7 +136,7 @@ class SourceWatcher:
             self._poll_now.wait(self.settings.poll_interval_s)
             self._poll_now.clear()
             if not self._stop.is_set():
-                self.poll_once()
+                self.poll_once()  # never raises: the loop outlives any poll
 
     def _listen(self) -> None:
         """LISTEN for the table's NOTIFY and poll at once on each. The poll stays the
@@ -122,20 +162,31 @@ class SourceWatcher:
         self._poll_now.set()
 
     def poll_once(self) -> object:
-        """Read the table once; return what ``apply`` returned, or None if nothing changed."""
+        """Read the table once; return what ``apply`` returned, or None if nothing changed.
+
+        Never raises: a crash is logged, counted and shown as the source down until a poll
+        succeeds, and the caller (the watcher's loop, a reload) goes on."""
         with self._polling:
-            return self._poll()
+            try:
+                return self._poll()
+            except Exception as e:  # noqa: BLE001 - a bug; the next poll may well succeed
+                self.metrics.source_watcher_crashes.inc()
+                self._set_down("crashed", _crash_site(e))
+                return None
 
     def _poll(self) -> object:
         try:
             rows = self.store.rows()
-        except Exception as e:  # noqa: BLE001 - an outage: keep serving the last good set
-            self._set_up(False, _describe(e))
+        except AccessRefused as e:
+            self._set_down("refused", str(e))
             return None
-        self._set_up(True)
-        self._saved(rows)
+        except Exception as e:  # noqa: BLE001 - an outage: keep serving the last good set
+            self._set_down("unreachable", _describe(e))
+            return None
         before = self.clients
-        self._take(parse_rows(rows))
+        self._take(parse_rows(rows, before))
+        self._save_cache()
+        self._set_up()  # only once the read is taken: a poll that crashes on it leaves the source down
         if self.clients == before:
             return None
         try:
@@ -144,7 +195,7 @@ class SourceWatcher:
             logger.exception("applying the clients read from Supabase failed")
             return None
 
-    def _take(self, snapshot) -> None:  # noqa: ANN001 - a client_store.Snapshot
+    def _take(self, snapshot: Snapshot) -> None:
         merged = merge(self.clients, snapshot)
         for row_id, error in snapshot.errors.items():
             if row_id not in self.errors:
@@ -157,30 +208,50 @@ class SourceWatcher:
         with self._lock:
             self.clients, self.errors = merged, dict(snapshot.errors)
 
-    def _set_up(self, up: bool, why: str = "") -> None:
-        if up:
-            self.last_ok = time.monotonic()
-        if up != self.up:
-            if up:
-                logger.warning("client source: Supabase answers again")
-            else:
-                logger.error("client source: Supabase unreachable (%s); serving the last good clients", why)
-        self.up = up
-        self.metrics.source_up.set(1 if up else 0)
+    def _set_up(self) -> None:
+        self.last_ok = time.monotonic()
+        if self.down is not None:
+            logger.warning("client source: Supabase answers again (the source was down: %s)", self.down[0])
+        self.down = None
+        self.metrics.source_up.set(1)
 
-    def _saved(self, rows: list[dict]) -> None:
-        if self.settings.cache_file is not None:
-            try:
-                save_cache(Path(self.settings.cache_file), rows)
-            except OSError as e:
-                logger.error("cannot write the client cache file %s: %s", self.settings.cache_file, e.strerror)
+    def _set_down(self, kind: str, detail: str) -> None:
+        if self.down is None or self.down[0] != kind:  # one line per change of state, not per poll
+            logger.error(_DOWN_LOG[kind], detail)
+        self.down = (kind, detail)
+        self.metrics.source_up.set(0)
+
+    # -- the cache file ------------------------------------------------------------------
+
+    def _read_cache(self) -> Snapshot | None:
+        path = self.settings.cache_file
+        if path is None or not Path(path).exists():
+            return None
+        try:
+            return parse_rows(load_cache(Path(path)))
+        except (OSError, ValueError) as e:
+            logger.error("client source: the cache file %s cannot be read (%s); not using it", path, describe(e, 80))
+            return None
+
+    def _save_cache(self) -> None:
+        """Write the set being served, when it changed since the last write."""
+        if self.settings.cache_file is None or self.clients == self._cached:
+            return
+        try:
+            save_cache(Path(self.settings.cache_file), list(self.clients.values()))
+        except OSError as e:
+            logger.error("cannot write the client cache file %s: %s", self.settings.cache_file, e.strerror)
+            return
+        self._cached = dict(self.clients)
 
     def status(self) -> dict:
-        """For the admin's stats: is the source up, since when, and which rows are bad."""
+        """For the admin's stats: is the source up, since when, why not, and which rows are bad."""
         with self._lock:
             errors = {row_id: f"{e.field}: {e.reason}" for row_id, e in sorted(self.errors.items())}
         age = None if self.last_ok is None else round(time.monotonic() - self.last_ok, 1)
-        return {"kind": "supabase", "up": self.up, "last_read_s_ago": age, "bad_rows": errors}
+        down = self.down
+        return {"kind": "supabase", "up": down is None, "down_reason": None if down is None else f"{down[0]}: {down[1]}",
+                "last_read_s_ago": age, "bad_rows": errors}
 
 
 def _describe(error: BaseException) -> str:
@@ -190,3 +261,11 @@ def _describe(error: BaseException) -> str:
     if getattr(error, "code", None) and getattr(error, "message", None):
         return f"{type(error).__name__} {error.code}: {str(error.message)[:160]}"
     return describe(error, 160)
+
+
+def _crash_site(error: BaseException) -> str:
+    """The exception's type and where it was raised: enough to find the bug, and none of
+    its message (which may quote a row's values, secrets included)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    return f"{type(error).__name__}{where}"

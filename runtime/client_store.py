@@ -3,8 +3,14 @@
 Rows (``config/supabase/schema.sql``) carry the same fields as a YAML client and go
 through the same pydantic models, one row at a time, so one bad row never stops the good
 ones: it is reported with its id, field and reason (never its values: they may be
-secrets). Reading and writing use the official ``supabase`` client; everything else here
-is pure and unit-tested.
+secrets). Any error while validating a row makes that row bad, nothing more.
+
+A token belongs to one client. Which one, when rows share it, depends on what is being
+served, never on the order the table is read in: the client that holds it now keeps it,
+and a row that shares a live client's token never gets a pool (``parse_rows``).
+
+Reading and writing use the official ``supabase`` client; everything else here is pure
+and unit-tested.
 """
 
 from __future__ import annotations
@@ -13,13 +19,21 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from pydantic import ValidationError
 
 from runtime.settings import ClientSettings, SupabaseSettings
 
 CALL_TIMEOUT_S = 10.0
+# PostgREST's codes for a key or role that may not read the table: insufficient privilege
+# (the anon key), and a JWT that is invalid, missing or whose claims fail.
+REFUSAL_CODES = frozenset({"42501", "PGRST301", "PGRST302", "PGRST303"})
+
+
+class AccessRefused(Exception):
+    """Supabase answered and said no: the key is not the service_role key, or the role
+    lost its rights. Not an outage: waiting does not fix it."""
 
 
 @dataclass(frozen=True)
@@ -78,31 +92,55 @@ _COLUMN = {("livekit", "url"): "livekit_url", ("livekit", "api_key"): "livekit_a
            ("livekit", "api_secret"): "livekit_api_secret"}
 
 
-def parse_rows(rows: list[dict[str, Any]]) -> Snapshot:
-    clients: dict[str, ClientSettings] = {}
+def parse_rows(rows: list[Any], last_good: Mapping[str, ClientSettings] | None = None) -> Snapshot:
+    """Validate each row on its own, then settle shared tokens against ``last_good`` (the
+    set being served): the result does not depend on the order of ``rows``."""
+    valid: dict[str, ClientSettings] = {}
     errors: dict[str, RowError] = {}
     inactive: set[str] = set()
-    tokens: dict[str, str] = {}
     for row in rows:
-        row_id = str(row.get("id") or "?")
-        if row.get("active") is False:
-            inactive.add(row_id)
-            continue
+        row_id = str((row.get("id") if isinstance(row, dict) else None) or "?")
         try:
-            client = row_to_client(row)
+            if row.get("active") is False:
+                inactive.add(row_id)
+                continue
+            valid[row_id] = row_to_client(row)
         except ValidationError as e:
             first = e.errors()[0]
             loc = tuple(first["loc"])
             column = _COLUMN.get(loc[:2]) or ".".join(str(p) for p in loc) or "(row)"
             errors[row_id] = RowError(row_id, column, first["msg"])  # msg only: never the value
-            continue
-        token = client.api_token.get_secret_value()
-        if token in tokens:
-            errors[row_id] = RowError(row_id, "api_token", f"shared with client {tokens[token]!r}")
-            continue
-        tokens[token] = client.id
-        clients[client.id] = client
+        except Exception as e:  # noqa: BLE001 - whatever one row does, it stays that row's fault
+            errors[row_id] = RowError(row_id, "(row)", f"cannot be validated ({type(e).__name__})")
+    errors.update(_shared_tokens(valid, last_good or {}, present=valid.keys() | errors.keys()))
+    clients = {row_id: c for row_id, c in valid.items() if row_id not in errors}
     return Snapshot(clients, errors, frozenset(inactive))
+
+
+def _shared_tokens(
+    valid: Mapping[str, ClientSettings], last_good: Mapping[str, ClientSettings], present: set[str]
+) -> dict[str, RowError]:
+    """The valid rows that may not have their token, because another client has it.
+
+    The holder of a token is the served client that has it, as long as its row is still
+    in the table (valid, or bad and so keeping its last good configuration): every other
+    row with that token is bad. A token nobody holds goes to the one row that has it; if
+    several do, to none of them (which one is meant cannot be known). A holder whose row
+    moves to another token frees the old one only at the next read, once it is served
+    with the new one: never two live clients with one token, even for a moment."""
+    holder = {c.api_token.get_secret_value(): cid for cid, c in last_good.items() if cid in present}
+    sharing: dict[str, list[str]] = {}
+    for row_id, client in sorted(valid.items()):
+        sharing.setdefault(client.api_token.get_secret_value(), []).append(row_id)
+    errors: dict[str, RowError] = {}
+    for token, row_ids in sharing.items():
+        owner = holder.get(token)
+        for row_id in row_ids:
+            if row_id == owner or (owner is None and len(row_ids) == 1):
+                continue
+            others = [owner] if owner is not None else [r for r in row_ids if r != row_id]
+            errors[row_id] = RowError(row_id, "api_token", "shared with client " + ", ".join(map(repr, others)))
+    return errors
 
 
 def merge(last_good: dict[str, ClientSettings], snapshot: Snapshot) -> dict[str, ClientSettings]:
@@ -119,32 +157,60 @@ class SupabaseStore:
     """The ``clients`` table through supabase-py (PostgREST under ``{url}/rest/v1``).
 
     Every call blocks on the network: callers run it off the actors' threads and off the
-    gateway's loop (the watcher has a thread of its own).
+    gateway's loop (the watcher has a thread of its own). One attempt per call, bounded by
+    ``CALL_TIMEOUT_S``: the watcher's next poll is the retry, and a start that cannot read
+    fails at once instead of after the library's backoff (1 + 2 + 4 s).
     """
 
     def __init__(self, settings: SupabaseSettings) -> None:
+        import httpx
         from supabase import create_client  # imported only when used
         from supabase.lib.client_options import SyncClientOptions
 
         self.settings = settings
-        options = SyncClientOptions(postgrest_client_timeout=CALL_TIMEOUT_S)
+        self._status: int | None = None  # of the last answer: supabase-py's errors drop it
+        http = httpx.Client(timeout=CALL_TIMEOUT_S, event_hooks={"response": [self._answered]})
+        options = SyncClientOptions(httpx_client=http, postgrest_client_retry=False)
         self._client = create_client(settings.url, settings.service_key.get_secret_value(), options)
 
+    def _answered(self, response) -> None:  # noqa: ANN001 - an httpx.Response
+        self._status = response.status_code
+
     def rows(self) -> list[dict[str, Any]]:
-        return list(self._client.table(self.settings.table).select("*").execute().data)
+        """Every row; raise AccessRefused if the key may not read them, anything else in an outage."""
+        from postgrest import APIError
+
+        self._status = None
+        try:
+            return list(self._client.table(self.settings.table).select("*").execute().data)
+        except APIError as e:
+            if refused(self._status, e.code):
+                raise AccessRefused(f"HTTP {self._status}, {e.code}: {str(e.message)[:160]}") from None
+            raise
 
     def upsert(self, clients: list[ClientSettings]) -> None:
         self._client.table(self.settings.table).upsert([client_to_row(c) for c in clients]).execute()
 
 
-def save_cache(path: Path, rows: list[dict[str, Any]]) -> None:
-    """The last good rows, for a start while Supabase is down. They hold secrets: 0600."""
+def refused(status: int | None, code: str | None) -> bool:
+    """An answer that says the key may not read the table (a gateway's 401 or 403, whatever
+    its body; PostgREST's own codes for a bad JWT or a role without the grant)."""
+    return status in (401, 403) or code in REFUSAL_CODES
+
+
+def save_cache(path: Path, clients: list[ClientSettings]) -> None:
+    """The set being served, last good configurations included, as rows: a start while
+    Supabase is down serves exactly it. They hold secrets: 0600, replaced atomically."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(rows, f)
+        json.dump([client_to_row(c) for c in clients], f)
     os.replace(tmp, path)
 
 
 def load_cache(path: Path) -> list[dict[str, Any]]:
-    return json.loads(path.read_text())
+    """The rows ``save_cache`` wrote (a list of rows); raise OSError or ValueError if unreadable."""
+    rows = json.loads(path.read_text())
+    if not isinstance(rows, list):
+        raise ValueError("not a list of rows")
+    return rows

@@ -18,6 +18,8 @@ import asyncio
 import json
 import logging
 import secrets
+from dataclasses import dataclass, field
+from typing import Callable
 
 import pykka
 from aiohttp import web
@@ -45,7 +47,19 @@ from runtime.settings import ConfigError, LiveKitSettings
 
 logger = logging.getLogger("autonomite.gateway")
 
+
+
+@dataclass
+class Lifecycle:
+    """The gateway's side of a shutdown (``runtime/serve.py`` owns the other): whether this
+    runtime drains, and where a shutdown asked for over HTTP goes. Touched on the loop only."""
+
+    draining: bool = False
+    request: Callable[[str], None] = field(default=lambda cause: None)  # "admin" or "admin_now"
+
+
 RUNTIME = web.AppKey("runtime", Runtime)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 MAX_BODY = web.AppKey("max_body", int)
 BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
 AUTH_FAILURES = web.AppKey("auth_failures", AuthFailureLimiter)
@@ -76,6 +90,24 @@ class Refusal(Exception):
 
 def error(status: int, code: ErrorCode, detail: str, **headers: str) -> web.Response:
     return Refusal(status, code, detail, headers).response()
+
+
+DRAINING_RETRY_AFTER_S = 1  # another runtime is, or soon will be, on this address
+
+
+def _draining(request: web.Request) -> Refusal:
+    return Refusal(503, "draining", "this runtime is shutting down and takes no new sessions; retry, another "
+                   "runtime takes over", {"Retry-After": str(DRAINING_RETRY_AFTER_S)})
+
+
+@web.middleware
+async def close_while_draining(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """While draining, no connection is kept alive: a caller's next request opens a new one,
+    which reaches the runtime that takes over once this one stops listening."""
+    response = await handler(request)
+    if request.app[LIFECYCLE].draining:
+        response.force_close()
+    return response
 
 
 @web.middleware
@@ -188,6 +220,8 @@ async def trigger(request: web.Request) -> web.Response:
         return error(403, "forbidden", "this token belongs to another client")
     if caller.agent(body.agent) is None:
         return error(404, "unknown_agent", f"client {caller.id!r} has no agent {body.agent!r}")
+    if request.app[LIFECYCLE].draining:
+        raise _draining(request)
     dispatch = runtime.directory.get("dispatch")
     if dispatch is None:
         return error(503, "restarting", "the dispatcher is restarting", **{"Retry-After": "1"})
@@ -251,14 +285,20 @@ async def readyz(request: web.Request) -> web.Response:
         admin = _is_admin(request)
         if not admin:
             request.app[AUTH_FAILURES].failed(_peer(request))
-    runtime = request.app[RUNTIME]
-    all_stats = await pool_stats(runtime)
-    waiting = sorted(
-        c.id for c in runtime.settings.clients if c.id not in all_stats or all_stats[c.id].idle < c.pool.min_idle
-    )
+    if request.app[LIFECYCLE].draining:
+        return web.json_response({"status": "draining"}, status=503)
+    waiting = await warming(request.app[RUNTIME])
     if not waiting:
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "warming", **({"waiting_for": waiting} if admin else {})}, status=503)
+
+
+async def warming(runtime: Runtime) -> list[str]:
+    """The clients whose pool is below ``min_idle`` idle workers; none: the runtime is ready."""
+    all_stats = await pool_stats(runtime)
+    return sorted(
+        c.id for c in runtime.settings.clients if c.id not in all_stats or all_stats[c.id].idle < c.pool.min_idle
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -315,6 +355,8 @@ async def livekit_webhook(request: web.Request) -> web.Response:
 
 async def reload(request: web.Request) -> web.Response:
     _require_admin(request)
+    if request.app[LIFECYCLE].draining:
+        raise _draining(request)
     runtime = request.app[RUNTIME]
     try:
         summary = await asyncio.get_running_loop().run_in_executor(None, runtime.reload)
@@ -322,6 +364,17 @@ async def reload(request: web.Request) -> web.Response:
         logger.error("reload refused: %s", e)
         return error(422, "config_error", str(e))
     return web.json_response(summary.as_json())
+
+
+async def shutdown(request: web.Request) -> web.Response:
+    """Drain, as on SIGTERM; with ``now=1``, end every session and stop at once."""
+    _require_admin(request)
+    now = request.query.get("now", "0")
+    if now not in ("0", "1"):
+        raise Refusal(422, "invalid_body", "the query failed validation",
+                      extra={"fields": [{"field": "now", "reason": "must be 0 or 1"}]})
+    request.app[LIFECYCLE].request("admin_now" if now == "1" else "admin")
+    return web.json_response({"shutdown": "now" if now == "1" else "draining"}, status=202)
 
 
 async def crash_pool(request: web.Request) -> web.Response:
@@ -339,8 +392,9 @@ async def crash_pool(request: web.Request) -> web.Response:
 
 def create_app(runtime: Runtime) -> web.Application:
     gw = runtime.settings.runtime.gateway
-    app = web.Application(client_max_size=gw.max_body_bytes, middlewares=[json_errors])
+    app = web.Application(client_max_size=gw.max_body_bytes, middlewares=[close_while_draining, json_errors])
     app[RUNTIME] = runtime
+    app[LIFECYCLE] = Lifecycle()
     app[MAX_BODY] = gw.max_body_bytes
     app[BODY_TIMEOUT_S] = gw.body_timeout_s
     app[AUTH_FAILURES] = AuthFailureLimiter(gw.auth_failures.max, gw.auth_failures.window_s)
@@ -348,6 +402,7 @@ def create_app(runtime: Runtime) -> web.Application:
     app.router.add_post("/api/v1/trigger", trigger)
     app.router.add_get("/api/v1/containers/pool/stats", stats)
     app.router.add_post("/api/v1/admin/reload", reload)
+    app.router.add_post("/api/v1/admin/shutdown", shutdown)
     app.router.add_post("/api/v1/webhooks/livekit/{client_id}", livekit_webhook)
     app.router.add_post("/api/v1/admin/fault/crash-pool/{client_id}", crash_pool)
     if runtime.settings.runtime.metrics is None:  # else on its own listener only (runtime.metrics_http)

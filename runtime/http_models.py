@@ -22,7 +22,7 @@ ErrorCode = Literal[
     "unauthorized", "forbidden", "too_many_failures", "invalid_signature",  # who is asking
     "unknown_client", "unknown_agent", "not_found", "method_not_allowed",  # what is asked for
     "body_too_large", "request_timeout", "malformed_json", "invalid_body",  # how it is asked
-    "restarting", "timeout", "failed", "config_error", "http_error", "internal",  # what went wrong
+    "restarting", "draining", "timeout", "failed", "config_error", "http_error", "internal",  # what went wrong
 ]
 # Refusals the dispatcher itself words (actors/dispatch.py) and the gateway passes through.
 DispatchErrorCode = Literal["no_idle_worker", "livekit_error"]

@@ -47,6 +47,10 @@ class Metrics:
             "autonomite_client_source_bad_rows", "1 for a client row that fails validation (skipped, or its last good "
             "configuration kept).", ["client"], registry=r,
         )
+        self.source_watcher_crashes = Counter(
+            "autonomite_client_source_watcher_crashes", "Polls of the client source that crashed (a bug; the watcher "
+            "polls on and the source shows down until a poll succeeds).", registry=r,
+        )
         self.scaler_threshold = Gauge(
             "autonomite_scaler_threshold", "The scaler's utilization thresholds in force (runtime.scaler).", ["bound"],
             registry=r,

@@ -77,7 +77,11 @@ _POOL = _object({
     "last_error": {"type": ["string", "null"], "description": "why the last worker start failed, until one succeeds"},
     "workers": {"type": "array", "items": _WORKER},
 })
-_SOURCE = _object({"kind": {"const": "supabase"}, "up": _BOOL, "last_read_s_ago": {"type": ["number", "null"]},
+_SOURCE = _object({"kind": {"const": "supabase"}, "up": _BOOL,
+                   "down_reason": {"type": ["string", "null"], "description": "while down: `unreachable: …`, "
+                                   "`refused: …` (the key may not read the table) or `crashed: …` (a poll raised); "
+                                   "the last good clients are served meanwhile"},
+                   "last_read_s_ago": {"type": ["number", "null"]},
                    "bad_rows": {"type": "object", "additionalProperties": _STR}})
 _CLIENT_ID = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,31}$", "description": "a client's `id`"}
 
@@ -110,8 +114,9 @@ def _operations() -> dict[str, dict[str, dict]]:
             "422": _refusal("The body failed validation; `fields` says which.", "invalid_body", fields=True),
             "429": _THROTTLED,
             "502": _refusal("LiveKit refused the dispatch or did not answer; the lease went back.", "livekit_error"),
-            "503": _refusal("No warm worker free or none took the session in time, or the dispatcher is restarting.",
-                            "no_idle_worker", "restarting", retry_after=True),
+            "503": _refusal("No warm worker free or none took the session in time, the dispatcher is restarting, "
+                            "or this runtime is draining (shutting down; another one takes over).",
+                            "no_idle_worker", "restarting", "draining", retry_after=True),
             "504": _refusal("No answer within the dispatch deadline (not expected: every step is bounded).", "timeout"),
         },
     }
@@ -134,6 +139,24 @@ def _operations() -> dict[str, dict[str, dict]]:
                          "Client ids added, removed and changed."),
             "401": _NEEDS_ADMIN,
             "422": _refusal("The file is invalid or changes the `runtime` section; nothing changed.", "config_error"),
+            "429": _THROTTLED,
+            "503": _refusal("This runtime is draining: nothing changed.", "draining", retry_after=True),
+        },
+    }
+    shutdown = {
+        "operationId": "shutdown",
+        "summary": "Shut this runtime down: drain, as on SIGTERM; with `now=1`, end every session and stop at once.",
+        "description": "A drain takes no new session, stops idle workers and lets live sessions finish, for up to "
+                       "`runtime.shutdown.drain_timeout_s`; then `serve` exits 0. `now=1` (also during a drain) ends "
+                       "every session, each agent saying `runtime.shutdown.end_message` first, and stops.",
+        "security": [{"adminToken": []}],
+        "parameters": [{"name": "now", "in": "query", "required": False,
+                        "schema": {"type": "string", "enum": ["0", "1"], "default": "0"}}],
+        "responses": {
+            "202": _json(_object({"shutdown": {"type": "string", "enum": ["draining", "now"]}}),
+                         "The shutdown has begun."),
+            "401": _NEEDS_ADMIN,
+            "422": _refusal("`now` is not 0 or 1; nothing changed.", "invalid_body", fields=True),
             "429": _THROTTLED,
         },
     }
@@ -192,16 +215,17 @@ def _operations() -> dict[str, dict[str, dict]]:
     }
     readyz = {
         "operationId": "readyz",
-        "summary": "Readiness: every pool has `min_idle` idle workers.",
+        "summary": "Readiness: every pool has `min_idle` idle workers, and the runtime is not draining.",
         "description": "Anyone may ask; with the admin token the answer also names the clients still warming. A token "
                        "that is presented and wrong counts as a failed authentication.",
         "security": [{}, {"adminToken": []}],
         "responses": {
             "200": _json(_object({"status": {"const": "ready"}}), "Every pool is warm."),
             "429": _THROTTLED,
-            "503": _json(_object({"status": {"const": "warming"}},
+            "503": _json(_object({"status": {"type": "string", "enum": ["warming", "draining"]}},
                                  {"waiting_for": {"type": "array", "items": _STR, "description": "admin only"}}),
-                         "Some pool is below `min_idle` (a status answer, not a refusal)."),
+                         "Some pool is below `min_idle`, or the runtime is draining (a status answer, not a "
+                         "refusal)."),
         },
     }
     document = {"operationId": "openapi", "summary": "This document.", "security": [],
@@ -210,6 +234,7 @@ def _operations() -> dict[str, dict[str, dict]]:
         "/api/v1/trigger": {"post": trigger},
         "/api/v1/containers/pool/stats": {"get": stats},
         "/api/v1/admin/reload": {"post": reload},
+        "/api/v1/admin/shutdown": {"post": shutdown},
         "/api/v1/webhooks/livekit/{client_id}": {"post": webhook},
         "/api/v1/admin/fault/crash-pool/{client_id}": {"post": crash},
         "/metrics": {"get": metrics},

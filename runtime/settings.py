@@ -89,6 +89,17 @@ class SupervisorSettings(_Model):
     shutdown_timeout_s: float = Field(15.0, gt=0)
 
 
+class ShutdownSettings(_Model):
+    """How ``serve`` goes down on SIGTERM: it drains. Live sessions go on for up to
+    ``drain_timeout_s``; those still running then are ended, their agent saying
+    ``end_message`` to the caller first."""
+
+    drain_timeout_s: float = Field(600.0, gt=0, le=86_400)
+    end_message: str = Field(
+        "I'm sorry, this service is restarting and has to end our call now. Please call again in a minute.",
+        min_length=1, max_length=500)
+
+
 class WorkerSettings(_Model):
     """How workers are started, whatever the backend."""
 
@@ -107,6 +118,32 @@ class WorkerSettings(_Model):
     image: str = "autonomite-agent:latest"  # docker backend; a client may name its own
     volumes: list[str] = Field(default_factory=list)  # docker backend: "host:container[:ro]"
     engine_url: str | None = None  # swarm backend: the manager's Docker API (default: DOCKER_HOST)
+
+
+class UidRange(_Model):
+    """Where per-worker uids (and gids, the same number) come from: ids no other user of
+    the host has, and no file on it is owned by."""
+
+    first: int = Field(200_000, ge=1000, le=2**31 - 2)
+    count: int = Field(65_536, ge=1, le=2**24)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "UidRange":
+        if self.first + self.count > 2**31 - 1:
+            raise ValueError("first + count must stay below 2147483647")
+        return self
+
+
+class IsolationSettings(_Model):
+    """Process backend: what each worker becomes after the fork (agent/sandbox.py)."""
+
+    enabled: bool = True
+    # Refuse to start unless every part applies (root, cgroups; namespaces if asked for),
+    # instead of starting with what needs no privilege and logging what is missing.
+    required: bool = False
+    uids: UidRange = UidRange()
+    # A pid and a mount namespace per worker (a fresh /proc, private /tmp and /dev/shm).
+    namespaces: bool = False
 
 
 class DispatchSettings(_Model):
@@ -140,6 +177,8 @@ class RuntimeSettings(_Model):
     scaler: ScalerSettings = ScalerSettings()
     supervisor: SupervisorSettings = SupervisorSettings()
     workers: WorkerSettings = WorkerSettings()
+    isolation: IsolationSettings = IsolationSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
     fault_injection: bool = False
 
     @model_validator(mode="after")
@@ -178,6 +217,7 @@ class PoolSettings(_Model):
     max_size: int = Field(4, ge=1, le=100)
     cpu: float = Field(1.0, gt=0, le=64)
     memory_mb: int = Field(1024, ge=64)
+    pids: int = Field(512, ge=16, le=1_000_000)  # processes and threads per worker
     # swarm backend: Swarm placement constraints for this client's workers, for example
     # "node.labels.tier==voice"; none spreads them over the nodes.
     placement: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+\s*(==|!=)\s*[^\s]+$")]] = Field(
@@ -257,9 +297,14 @@ class ClientSettings(_Model):
     @field_validator("knowledge_dir")
     @classmethod
     def _knowledge_dir_exists(cls, v: Path | None) -> Path | None:
-        if v is not None and not v.is_dir():
-            raise ValueError(f"{v} is not a directory")
-        return v.resolve() if v is not None else None
+        if v is None:
+            return None
+        try:  # is_dir() raises, not returns False, for some paths (e.g. a name too long)
+            if not v.is_dir():
+                raise ValueError(f"{v} is not a directory")
+            return v.resolve()
+        except OSError as e:
+            raise ValueError(f"cannot be read as a directory ({e.strerror or type(e).__name__})") from None
 
     @field_validator("agents")
     @classmethod
@@ -278,7 +323,7 @@ class SupabaseSettings(_Model):
     service_key: SecretStr  # a service_role JWT: it reads every client's secrets
     table: str = Field("clients", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     poll_interval_s: float = Field(10.0, gt=0, le=3600)
-    cache_file: Path | None = None  # the last good set, for a start while Supabase is down
+    cache_file: Path | None = None  # the set being served, for a start while Supabase is down
     # Optional: the project's Postgres URL. The watcher then LISTENs for the table's NOTIFY
     # (config/supabase/schema.sql) and reads at once on a change instead of at the next poll.
     database_url: SecretStr | None = None
@@ -345,6 +390,14 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None, al
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         # The message never echoes the input value: it may be a secret.
         raise ConfigError(f"{path}: {where}: {first['msg']}{more}") from None
+
+
+def placeholders(path: str | Path) -> set[str]:
+    """The environment variables a config file reads (``${VAR}``): its secrets, mostly."""
+    try:
+        return set(_PLACEHOLDER.findall(Path(path).read_text(encoding="utf-8")))
+    except OSError:
+        return set()
 
 
 def _expand(node: Any, env: Mapping[str, str], path: Path, loc: tuple) -> Any:

@@ -157,10 +157,12 @@ class Ears:
 
 
 @contextlib.asynccontextmanager
-async def caller(url: str, token: str, recognizer: Recognizer) -> AsyncIterator[tuple[Ears, Mouth]]:
+async def caller(url: str, token: str, recognizer: Recognizer,
+                 room: rtc.Room | None = None) -> AsyncIterator[tuple[Ears, Mouth]]:
     """A caller in the room: ears on the agent's audio (listening before the join, so the
-    greeting is heard) and a published microphone; all closed, and the room left, on exit."""
-    room = rtc.Room()
+    greeting is heard) and a published microphone; all closed, and the room left, on exit.
+    ``room``: one not yet connected, for a caller that also reads the room's text."""
+    room = room or rtc.Room()
     ears, mouth = Ears(room, recognizer), Mouth()
     await room.connect(url, token)
     await mouth.publish(room)

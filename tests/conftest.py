@@ -31,8 +31,9 @@ def run_serve(tmp_path_factory: pytest.TempPathFactory, log_root: Path):
     """Start ``autonomite serve`` on a fresh config; every one started is stopped at the end."""
     started: list[Serve] = []
 
-    def start(clients: list[Client], wait_ready: bool = True, **runtime) -> Serve:
-        workdir = tmp_path_factory.mktemp("serve", numbered=True)
+    def start(clients: list[Client], wait_ready: bool = True, workdir: Path | None = None, **runtime) -> Serve:
+        """``workdir``: where the config and the worker logs go (default: a fresh tmp dir)."""
+        workdir = workdir or tmp_path_factory.mktemp("serve", numbered=True)
         config = workdir / "clients.yaml"
         env = write_config(config, clients, **runtime)
         # The serve log and the worker logs live under log_root, scanned for secrets at the end.

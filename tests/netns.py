@@ -69,6 +69,7 @@ class NetNs:
     def __init__(self, prefix: str = "atn") -> None:
         self.name = f"{prefix}-{secrets.token_hex(3)}"
         self.address: str | None = None
+        self.veth: str | None = None  # its end of the link, once linked
 
     def create(self, teardown: "contextlib.ExitStack | None" = None) -> "NetNs":
         """Add it (and, with ``teardown``, its deletion at once, so a failure after cannot leak it)."""
@@ -86,6 +87,12 @@ class NetNs:
 
     def ip(self, *args: str) -> None:
         subprocess.run(["ip", "-n", self.name, *args], check=True, capture_output=True)
+
+    def cut(self, cut: bool = True) -> None:
+        """Take its end of the link down (a partition: whatever runs inside keeps running,
+        but reaches the other side no more), or, with ``cut=False``, up again."""
+        assert self.veth, "not linked"
+        self.ip("link", "set", self.veth, "down" if cut else "up")
 
     def exec_argv(self, argv: list[str], remount_cgroups: bool = False) -> list[str]:
         if not remount_cgroups:
@@ -111,4 +118,4 @@ def link(a: NetNs, b: NetNs, subnet: str = "10.231.0") -> None:
     for ns, end, host in ((a, end_a, 1), (b, end_b, 2)):
         ns.ip("addr", "add", f"{subnet}.{host}/24", "dev", end)
         ns.ip("link", "set", end, "up")
-        ns.address = f"{subnet}.{host}"
+        ns.address, ns.veth = f"{subnet}.{host}", end

@@ -114,6 +114,7 @@ class Client:
     agents: list[dict] = field(default_factory=lambda: [{"name": "support", "system_prompt": "You are helpful."}])
     knowledge_dir: str | None = None
     placement: list[str] = field(default_factory=list)  # swarm constraints, e.g. node.labels.tier==voice
+    pool: dict = field(default_factory=dict)  # more pool settings, e.g. {"memory_mb": 256, "pids": 64}
 
     def __post_init__(self) -> None:
         self.token = self.token or new_secret(f"{self.id}-token")
@@ -133,7 +134,7 @@ def write_config(path: Path, clients: list[Client], **runtime: Any) -> dict[str,
                 "api_token": f"${{{up}_TOKEN}}",
                 "livekit": {"url": c.project.url, "api_key": c.project.key, "api_secret": f"${{{up}_LK_SECRET}}"},
                 "pool": {"min_idle": c.min_idle, "max_size": c.max_size,
-                         **({"placement": c.placement} if c.placement else {})},
+                         **({"placement": c.placement} if c.placement else {}), **c.pool},
                 "agents": c.agents,
                 **({"knowledge_dir": c.knowledge_dir} if c.knowledge_dir else {}),
             }
@@ -164,22 +165,28 @@ class Response:
 class Serve:
     """``autonomite serve`` as a real subprocess, as a user runs it."""
 
-    def __init__(self, config: Path, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, config: Path, env: dict[str, str], log_path: Path, args: tuple[str, ...] = (),
+                 prefix: tuple[str, ...] = ()) -> None:
+        """``args``: more ``serve`` arguments; ``prefix``: a command that runs it (e.g. unshare)."""
         self.config, self.env, self.log_path = config, env, log_path
+        self.args, self.prefix = args, prefix
         settings = yaml.safe_load(config.read_text())
         self.port = settings["runtime"]["gateway"]["port"]
         self.admin = env["TEST_ADMIN_TOKEN"]
         self.proc: subprocess.Popen | None = None
 
-    def start(self, ready_timeout: float = 90.0, wait_ready: bool = True) -> "Serve":
+    def start(self, ready_timeout: float = 90.0, wait_ready: bool = True, wait_up: bool = True) -> "Serve":
+        """``wait_up=False``: return at once (the address may be another runtime's, or none)."""
         full_env = {**os.environ, **self.env}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "serve", "--config", str(self.config)],
+            [*self.prefix, sys.executable, "-m", "runtime.cli", "serve", "--config", str(self.config), *self.args],
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+        if not wait_up:
+            return self
         wait_until(lambda: self._up(), 30, "the gateway to listen")
         if wait_ready:
             wait_until(lambda: self.get("/readyz").status == 200, ready_timeout, "every pool to reach min_idle")
@@ -241,11 +248,18 @@ class Serve:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0, drain_s: float = 1.0) -> int:
+        """Stop it as an operator who will not wait for live calls: SIGTERM drains, and
+        SIGTERM again ``drain_s`` later (if it still runs) ends the sessions and stops."""
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+            if sig == signal.SIGTERM:
+                try:
+                    self.proc.wait(drain_s)
+                except subprocess.TimeoutExpired:
+                    self.proc.send_signal(sig)
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

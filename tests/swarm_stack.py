@@ -105,6 +105,13 @@ class PrivateSwarm:
         return self.engine.images.get(tag).id
 
     def containers(self, label: str = "autonomite.client") -> list:
+        """The labelled containers. The SDK inspects each one it lists, so a container removed
+        in between raises NotFound: that listing is simply taken again (bounded)."""
+        for _ in range(20):
+            try:
+                return self.engine.containers.list(all=True, filters={"label": label})
+            except docker.errors.NotFound:
+                continue
         return self.engine.containers.list(all=True, filters={"label": label})
 
     def stop_engine(self) -> None:

@@ -23,8 +23,10 @@ class BackendError(Exception):
 
 
 def short_error(error: Exception) -> str:
-    """The first line of a Docker engine error, cut to 300 characters, for a BackendError or a log."""
-    return str(error).splitlines()[0][:300]
+    """The first line of an error (a Docker engine's, an OSError), cut to 300 characters, for a
+    BackendError or a log; its type's name when it has no message."""
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class WorkerSpec:
     env: Mapping[str, str] = field(repr=False)
     cpu: float = 1.0
     memory_mb: int = 1024
+    pids: int = 512  # processes and threads
     image: str = ""
     knowledge_dir: str | None = None  # the client's documents, read-only; no other client's
     placement: tuple[str, ...] = ()  # swarm backend: placement constraints

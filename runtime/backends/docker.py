@@ -6,19 +6,20 @@ and adopts them. They use host networking (to reach LiveKit and serve the status
 loopback), carry only their own client's credentials in their environment, get CPU and
 memory limits from the pool config, and have no restart policy: the pool replaces dead
 workers itself. When a container exits its log is saved to
-``<log_dir>/<client>/<worker>.log`` and the container removed.
+``<log_dir>/<client>/<worker>.log`` (best effort, at most a few seconds: ``worker_logs.py``)
+and the container removed, whether or not its log could be saved.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
 from runtime.backends.base import LABEL_CLIENT, LABEL_WORKER, BackendError, WorkerHandle, WorkerSpec, short_error
+from runtime.backends.worker_logs import WorkerLogs
 
 logger = logging.getLogger("autonomite.docker")
 
@@ -31,14 +32,13 @@ class DockerBackend:
     name = "docker"
 
     def __init__(self, log_dir: Path, volumes: list[str] | None = None) -> None:
-        self._log_dir = log_dir
+        self._logs = WorkerLogs(log_dir)
         self._volumes = volumes or []
         try:
             self._docker = _engine()
             self._docker.ping()
         except DockerException as e:
             raise BackendError(f"docker backend: cannot reach the Docker engine ({short_error(e)})") from None
-        self._lock = threading.Lock()
 
     def start(self, spec: WorkerSpec) -> WorkerHandle:
         env, volumes = dict(spec.env), list(self._volumes)
@@ -109,23 +109,19 @@ class DockerBackend:
         try:
             return self._docker.containers.get(handle.ref).logs(tail=tail).decode(errors="replace")
         except NotFound:
-            path = self._log_path(handle.client_id, handle.worker_id)
-            return "\n".join(path.read_text(errors="replace").splitlines()[-tail:]) if path.exists() else ""
+            return self._logs.tail(handle.client_id, handle.worker_id, tail)
 
     def close(self) -> None:
         self._docker.close()
 
     def _save_and_remove(self, container) -> None:  # noqa: ANN001
+        """Save the log if it can be, then remove the container in any case: a full or
+        read-only log directory must not leave exited containers behind."""
         labels = container.labels
-        path = self._log_path(labels.get(LABEL_CLIENT, "unknown"), labels.get(LABEL_WORKER, container.id[:12]))
+        self._logs.save(labels.get(LABEL_CLIENT, "unknown"), labels.get(LABEL_WORKER, container.id[:12]), container.logs)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(container.logs())
             container.remove(force=True)
         except NotFound:
             pass
-        except (APIError, OSError) as e:
-            logger.warning("cleaning up container %s: %s", container.id[:12], e)
-
-    def _log_path(self, client_id: str, worker_id: str) -> Path:
-        return self._log_dir / client_id / f"{worker_id}.log"
+        except APIError as e:
+            logger.warning("removing container %s: %s", container.id[:12], short_error(e))

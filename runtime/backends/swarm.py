@@ -19,7 +19,11 @@ with its token (``agent/status.py``). A worker whose node is lost stops answerin
 probes (so nobody leases it), and its task never reports an end: Swarm leaves it
 "running" on a node it marks ``down`` (after the node misses its heartbeats, about 15 s).
 So a task on a down node counts as ended: :meth:`wait` returns, the pool replaces the
-worker on a node that is up, and adoption does not take it back.
+worker on a node that is up, and adoption does not take it back. The same holds for a node
+that is cut off but still runs (a partition): no log can be read from it (``docker service
+logs`` on the manager never answers for its tasks), so none is asked for, and a worker's
+log never holds up its end or its removal (``worker_logs.py``). When the node is back,
+Swarm stops the task of the service we removed.
 
 Ends and placements are read from one shared board (``swarm_board.py``), not polled per
 worker. Every call may take seconds (the manager schedules, the node pulls nothing but starts a
@@ -39,6 +43,7 @@ from docker.types import Mount, Resources, RestartPolicy, ServiceMode
 
 from runtime.backends.base import LABEL_CLIENT, LABEL_WORKER, BackendError, WorkerHandle, WorkerSpec, short_error
 from runtime.backends.swarm_board import Board, Ended, Placed, Unplaceable, current_task, ended, placed
+from runtime.backends.worker_logs import WorkerLogs
 
 logger = logging.getLogger("autonomite.swarm")
 
@@ -51,7 +56,7 @@ class SwarmBackend:
     name = "swarm"
 
     def __init__(self, log_dir: Path, engine_url: str | None = None) -> None:
-        self._log_dir = log_dir
+        self._logs = WorkerLogs(log_dir)
         self._url = engine_url
         try:
             self._docker = self._engine()
@@ -101,9 +106,9 @@ class SwarmBackend:
         return WorkerHandle.from_labels(spec.labels, ref=service.id[:12], status_host=node)
 
     def stop(self, handle: WorkerHandle, timeout: float = 10.0) -> None:
-        """Remove the service: Swarm stops its task (SIGTERM, then SIGKILL after the grace period)."""
-        self._save_logs(handle)
-        self._remove(handle.ref)
+        """Remove the service: Swarm stops its task (SIGTERM, then SIGKILL after the grace
+        period). Its log is saved first if it can be, in at most a few seconds."""
+        self._retire(handle)
 
     def list(self, client_id: str | None = None) -> list[WorkerHandle]:
         """Services with our labels whose task still runs; ended ones found on the way are removed."""
@@ -122,25 +127,26 @@ class SwarmBackend:
 
     def wait(self, handle: WorkerHandle) -> int:
         """Block until the worker's task ended, its service was removed, or its node is
-        down (read from the board every worker shares); then save its log and remove the
-        service, so nothing is left behind. An unreachable manager is waited out: returning
-        early would have the pool start a replacement beside a service that may still run."""
+        down (read from the board every worker shares), and return at once: its log is saved
+        and its service removed on a thread of their own, so the end is never held up (and
+        a last sweep at shutdown removes what that thread had no time for). An unreachable
+        manager is waited out: returning early would have the pool start a replacement
+        beside a service that may still run."""
         end = self._board.wait(lambda snap: ended(handle.ref[:12], snap, self._node_states.down))
         assert isinstance(end, Ended)  # no timeout: the board answers or waits on
         if end.why == "node_down":
             logger.warning("worker %s: its node is down; the worker counts as gone", handle.worker_id)
         if end.why != "removed":
-            self._save_logs(handle)
-            self._remove(handle.ref)
+            threading.Thread(target=self._retire, args=(handle, end.why != "node_down"), name=f"retire-{handle.worker_id}",
+                             daemon=True).start()
         return end.code
 
     def logs(self, handle: WorkerHandle, tail: int = 100) -> str:
-        path = self._log_path(handle.client_id, handle.worker_id)
         try:
             chunks = self._docker.services.get(handle.ref).logs(stdout=True, stderr=True, tail=tail)
             return b"".join(chunks).decode(errors="replace")
         except (DockerException, StopIteration):
-            return "\n".join(path.read_text(errors="replace").splitlines()[-tail:]) if path.exists() else ""
+            return self._logs.tail(handle.client_id, handle.worker_id, tail)
 
     def close(self) -> None:
         self._docker.close()
@@ -167,14 +173,25 @@ class SwarmBackend:
             self._nodes[node_id] = self._docker.nodes.get(node_id).attrs["Status"]["Addr"]
         return self._nodes[node_id]
 
-    def _save_logs(self, handle: WorkerHandle) -> None:
+    def _retire(self, handle: WorkerHandle, save_log: bool = True) -> None:
+        """Save the worker's log (it goes with the service) unless its node is down, then
+        remove the service whatever became of the log."""
+        if save_log and not self._on_down_node(handle.ref[:12]):
+            self._logs.save(handle.client_id, handle.worker_id, lambda: self._read_log(handle.ref))
+        self._remove(handle.ref)
+
+    def _on_down_node(self, service: str) -> bool:
+        task = self._board.task(service)
+        return task is not None and self._node_states.down(task.get("NodeID"))
+
+    def _read_log(self, service_id: str) -> bytes:
+        """The service's whole log, on a connection of its own: a read that hangs (a node the
+        manager cannot reach) holds nothing but its own thread."""
+        engine = self._engine()
         try:
-            data = b"".join(self._docker.services.get(handle.ref).logs(stdout=True, stderr=True))
-        except (DockerException, StopIteration):
-            return
-        path = self._log_path(handle.client_id, handle.worker_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+            return b"".join(engine.services.get(service_id).logs(stdout=True, stderr=True))
+        finally:
+            engine.close()
 
     def _remove(self, service_id: str) -> None:
         try:
@@ -183,9 +200,6 @@ class SwarmBackend:
             pass
         except APIError as e:
             logger.warning("removing service %s: %s", service_id[:12], short_error(e))
-
-    def _log_path(self, client_id: str, worker_id: str) -> Path:
-        return self._log_dir / client_id / f"{worker_id}.log"
 
 
 class NodeStates:

@@ -76,6 +76,12 @@ class Board:
             with self._cond:
                 self._waiters -= 1
 
+    def task(self, service: str) -> dict | None:
+        """The newest task of ``service`` (its id's first 12 characters) in the last listing,
+        without waiting for a new one: None if none was listed."""
+        with self._cond:
+            return self._snapshot.tasks.get(service)
+
     def _run(self) -> None:
         """List while anyone waits. Nothing ends this thread but having no waiter: a failed
         listing, or an engine that cannot even be reached, is retried with backoff."""

@@ -112,8 +112,10 @@ class Zygote:
         self._keeper = threading.Thread(target=self._keep, name="zygote-keeper", daemon=True)
         self._keeper.start()
 
-    def fork(self, env: Mapping[str, str], log: IO[bytes]) -> ForkedChild | None:
-        """Fork a worker with this environment and log file; None if the zygote cannot now."""
+    def fork(self, env: Mapping[str, str], log: IO[bytes], identity: dict | None = None, knowledge: int | None = None,
+             pid_namespace: bool = False) -> ForkedChild | None:
+        """Fork a worker with this environment, log file, identity (``agent/sandbox.py``) and
+        documents (a memfd); None if the zygote cannot now. Only the child reads the settings."""
         with self._changed:
             if not self._booted_once:
                 self._changed.wait_for(lambda: self._booted_once or self._closed, FIRST_BOOT_WAIT_S)
@@ -122,12 +124,13 @@ class Zygote:
             return None
         settings = os.memfd_create("autonomite-worker", os.MFD_CLOEXEC)
         try:
-            os.write(settings, json.dumps({"env": dict(env)}).encode())
+            os.write(settings, json.dumps({"env": dict(env), "identity": identity}).encode())
             os.lseek(settings, 0, os.SEEK_SET)
+            fds = [settings, log.fileno(), *([knowledge] if knowledge is not None else [])]
             with self._lock:
                 sock.sendmsg(
-                    [f"fork {os.getpid()}".encode()],
-                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [settings, log.fileno()]))],
+                    [f"fork {os.getpid()}{' pidns' if pid_namespace else ''}".encode()],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
                 )
                 reply = json.loads(_read_line(sock))
         except (OSError, ValueError) as e:
@@ -183,9 +186,9 @@ class Zygote:
 
     def _boot(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self._log_path.parent)
         try:
-            with open(self._log_path, "ab") as log:
+            with open_private_log(self._log_path) as log:
                 self._proc = subprocess.Popen(
                     [self._python, "-m", "agent.zygote", str(theirs.fileno()), *self._modules],
                     env=self._env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -213,6 +216,20 @@ class Zygote:
             if self._sock is sock and self._proc is not None:
                 self._sock = None
                 self._proc.kill()
+
+
+def private_dir(path: Path) -> None:
+    """A log directory only the runtime may enter: workers never open their log files, they
+    write through the descriptor the runtime opened for them."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def open_private_log(path: Path) -> IO[bytes]:
+    """A log file to append to, readable by the runtime only (0600, even if it existed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
 
 
 def _read_line(sock: socket.socket) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 
@@ -16,12 +17,45 @@ def docker_backend(docker_worker_image) -> dict:
     return {"backend": "docker", "workers": dict(docker_worker_image)}
 
 
-def containers(client_id: str) -> list:
+def containers(client_id: str, all: bool = False) -> list:  # noqa: A002 - the SDK's own name
     engine = docker_sdk.from_env(version="auto")
     try:
-        return engine.containers.list(filters={"label": f"autonomite.client={client_id}"})
+        # ignore_removed: a container removed between the listing and its inspection is not an error
+        return engine.containers.list(all=all, filters={"label": f"autonomite.client={client_id}"}, ignore_removed=True)
     finally:
         engine.close()
+
+
+@pytest.fixture(params=["full", "read-only"])
+def breakable_log_dir(request, tmp_path):
+    """A log directory on a tiny tmpfs the test mounts, and a call that breaks it: fills it
+    to the last byte or remounts it read-only. Broken only once serve runs (serve refuses
+    to start on a log directory it cannot write). Unmounted at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "logs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True, capture_output=True)
+
+    def fill() -> None:
+        fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            for _ in range(1000):  # 256 KiB in 4 KiB writes: ENOSPC long before the bound
+                os.write(fd, b"\0" * 4096)
+            raise AssertionError("the tmpfs never filled up")
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def remount_read_only() -> None:
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
+
+    try:
+        (mount / "workers").mkdir()
+        yield mount / "workers", fill if request.param == "full" else remount_read_only
+    finally:
+        subprocess.run(["umount", str(mount)], check=True, capture_output=True)
 
 
 def test_containers_are_labelled_named_limited_and_on_the_host_network(run_serve, docker_backend, lk_a):
@@ -37,6 +71,24 @@ def test_containers_are_labelled_named_limited_and_on_the_host_network(run_serve
     assert host["NanoCpus"] == 1_000_000_000 and host["Memory"] == 1024 * 1024 * 1024
     assert host["RestartPolicy"]["Name"] in ("", "no")
     assert "registered as alpha--" in c.logs().decode()
+
+
+def test_a_log_directory_that_takes_no_log_leaves_no_container_behind(breakable_log_dir, run_serve, docker_backend,
+                                                                      lk_a):
+    log_dir, break_it = breakable_log_dir
+    alpha = Client("alpha", lk_a, min_idle=2, max_size=2)
+    serve = run_serve([alpha], backend="docker", workers={**docker_backend["workers"], "log_dir": str(log_dir)})
+    [ended, _] = serve.pool("alpha")["workers"]
+    break_it()  # the disk fills up (or turns read-only) while serve runs
+    subprocess.run(["docker", "kill", ended["ref"]], check=True, capture_output=True)  # an end: wait() saves, removes
+    wait_until(lambda: not [c for c in containers("alpha", all=True) if c.id.startswith(ended["ref"])], 30,
+               "the ended container removed though its log could not be saved")
+    wait_until(lambda: (p := serve.pool("alpha"))["idle"] == 2 and ended["id"] not in {w["id"] for w in p["workers"]},
+               60, "a replacement")
+    assert serve.stop() == 0  # a stop: stop() saves, removes
+    assert containers("alpha", all=True) == [], "no container left, running or exited"
+    assert "not saved" in serve.log()
+    assert not [p for p in log_dir.rglob("*.log") if p.stat().st_size]
 
 
 def test_a_killed_idle_container_is_replaced(run_serve, docker_backend, lk_a):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -59,12 +60,19 @@ def serve_from(tmp_path_factory, log_root: Path, stack: SupabaseStack):
 
     started = []
 
-    def start(wait_ready: bool = True, **source) -> Serve:
+    def start(wait_ready: bool = True, service_key: str | None = None, exits: bool = False, **source) -> Serve:
+        """A serve reading its clients from the stack; with ``exits``, one that must exit 1 at start."""
         workdir = tmp_path_factory.mktemp("sbserve", numbered=True)
         env = source_config(workdir / "clients.yaml", stack, **source)
+        if service_key is not None:
+            env["SUPABASE_SERVICE_KEY"] = service_key
         (log_root / workdir.name).mkdir(exist_ok=True)
         serve = Serve(workdir / "clients.yaml", env, log_root / workdir.name / "serve.log")
         started.append(serve)
+        if exits:
+            with pytest.raises(AssertionError, match="serve exited with 1"):
+                serve.start()
+            return serve
         return serve.start(wait_ready=wait_ready)
 
     yield start
@@ -177,13 +185,118 @@ def test_supabase_unreachable_at_start_exits_1_unless_a_cache_file_stands_in(tab
     first.stop()
     stack.stop_postgrest()
     try:
-        with pytest.raises(AssertionError, match="serve exited with 1"):
-            serve_from()
+        failed = serve_from(exits=True)
+        assert "cannot start: cannot read clients from Supabase" in failed.log()
+        assert not zygote_started(failed), "the source is read before anything is booted"
         second = serve_from(cache_file=str(cache))
         assert second.trigger(alpha, "room-cached").status == 200
         assert metric_value(second.metrics(), "autonomite_client_source_up") == 0
     finally:
         stack.start_postgrest()
+
+
+def zygote_started(serve) -> bool:  # noqa: ANN001 - a tests.support.Serve
+    """Whether this serve booted its zygote (whose log sits in the workers' log_dir)."""
+    return (serve.config.parent / "workers" / "zygote.log").exists() or "autonomite.zygote" in serve.log()
+
+
+def source_status(serve) -> dict:  # noqa: ANN001 - a tests.support.Serve
+    return serve.get("/api/v1/containers/pool/stats", token=serve.admin).body["source"]
+
+
+def reload(serve) -> dict:  # noqa: ANN001 - a tests.support.Serve
+    """Read the table now (the admin reload polls synchronously) and return what changed."""
+    r = serve.request("POST", "/api/v1/admin/reload", token=serve.admin)
+    assert r.status == 200, r.body
+    return r.body
+
+
+@pytest.mark.parametrize("order", ["copy, then rename the holder", "rename the holder, then copy"])
+def test_a_copied_token_stays_with_the_client_that_held_it(table, serve_from, lk_a, order):
+    alpha = Client("alpha", lk_a)
+    table.insert(row(alpha)).execute()
+    serve = serve_from(poll_interval_s=3600)  # only the reloads below read the table
+    dup = Client("dup", lk_a, token=alpha.token)
+
+    def copy() -> None:
+        table.insert(row(dup)).execute()
+        assert reload(serve) == {"added": [], "removed": [], "changed": []}
+
+    def rename() -> None:  # PostgreSQL then returns alpha's row after dup's
+        table.update({"name": "Alpha Renamed"}).eq("id", "alpha").execute()
+        assert reload(serve)["changed"] == ["alpha"], "the holder's own edit is applied"
+
+    for step in (copy, rename) if order.startswith("copy") else (rename, copy):
+        step()
+    for _ in range(3):  # the verdict holds poll after poll
+        assert reload(serve) == {"added": [], "removed": [], "changed": []}
+    assert source_status(serve)["bad_rows"] == {"dup": "api_token: shared with client 'alpha'"}
+    assert "dup" not in serve.stats()
+    assert serve.trigger(dup, "room-dup").body["error"] == "unknown_client"
+    serve.start_session(alpha, "room-alpha")
+
+
+TOO_LONG = "/" + "k" * 5000  # Path.is_dir() raises OSError (file name too long)
+
+
+def test_a_knowledge_dir_too_long_to_check_is_a_bad_row_at_start(table, serve_from, lk_a, lk_b):
+    alpha, beta = Client("alpha", lk_a), Client("beta", lk_b)
+    table.insert([row(alpha), row(beta, knowledge_dir=TOO_LONG)]).execute()
+    serve = serve_from()
+    assert source_status(serve)["bad_rows"]["beta"].startswith("knowledge_dir: ")
+    assert "beta" not in serve.stats() and serve.trigger(alpha, "room-alpha").status == 200
+
+
+def test_a_knowledge_dir_too_long_to_check_is_a_bad_row_live_and_later_changes_arrive(table, serve_from, lk_a):
+    alpha = Client("alpha", lk_a)
+    table.insert(row(alpha)).execute()
+    serve = serve_from()
+    table.update({"knowledge_dir": TOO_LONG}).eq("id", "alpha").execute()  # alpha keeps its last good one
+    wait_until(lambda: "alpha" in source_status(serve)["bad_rows"], 30, "alpha's row reported bad")
+    assert source_status(serve)["bad_rows"]["alpha"].startswith("knowledge_dir: ")
+    gamma = Client("gamma", lk_a)
+    table.insert(row(gamma)).execute()
+    wait_until(lambda: serve.pool("gamma").get("idle", 0) >= 1, 60, "a later change to be applied")
+    status = source_status(serve)
+    assert status["up"] and status["down_reason"] is None and status["last_read_s_ago"] < 5
+    assert serve.trigger(alpha, "room-alpha").status == 200
+    assert "Traceback" not in serve.log()
+
+
+def test_a_start_from_the_cache_serves_a_rows_last_good_configuration(table, serve_from, stack, lk_a, lk_b, tmp_path):
+    alpha, beta = Client("alpha", lk_a), Client("beta", lk_b)
+    table.insert([row(alpha), row(beta)]).execute()
+    cache = tmp_path / "clients-cache.json"
+    first = serve_from(cache_file=str(cache))
+    table.update({"livekit_api_secret": ""}).eq("id", "beta").execute()
+    wait_until(lambda: "beta" in source_status(first)["bad_rows"], 30, "beta's row reported bad")
+    gamma = Client("gamma", lk_a, min_idle=0)  # a change after beta turned bad: the cache is rewritten
+    table.insert(row(gamma)).execute()
+    wait_until(lambda: cache.exists() and "gamma" in {r["id"] for r in json.loads(cache.read_text())}, 30,
+               "the cache rewritten after beta turned bad")
+    first.stop()
+    stack.stop_postgrest()
+    try:
+        second = serve_from(cache_file=str(cache))
+        assert source_status(second)["down_reason"].startswith("unreachable: ")
+        assert set(second.stats()) == {"alpha", "beta", "gamma"}
+        second.start_session(beta, "room-beta-cached")
+    finally:
+        stack.start_postgrest()
+
+
+def test_the_anon_key_stops_serve_at_start_even_with_a_cache(table, serve_from, stack, lk_a, tmp_path):
+    alpha = Client("alpha", lk_a)
+    table.insert(row(alpha)).execute()
+    cache = tmp_path / "clients-cache.json"
+    serve_from(cache_file=str(cache)).stop()
+    assert cache.exists()
+    failed = serve_from(exits=True, service_key=stack.anon_key, cache_file=str(cache))
+    errors = [line for line in failed.log().splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "cannot start: Supabase at" in errors[0], errors
+    assert "refused the key (HTTP 401, 42501: permission denied for table clients)" in errors[0]
+    assert "starting from the cache" not in failed.log(), "the cache never stands in for a wrong key"
+    assert not zygote_started(failed), "the source is read before anything is booted"
 
 
 def test_clients_push_then_list_round_trips_a_yaml_file(table, stack, lk_a, lk_b, tmp_path):

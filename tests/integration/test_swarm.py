@@ -122,6 +122,6 @@ def test_an_image_the_swarm_does_not_have_is_a_clear_start_error(run_serve, swar
     delta = Client("delta", lk_a, min_idle=1, max_size=1)
     serve = run_serve([delta], wait_ready=False, backend="swarm",
                       workers={"image": "autonomite-agent:never-loaded", "engine_url": swarm.url})
-    pool = wait_until(lambda: (p := serve.pool("delta")) and p["last_error"] and p, 60, "a failed start")
+    pool = wait_until(lambda: (p := serve.pool("delta")) and p["last_error"] and p, 150, "a failed start")  # generous: a busy 2-core CI
     assert "not found on the manager" in pool["last_error"] and pool["idle"] == 0
     assert not services(swarm, "delta")

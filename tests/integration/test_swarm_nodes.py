@@ -24,7 +24,7 @@ import pytest
 
 from runtime.devserver import LiveKitServer
 from tests.netns import NetNs, inside, link
-from tests.support import Client, LiveKitProject, new_secret, wait_until
+from tests.support import Client, LiveKitProject, Serve, new_secret, wait_until
 from tests.swarm_stack import PrivateSwarm, save_image
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"), reason="needs root and iproute2")
@@ -108,15 +108,82 @@ def test_placement_puts_a_clients_workers_on_the_node_it_names(nodes, run_serve)
     wait_until(lambda: no_workers_left(nodes), 90, "every service and container of the test gone")
 
 
-def test_a_lost_node_s_workers_are_replaced_on_the_node_that_is_left(nodes, run_serve):
-    """Runs last: it stops node B for good."""
+def node_b_state(nodes: Nodes) -> str:
+    return nodes.a.engine.nodes.get(nodes.b.node_id).attrs["Status"]["State"]
+
+
+@contextlib.contextmanager
+def partitioned(nodes: Nodes):
+    """Node B cut off for the block: its end of the link down, its dockerd and containers
+    still running. Then the link is back, and so is B (ready) before the next test."""
+    nodes.b.netns.cut()
+    try:
+        yield
+    finally:
+        nodes.b.netns.cut(False)
+        wait_until(lambda: node_b_state(nodes) == "ready", 90, "node B back in the swarm", interval=0.5)
+
+
+def two_workers_one_on_each_node(nodes: Nodes, run_serve) -> tuple[Client, Serve, str]:
+    """alpha with 2 idle workers, unconstrained: Swarm puts one on each node. Returns B's."""
     wait_until(lambda: no_workers_left(nodes), 90, "a clean swarm")
     alpha = Client("alpha", nodes.livekit, min_idle=2, max_size=3)
     serve = run_serve([alpha], **nodes.backend)
     placed = wait_until(lambda: len(p := placement(nodes, "alpha")) == 2 and p, 30, "two placed workers")
     # Swarm spreads by the nodes' task counts: one worker on each node.
     assert sorted(placed.values()) == ["a", "b"], placed
-    [lost] = [w for w, node in placed.items() if node == "b"]
+    [on_b] = [w for w, node in placed.items() if node == "b"]
+    return alpha, serve, on_b
+
+
+def test_a_partitioned_node_s_workers_leave_the_pool_once_it_is_down(nodes, run_serve):
+    """The link is cut, not the node stopped: B's dockerd and its worker run on, unreachable,
+    and the manager cannot read that worker's log. Its end and removal must not wait on it."""
+    alpha, serve, lost = two_workers_one_on_each_node(nodes, run_serve)
+    with partitioned(nodes):
+        cut_at = time.monotonic()
+        wait_until(lambda: node_b_state(nodes) == "down", 60, "the manager to mark node B down", interval=0.25)
+        down_at = time.monotonic()
+        wait_until(lambda: lost not in {w["id"] for w in serve.pool("alpha")["workers"]}, 5,
+                   "the partitioned node's worker out of the pool within 5 s of `down`")
+        left_at = time.monotonic()
+
+        def replaced() -> bool:
+            pool, where = serve.pool("alpha"), placement(nodes, "alpha")
+            return pool["idle"] >= 2 and all(where.get(w["id"]) == "a" for w in pool["workers"])
+
+        wait_until(replaced, 30, "min_idle again, on node A only", interval=0.25)
+        print(f"partition: B down {down_at - cut_at:.1f} s after the cut; its worker left the pool "
+              f"{left_at - down_at:.1f} s later; min_idle on A {time.monotonic() - down_at:.1f} s after down")
+        assert len(serve.pool("alpha")["workers"]) <= 3
+        r = serve.trigger(alpha, "room-partition")
+        assert r.status == 200, r.body
+        wait_until(lambda: in_room(nodes, "room-partition", r.body["worker_id"]), 30, "the agent in the room")
+        nodes.livekit.delete_room("room-partition")
+    # Back on the link, B learns that the lost worker's service is gone and stops its task.
+    wait_until(lambda: not [c for c in nodes.b.containers() if c.labels.get("autonomite.worker") == lost], 60,
+               "the lost worker's container gone from node B", interval=0.5)
+    assert serve.stop() == 0
+    wait_until(lambda: no_workers_left(nodes), 90, "every service and container of the test gone")
+
+
+def test_a_runtime_stopped_during_a_partition_exits_promptly_and_leaves_no_service(nodes, run_serve):
+    """Stopped just after the cut, before B is marked down: the worker on B cannot give its
+    log, and stopping it must not wait for it longer than the log's bound."""
+    _, serve, _ = two_workers_one_on_each_node(nodes, run_serve)
+    with partitioned(nodes):
+        began = time.monotonic()
+        code = serve.stop(timeout=60)
+        took = time.monotonic() - began
+        print(f"serve stopped {took:.1f} s after SIGTERM with node B cut off")
+        assert code == 0 and took < 20, (code, took)
+        assert nodes.a.engine.services.list() == [], "every service removed on the manager"
+    wait_until(lambda: no_workers_left(nodes), 90, "node B's container stopped once it is back")
+
+
+def test_a_lost_node_s_workers_are_replaced_on_the_node_that_is_left(nodes, run_serve):
+    """Runs last: it stops node B for good."""
+    alpha, serve, lost = two_workers_one_on_each_node(nodes, run_serve)
 
     nodes.b.stop_engine()  # node B is gone: its dockerd stops, and with it its containers
     gone_at = time.monotonic()

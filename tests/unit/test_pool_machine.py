@@ -264,6 +264,35 @@ def test_draining_stops_idle_workers_lets_leased_finish_then_reports_drained():
     assert Drained() in m.reconcile(4)
 
 
+def test_a_shutdown_drain_stops_idle_workers_as_shutdown_and_keeps_the_session():
+    m = machine(min_idle=2)
+    warm(m)
+    m.lease("L1", 2)
+    m.drain("shutdown")
+    effects = m.reconcile(2)
+    assert stopped(effects) == ["w2"] and m.workers["w2"].retire_cause == "shutdown"
+    assert m.workers["w1"].state == "leased" and spawned(effects) == []
+    m.exited("w2", 0, 3)
+    assert Exited("w2", "shutdown", 0) in m.reconcile(3)
+    m.exited("w1", 0, 40)
+    effects = m.reconcile(40)
+    assert Exited("w1", "session_end", 0) in effects and Drained() in effects
+
+
+def test_a_draining_pool_waits_for_an_adopted_workers_probe_before_stopping_it():
+    """A pool started again during a shutdown drain adopts a worker that may be mid-session:
+    stopping it before its probe answered would cut that call."""
+    m = machine(min_idle=1)
+    m.adopt("a1", "acme--a1", "v1", 0)
+    m.drain("shutdown")
+    assert stopped(m.reconcile(0)) == [] and Drained() not in m.reconcile(0)
+    m.status("a1", True, "busy", "L0", 1)
+    assert stopped(m.reconcile(1)) == [] and m.workers["a1"].state == "leased"
+    m.adopt("a2", "acme--a2", "v1", 1)  # and one that turns out idle goes as soon as it says so
+    m.status("a2", True, "idle", None, 2)
+    assert stopped(m.reconcile(2)) == ["a2"]
+
+
 def test_a_retired_worker_whose_start_answer_comes_late_is_stopped():
     m = machine()
     m.reconcile(0)

@@ -7,7 +7,7 @@ import threading
 import pykka
 import pytest
 
-from actors.messages import ShutdownAll, StartChild, StopChild
+from actors.messages import Drain, DrainChildren, ShutdownAll, StartChild, StopChild
 from actors.supervisor import ChildSpec, Directory, Restart, Supervised, Supervisor
 from tests.support import wait_until
 
@@ -158,3 +158,58 @@ def test_shutdown_also_stops_draining_children(tree):
     sup.ask(StopChild("pool:gone", graceful=True))
     sup.ask(ShutdownAll())
     assert not ref.is_alive() and directory.with_prefix("", draining=True) == {}
+
+
+class Records(Drains):
+    """A draining child that records why it drains."""
+
+    whys: list[str] = []
+
+    def on_receive(self, message):
+        if isinstance(message, Drain):
+            Records.whys.append(message.why)
+        if isinstance(message, Boom):
+            raise RuntimeError("boom")
+        return super().on_receive(message)
+
+
+def test_draining_every_pool_lets_them_finish_and_says_when_the_last_is_gone(tree):
+    sup, directory, _, restarts, _ = tree
+    Records.whys = []
+    for name in ("pool:a", "pool:b", "scaler"):
+        sup.ask(StartChild(ChildSpec(name, Records.start)))
+    a, b = directory.get("pool:a"), directory.get("pool:b")
+    drained = threading.Event()
+    sup.ask(DrainChildren("pool:", drained.set))
+    assert Records.whys == ["shutdown", "shutdown"] and directory.get("scaler") is not None
+    assert directory.with_prefix("pool:") == {} and set(directory.with_prefix("pool:", draining=True)) == {"a", "b"}
+    sup.ask(StartChild(ChildSpec("pool:new", Records.start)))  # a client added meanwhile: not started
+    assert directory.get("pool:new") is None
+    a.tell("done")
+    wait_until(lambda: not a.is_alive(), 5, "pool a to stop")
+    assert not drained.is_set()
+    b.tell("done")
+    assert drained.wait(5), "the runtime must hear that the last pool is gone"
+    assert restarts == []
+
+
+def test_draining_with_no_pool_at_all_is_drained_at_once(tree):
+    sup, _, _, _, _ = tree
+    drained = threading.Event()
+    sup.ask(DrainChildren("pool:", drained.set))
+    assert drained.is_set()
+
+
+def test_a_pool_that_crashes_while_the_runtime_drains_is_started_again_and_drains(tree):
+    sup, directory, gave_up, restarts, _ = tree
+    Records.whys = []
+    sup.ask(StartChild(ChildSpec("pool:a", Records.start)))
+    drained = threading.Event()
+    sup.ask(DrainChildren("pool:", drained.set))
+    first = directory.get("pool:a", draining=True)
+    first.tell(Boom())
+    wait_until(lambda: (ref := directory.get("pool:a", draining=True)) is not None and ref is not first, 5,
+               "a new incarnation to drain")
+    assert Records.whys == ["shutdown", "shutdown"] and not drained.is_set() and restarts == ["pool:a"]
+    directory.get("pool:a", draining=True).tell("done")
+    assert drained.wait(5) and gave_up == []
