@@ -109,6 +109,22 @@ def make_stt(config: dict | None) -> Any:
     return plugin.STT(model=model, api_key=config["api_key"])
 
 
+def audio_input(agent: dict) -> Any:
+    """The session's audio input (livekit-agents' ``RoomOptions.audio_input``): none without
+    an STT; with the offline STT, none of livekit-agents' automatic gain control. pocketsphinx
+    normalises a steady gain itself (CMN), and the AGC's boost at a session's start clipped
+    the caller's first words ("seven three one nine" heard as "seven three one i"). A cloud
+    STT keeps livekit-agents' default."""
+    stt = agent.get("stt") or {}
+    if not stt:
+        return False
+    if stt.get("provider") == "offline":
+        from livekit.agents.voice.room_io import AudioInputOptions
+
+        return AudioInputOptions(auto_gain_control=False)
+    return True
+
+
 def make_tts(config: dict | None, voice_id: str) -> Any:
     if not config:
         return None

@@ -149,7 +149,7 @@ async def run_session(
         room=ctx.room,
         room_options=RoomOptions(
             text_input=False,  # typed turns: agent.turns.TypedTurns
-            text_output=True, audio_input=stt is not None, audio_output=tts is not None,
+            text_output=True, audio_input=providers.audio_input(config), audio_output=tts is not None,
             close_on_disconnect=False,  # the session's end is ours to decide: agent.presence
         ),
     )

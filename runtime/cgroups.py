@@ -115,11 +115,11 @@ class WorkerCgroup:
 
 
 def sweep_stale(where: Path, name: str) -> None:
-    """Remove what a runtime killed by SIGKILL left: ``<prefix>-<pid>`` parents whose pid is
-    gone, with their workers' cgroups (their workers died with it: PR_SET_PDEATHSIG)."""
-    prefix = name.rsplit("-", 1)[0] + "-"
+    """Remove what a runtime killed by SIGKILL left: ``<prefix>-<pid>-...`` parents whose pid
+    is gone, with their workers' cgroups (their workers died with it: PR_SET_PDEATHSIG)."""
+    prefix = name.split("-", 1)[0] + "-"
     for stale in where.glob(prefix + "*"):
-        pid = stale.name[len(prefix):]
+        pid = stale.name[len(prefix):].split("-", 1)[0]
         if not pid.isdigit() or stale.name == name or Path(f"/proc/{pid}").exists():
             continue
         version = 2 if (stale / "cgroup.controllers").exists() else 1

@@ -14,6 +14,7 @@ delegated), says in one log line what it could not, and refuses to start when
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import stat
@@ -29,6 +30,7 @@ from runtime.cgroups import CgroupError, CgroupTree, WorkerCgroup
 logger = logging.getLogger("autonomite.isolation")
 
 _PR_SET_DUMPABLE = 4
+_instances = itertools.count()
 # What giving each worker a uid of its own takes, when serve is not root: these, in its
 # effective set and as ambient capabilities (so the zygote keeps them across its exec).
 CAP_SETGID, CAP_SETUID, CAP_SETPCAP = 6, 7, 8
@@ -94,7 +96,9 @@ class UidPool:
 class Isolation:
     """What this host allows, found once at start; then one :class:`Placement` per worker."""
 
-    def __init__(self, settings, name: str = f"autonomite-{os.getpid()}") -> None:  # noqa: ANN001
+    def __init__(self, settings, name: str = "") -> None:  # noqa: ANN001
+        # <pid>-<n>: two backends in one process (a benchmark) must not share a parent cgroup.
+        name = name or f"autonomite-{os.getpid()}-{next(_instances)}"
         self.settings = settings
         self.root = may_change_uids()
         self.uids = UidPool(settings.uids.first, settings.uids.count) if self.root else None

@@ -38,6 +38,9 @@ logger = logging.getLogger("autonomite")
 PEER_CHECK_S = 0.25  # how often a draining runtime looks for one listening beside it
 READY_CHECK_S = 0.25
 STILL_WARMING_LOG_S = 30.0
+HANDSHAKES_S = 0.1  # connections whose handshake began before the steering land within this
+LET_GO_S = 1.0  # the longest a listener waits for its accept queue to empty before it closes
+LAST_ANSWERS_S = 2.0  # at exit: connections get their answer (Connection: close) before the rest is cut
 
 
 @dataclass
@@ -62,9 +65,9 @@ class Listener:
         """No new connections. The ones it has stay: each closes after its next answer
         (``Connection: close`` while draining) or when idle past the header timeout.
         Closing an idle one here could drop a request already on its way."""
-        for site in self.sites:
+        sites, self.sites = self.sites, []  # taken first: a hand-over and the exit may both get here
+        for site in sites:
             await site.stop()
-        self.sites.clear()
 
     def close(self) -> None:
         for sock in self.socks:
@@ -127,6 +130,9 @@ async def serve_http(runtime: "Runtime", all_listeners: list[Listener], beside: 
     finally:
         for task in tasks:
             task.cancel()
+        lifecycle.draining = True  # the last answers close their connections
+        await _hand_over(all_listeners)
+        await _last_answers(all_listeners)
         for listener in all_listeners:
             if listener.runner is not None:
                 await listener.runner.cleanup()
@@ -181,16 +187,40 @@ async def _log_sessions(runtime: "Runtime") -> None:
 
 
 async def _give_way(all_listeners: list[Listener]) -> None:
-    """Draining: once another runtime listens on the gateway's address, stop listening, so
-    that every new connection reaches it. Until then keep answering (503 ``draining``)."""
+    """Draining: once another runtime listens on the gateway's address, hand the address
+    over to it. Until then keep answering (503 ``draining``)."""
     loop = asyncio.get_running_loop()
     gateway = all_listeners[0]
     while not gateway.sites or not await loop.run_in_executor(None, listeners.others_listening, gateway.socks):
         await asyncio.sleep(PEER_CHECK_S)
-    for listener in all_listeners:
-        await listener.stop_listening()
+    await _hand_over(all_listeners)
     logger.info("another runtime listens on %s:%d: stopped listening; the sessions in progress finish here",
                 gateway.host, gateway.port)
+
+
+async def _hand_over(all_listeners: list[Listener]) -> None:
+    """Stop listening without dropping a connection: new ones go to the runtime beside us
+    (if any), the ones the kernel queued for us are accepted, then the listeners close."""
+    loop = asyncio.get_running_loop()
+    socks = [sock for listener in all_listeners if listener.sites for sock in listener.socks]
+    if not socks:
+        return
+    listeners.steer_to_newest(socks)
+    deadline = loop.time() + LET_GO_S
+    await asyncio.sleep(HANDSHAKES_S)
+    while await loop.run_in_executor(None, listeners.queued, socks) and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    for listener in all_listeners:
+        await listener.stop_listening()
+
+
+async def _last_answers(all_listeners: list[Listener]) -> None:
+    """Before the connections are cut: those with a request on its way get their answer."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LAST_ANSWERS_S
+    runners = [listener.runner for listener in all_listeners if listener.runner is not None]
+    while loop.time() < deadline and any(r.server is not None and r.server.connections for r in runners):
+        await asyncio.sleep(0.05)
 
 
 async def _when_ready(runtime: "Runtime", all_listeners: list[Listener], lifecycle, beside: bool,

@@ -98,7 +98,7 @@ def open_dir():  # noqa: ANN201
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(params=[False, True], ids=["no-namespaces", "namespaces"])
+@pytest.fixture(params=[False, True], ids=["plain", "namespaces"])
 def tenants(request, run_serve, lk_a, lk_b, open_dir):  # noqa: ANN001, ANN201
     docs = {}
     for name in ("alpha", "beta"):
@@ -113,11 +113,11 @@ def tenants(request, run_serve, lk_a, lk_b, open_dir):  # noqa: ANN001, ANN201
                   agents=[{"name": "b", "system_prompt": "Beta", "enable_rag": True}])
     # The config is written 0644, as an operator's umask leaves it: serve must close it.
     serve = run_serve([alpha, beta], isolation={"namespaces": request.param}, workdir=open_dir)
-    return serve, alpha, beta, docs
+    return serve, alpha, beta, docs, request.param
 
 
 def test_a_worker_reaches_nothing_of_another_tenant_nor_of_the_runtime(tenants):
-    serve, alpha, beta, docs = tenants
+    serve, alpha, beta, docs, namespaces = tenants
     (a_id, a_pid), (a2_id, a2_pid) = workers(serve, "alpha")
     [(b_id, b_pid)] = workers(serve, "beta")
     zygote = zygote_of(serve.proc.pid)
@@ -145,8 +145,12 @@ def test_a_worker_reaches_nothing_of_another_tenant_nor_of_the_runtime(tenants):
                  "the admin API, its own token": (f"{gateway}/api/v1/containers/pool/stats", a_token)},
         "allocate_mb": 2 * MEMORY_MB,
     }
+    if namespaces:  # its own pid and mount namespaces: it does not even see the others
+        assert own_namespaces(a_pid) == ["--pid", "--mount"]
     report = run_probe(a_pid, plan)
     assert report["identity"] == [], "the probe must have exactly the worker's identity"
+    if namespaces:
+        assert report["results"]["beta's worker: read environ"] == "denied: ENOENT", report["results"]
     allowed = {k: v for k, v in report["results"].items() if not v.startswith("denied")}
     assert not allowed, json.dumps(allowed, indent=1)
     assert len(report["results"]) >= 45, report["results"]

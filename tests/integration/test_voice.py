@@ -13,12 +13,16 @@ exactly in trials; with pocketsphinx's general model, espeak-ng's voice is mostl
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
+from livekit import rtc
 
 from agent.offline_voice import Recognizer
+from runtime.chat import agent_replies
 from runtime.voice_io import caller
 from tests.support import Client, comm, converse, wait_until
 
@@ -29,23 +33,55 @@ PROMPT = "You are the front desk of Acme."
 VOICE = {"name": "desk", "system_prompt": PROMPT, "enable_rag": True,
          "stt": {"provider": "offline"}, "tts": {"provider": "offline"}}
 TEXT = {"name": "support", "system_prompt": PROMPT, "enable_rag": True}
+# Written in digits, as documents are; heard as words.
+NUMBERS = "The gate code is 7 3 1 9.\n\nThe door code is 4271.\n\nThe office opens at 9 in the morning.\n"
+# Without RAG the offline LLM repeats what it heard ("you said: ..."): the agent's transcript, in the room's text.
+ECHO = {"name": "echo", "system_prompt": PROMPT, "enable_rag": False,
+        "stt": {"provider": "offline"}, "tts": {"provider": "offline"}}
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def all_pids() -> list[int]:
     return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
 
 
+def knowledge_dir(folder: Path, text: str) -> str:
+    folder.mkdir()
+    (folder / "front-desk.txt").write_text(text)
+    return str(folder)
+
+
 @pytest.fixture
 def documents(tmp_path: Path) -> str:
-    folder = tmp_path / "acme-docs"
-    folder.mkdir()
-    (folder / "front-desk.txt").write_text(DOCUMENTS)
-    return str(folder)
+    return knowledge_dir(tmp_path / "acme-docs", DOCUMENTS)
+
+
+@pytest.fixture
+def number_documents(tmp_path: Path) -> str:
+    return knowledge_dir(tmp_path / "acme-numbers", NUMBERS)
 
 
 @pytest.fixture(scope="module")
 def ears_model() -> Recognizer:
     return Recognizer([DOCUMENTS, PROMPT])
+
+
+async def transcripts(url: str, token: str, lines: list[tuple[str, ...]], pause_s: float = 0.0) -> list[str]:
+    """Say each line (its parts ``pause_s`` of exact zeros apart, as a muted microphone or a
+    phone leg sends) to an ECHO agent, and return what it heard, turn by turn. Each echo is
+    also waited out as audio, so the next line never talks over it. Deadlines are generous:
+    a busy CPU slows the agent, not what it hears."""
+    room = rtc.Room()
+    said = agent_replies(room)
+    heard = []
+    async with caller(url, token, Recognizer([NUMBERS, PROMPT]), room=room) as (ears, mouth):
+        await asyncio.wait_for(said.get(), 60)  # the greeting
+        await ears.answer(60)
+        for parts in lines:
+            await mouth.say(*parts, pause_s=pause_s)
+            heard.append((await asyncio.wait_for(said.get(), 60))[1])
+            await ears.answer(60)
+    return heard
 
 
 async def call(url: str, token: str, recognizer: Recognizer, lines: list[str], timeout: float = 30.0) -> list[str]:
@@ -73,8 +109,10 @@ def test_a_spoken_question_gets_a_spoken_answer_from_the_clients_documents(
     greeting, answer = asyncio.run(call(r.body["livekit_url"], r.body["participant_token"], ears_model,
                                         ["What is the door code?"]))
     print(f"heard: {greeting!r}, then {answer!r}")
-    # The greeting came as audio (the offline LLM says "Hello ... how can I help you today").
-    assert "hello" in greeting and "help" in greeting, greeting
+    # The greeting came as audio (the offline LLM says "Hello, I'm the assistant for Acme.
+    # How can I help you today?"). Its end is what the caller's model hears reliably: the
+    # opening "Hello, I'm" was once heard as "will".
+    assert "help you today" in greeting, greeting
     # Heard through pocketsphinx, found in the client's documents, spoken by espeak-ng.
     assert "four two seven one" in answer, answer
     # Every espeak-ng the agent ran has ended: none outlives its sentence (an orphan would
@@ -138,15 +176,71 @@ def test_voice_and_text_sessions_run_side_by_side_on_one_client(run_serve, lk_a,
 
 
 def test_autonomite_chat_voice_speaks_a_line_and_prints_what_the_agent_said_aloud(run_serve, lk_a, documents):
-    from tests.support import ChatProcess, wait_until
-
     acme = Client("acme", lk_a, min_idle=1, max_size=1, agents=[VOICE], knowledge_dir=documents)
     serve = run_serve([acme])
-    chat = ChatProcess(serve, acme, "--agent", "desk", "--room", "room-chat-voice", "--voice", "--words", documents)
+    chat_voice(serve, acme, "room-chat-voice", documents, "What is the door code?",
+               ("heard> ", "four two seven one"))
+
+
+def chat_voice(serve, client: Client, room: str, words: str, question: str, *expected: tuple[str, str]) -> None:
+    """`autonomite chat --agent desk --voice --words WORDS`, as the README runs it: the greeting
+    is heard aloud, ``question`` is typed (and spoken into the room), and each (prefix, text)
+    in ``expected`` must be printed."""
+    from tests.support import ChatProcess
+
+    chat = ChatProcess(serve, client, "--agent", "desk", "--room", room, "--voice", "--words", words)
     try:
         wait_until(lambda: chat.printed("heard> ", "hello"), 60, "the greeting, heard from the agent's audio")
-        chat.type("What is the door code?")
-        wait_until(lambda: chat.printed("heard> ", "four two seven one"), 60, "the spoken answer, transcribed")
+        chat.type(question)
+        for prefix, text in expected:
+            wait_until(lambda: chat.printed(prefix, text), 90, f"{prefix!r} with {text!r}")
         assert chat.leave() == 0
     finally:
         chat.close()
+        print("chat printed:\n" + "".join(chat.lines))  # shown when the test fails
+
+
+def test_a_caller_who_reads_out_a_documents_digits_is_heard_right(run_serve, lk_a, number_documents):
+    """The document says "7 3 1 9" and "4271"; the caller reads them out as people do: digit by
+    digit, as a number, or in pairs. Before numbers were in the model, "seven three one nine"
+    was heard as "said and free when night". ("four two seven one" is in the model too, but
+    not asserted here: espeak-ng's "seven one" is close to cmudict's "seventy" without its
+    t, and was heard as "seventy one" in 2 of 5 trials.)"""
+    acme = Client("acme", lk_a, min_idle=1, max_size=1, agents=[ECHO], knowledge_dir=number_documents)
+    serve = run_serve([acme])
+    r = serve.trigger(acme, "room-digits", agent="echo")
+    assert r.status == 200, r.body
+    lines = [("seven three one nine",), ("four thousand two hundred seventy one",), ("forty two seventy one",)]
+    heard = asyncio.run(transcripts(r.body["livekit_url"], r.body["participant_token"], lines))
+    assert heard == [f"you said: {line[0]}" for line in lines], heard
+
+
+def test_a_pause_of_digital_silence_mid_question_is_heard_through(run_serve, lk_a, number_documents):
+    """A caller stops for 1.2 s of exact zeros (a muted microphone, a phone leg without
+    comfort noise) in the middle of each of four questions; the agent's end_of_turn_s of 2 s
+    waits it out, so each question is one turn, and each must be heard word for word. Before
+    the recognizer filled digital silence, such a question was garbled in 3 of 4 tries ("what
+    is the gate code" as "why is at day so"): four in a row would all but never pass."""
+    patient = {**ECHO, "end_of_turn_s": 2.0}
+    acme = Client("acme", lk_a, min_idle=1, max_size=1, agents=[patient], knowledge_dir=number_documents)
+    serve = run_serve([acme])
+    r = serve.trigger(acme, "room-muted-pause", agent="echo")
+    assert r.status == 200, r.body
+    lines = [("What is", "the gate code?"), ("Where is", "the door code?")] * 2
+    heard = asyncio.run(transcripts(r.body["livekit_url"], r.body["participant_token"], lines, pause_s=1.2))
+    assert heard == ["you said: what is the gate code", "you said: where is the door code"] * 2, heard
+
+
+def test_autonomite_chat_voice_hears_the_digits_in_an_answer_on_the_readme_desk_config(run_serve, lk_a):
+    """The README's own `desk` agent and Acme documents (config/clients.example.yaml), run as
+    the README shows: the answer says "within 30 days", which espeak-ng says as "thirty", and
+    `chat --voice --words config/knowledge/acme` must hear it."""
+    text = (ROOT / "config" / "clients.example.yaml").read_text()
+    example = yaml.safe_load(re.sub(r"\$\{\w+\}", "unused", text))  # its ${VAR}s are not read here
+    readme_acme = next(c for c in example["clients"] if c["id"] == "acme")
+    desk = next(a for a in readme_acme["agents"] if a["name"] == "desk")
+    knowledge = str(ROOT / readme_acme["knowledge_dir"])
+    acme = Client("acme", lk_a, min_idle=1, max_size=1, agents=[desk], knowledge_dir=knowledge)
+    serve = run_serve([acme])
+    chat_voice(serve, acme, "room-chat-digits", knowledge, "When are returns accepted?",
+               ("agent> ", "within 30 days"), ("heard> ", "within thirty days"))

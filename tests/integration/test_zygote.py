@@ -121,9 +121,18 @@ def test_sigkill_of_serve_leaves_no_zygote_and_no_worker(run_serve, lk_a):
     workers = [int(r) for r in refs(serve, "alpha")]
     for pid in workers:
         assert_forked(pid, serve.proc.pid)
+    cgroups = [Path(f"/sys/fs/cgroup/{c}{line.split(':', 2)[2]}").parent for c in ("memory", "pids")
+               for line in Path(f"/proc/{workers[0]}/cgroup").read_text().splitlines() if line.split(":")[1] == c]
+    assert all(p.name.startswith(f"autonomite-{serve.proc.pid}-") for p in cgroups), cgroups
     serve.proc.send_signal(signal.SIGKILL)
     serve.proc.wait(10)
     wait_until(lambda: not any(pid_alive(p) for p in [zygote, *workers]), 30, "the zygote and every worker gone")
+    # Its cgroups outlive it (nobody was left to remove them); the next runtime removes them.
+    from runtime.cgroups import sweep_stale
+
+    for parent in cgroups:
+        sweep_stale(parent.parent, f"autonomite-{os.getpid()}-x")
+    assert not any(p.exists() for p in cgroups)
 
 
 def test_serve_keeps_its_pools_full_while_the_zygote_is_down_and_gets_it_back(run_serve, lk_a):

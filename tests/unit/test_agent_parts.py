@@ -54,6 +54,14 @@ def test_providers_default_to_offline_and_build_real_plugins_when_configured():
     assert isinstance(tts, elevenlabs.TTS)
 
 
+def test_the_offline_stt_hears_the_caller_without_livekit_agents_gain_control():
+    """Its start-of-session boost clipped a caller's first words (see providers.audio_input)."""
+    offline = providers.audio_input({"stt": {"provider": "offline"}})
+    assert offline.auto_gain_control is False
+    assert providers.audio_input({"stt": {"provider": "deepgram", "api_key": "dg"}}) is True  # livekit-agents' default
+    assert providers.audio_input({"name": "typed"}) is False  # no STT: no audio in
+
+
 def test_only_an_offline_stt_agent_chooses_its_silence_window():
     from agent.providers import DEFAULT_END_OF_TURN_S, silence_window
 

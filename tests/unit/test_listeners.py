@@ -87,3 +87,40 @@ def test_sd_notify_sends_the_state_to_systemds_socket(tmp_path, monkeypatch):
         assert sock.recv(100) == b"READY=1"
     monkeypatch.delenv("NOTIFY_SOCKET")
     listeners.sd_notify("READY=1")  # no systemd: nothing, and no error
+
+
+def _accepted(sock: socket.socket) -> int:
+    n = 0
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return n
+        conn.close()
+        n += 1
+
+
+def test_the_old_listener_steers_every_new_connection_to_the_new_one_and_its_queue_empties():
+    port = free_port()
+    old, new = listeners.bind("127.0.0.1", port), listeners.bind("127.0.0.1", port)
+    third: list[socket.socket] = []
+    clients = []
+    try:
+        old[0].listen()
+        new[0].listen()
+        clients += [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        assert listeners.queued(old) + listeners.queued(new) == 4  # the kernel's hash: wherever
+        _accepted(old[0]), _accepted(new[0])
+        assert listeners.queued(old) == 0
+        listeners.steer_to_newest(old)
+        clients += [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        assert listeners.queued(old) == 0 and listeners.queued(new) == 20  # none for the old one
+        old[0].close()
+        assert _accepted(new[0]) == 20
+        third += listeners.bind("127.0.0.1", port)  # the next restart: the newest gets them all at once
+        third[0].listen()
+        clients += [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        assert listeners.queued(third) == 5 and listeners.queued(new) == 0
+    finally:
+        for s in old + new + third + clients:
+            s.close()

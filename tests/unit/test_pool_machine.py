@@ -180,6 +180,25 @@ def test_a_leased_worker_exit_ends_its_session(code, cause):
     assert spawned(effects) == ["w2"]  # refilled
 
 
+def test_a_worker_killed_at_its_memory_limit_exits_as_oom_whatever_it_was_doing():
+    m = machine(min_idle=2)
+    warm(m)
+    m.lease("L1", 2)
+    m.exited("w1", -9, 3, oom=True)  # leased: its session failed
+    m.exited("w2", -9, 3, oom=True)  # idle, and retired meanwhile or not: oom is what happened
+    effects = m.reconcile(3)
+    assert Exited("w1", "oom", -9) in effects and SessionOver("w1", failed=True) in effects
+    assert Exited("w2", "oom", -9) in effects and m.failures == 0
+
+
+def test_a_start_killed_at_its_memory_limit_backs_off():
+    m = machine()
+    m.reconcile(0)
+    m.exited("w1", -9, 1, oom=True)
+    effects = m.reconcile(1)
+    assert Exited("w1", "oom", -9) in effects and m.failures == 1 and "memory limit" in m.last_error
+
+
 def test_resize_is_clamped_between_min_idle_and_max_size():
     m = machine(min_idle=1, max_size=3)
     m.resize(10)

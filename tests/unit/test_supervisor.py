@@ -181,7 +181,9 @@ def test_draining_every_pool_lets_them_finish_and_says_when_the_last_is_gone(tre
     a, b = directory.get("pool:a"), directory.get("pool:b")
     drained = threading.Event()
     sup.ask(DrainChildren("pool:", drained.set))
-    assert Records.whys == ["shutdown", "shutdown"] and directory.get("scaler") is not None
+    # The supervisor tells each pool to drain; each hears it on its own thread.
+    wait_until(lambda: Records.whys == ["shutdown", "shutdown"], 5, "both pools to hear why they drain")
+    assert directory.get("scaler") is not None
     assert directory.with_prefix("pool:") == {} and set(directory.with_prefix("pool:", draining=True)) == {"a", "b"}
     sup.ask(StartChild(ChildSpec("pool:new", Records.start)))  # a client added meanwhile: not started
     assert directory.get("pool:new") is None
