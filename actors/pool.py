@@ -318,6 +318,7 @@ class PoolActor(Supervised):
             status_port=port,
             catalog=[a.for_worker() for a in self.client.agents],
             user_join_timeout_s=self.settings.user_join_timeout_s,
+            rejoin_grace_s=self.settings.rejoin_grace_s,
             status_token=self._token(worker_id),
             orphan_timeout_s=self.settings.orphan_timeout_s,
         )

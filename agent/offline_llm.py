@@ -8,6 +8,7 @@ answer from it, so the tests can see that priming and retrieval reached the mode
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
@@ -53,6 +54,10 @@ def compose_reply(messages: list[tuple[str, str]]) -> str:
 
 
 class OfflineLLM(llm.LLM):
+    def __init__(self, first_token_s: float = 0.0) -> None:
+        super().__init__()
+        self.first_token_s = first_token_s  # a cloud LLM's time to first token, if asked to stand in for it
+
     @property
     def model(self) -> str:
         return "autonomite-offline"
@@ -77,6 +82,8 @@ class _OfflineStream(llm.LLMStream):
         messages = [(item.role, _text(item)) for item in self._chat_ctx.items if hasattr(item, "role")]
         reply = compose_reply(messages)
         request_id = uuid.uuid4().hex
+        if self._llm.first_token_s:
+            await asyncio.sleep(self._llm.first_token_s)
         for i, word in enumerate(reply.split(" ")):
             piece = word if i == 0 else " " + word
             self._event_ch.send_nowait(

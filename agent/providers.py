@@ -92,7 +92,7 @@ def vad(end_of_turn_s: float = DEFAULT_END_OF_TURN_S) -> Any:
 def make_llm(config: dict | None) -> Any:
     config = config or {}
     if config.get("provider", "offline") == "offline":
-        return OfflineLLM()
+        return OfflineLLM(float(config.get("first_token_s") or 0.0))
     openai = _plugin("openai")
     return openai.LLM(model=config.get("model") or "gpt-4o-mini", api_key=config["api_key"])
 

@@ -5,9 +5,15 @@ enhanced system prompt comes from ``agent.priming``; the LLM, STT and TTS from t
 config (``agent.providers``: offline, text-only by default). With ``enable_rag`` every user
 turn gets the best passages from the client's own documents.
 
-The session ends when the room ends, when the last end user leaves, or when no end user
-has joined within ``user_join_timeout_s`` (a trigger whose user never came must
-not hold a warm worker forever).
+The session ends when the room ends, when no end user has been in the room for
+``rejoin_grace_s`` after the last one left (agent.presence: a caller who reconnects leaves
+and joins again), or when no end user has joined within ``user_join_timeout_s`` (a
+trigger whose user never came must not hold a warm worker forever).
+
+The greeting comes first, whatever the caller does: a typed message or a spoken turn that
+arrives before the greeting has been said waits for it, and is then answered once.
+Answering it at once interrupted the greeting (lost), and the greeting's own reply could
+read the caller's message and answer it too (answered twice).
 """
 
 from __future__ import annotations
@@ -15,27 +21,53 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import weakref
+from collections.abc import AsyncIterable
 from typing import Any
 
 from livekit import api, rtc
-from livekit.agents import Agent, AgentSession, JobContext, llm
+from livekit.agents import Agent, AgentSession, JobContext, llm, stt
 from livekit.agents.voice.room_io import RoomOptions
 
-from agent import priming, providers
+from agent import hearing, priming, providers
 from agent.offline_llm import KNOWLEDGE_HEADER
+from agent.hearing import Hearing
+from agent.presence import Presence, users
 from agent.rag import KnowledgeBase
+from agent.turns import TypedTurns, background
 
 logger = logging.getLogger("autonomite.agent.session")
 
+GREETING_RELEASE_S = 2.0  # the session lets go of a said greeting within this (agent_activity)
 CONNECT_TIMEOUT_S = 10.0  # joining takes well under a second; longer means the room is gone
 
 
 class PrimedAgent(Agent):
-    """The agent with its primed instructions and, with RAG on, its client's knowledge."""
+    """The agent with its primed instructions and, with RAG on, its client's knowledge.
+    ``greeted`` is set once the greeting has been said: the caller's words wait for it."""
 
     def __init__(self, instructions: str, knowledge: KnowledgeBase | None) -> None:
         super().__init__(instructions=instructions)
         self.knowledge = knowledge
+        self.greeted = asyncio.Event()
+        self.hearing = Hearing()
+
+    async def stt_node(self, audio: AsyncIterable, model_settings: Any) -> AsyncIterable[stt.SpeechEvent]:
+        # A caller's turn ends when its transcript comes (turn detection "vad" waits for
+        # it): held until the greeting has been said, a turn spoken over the greeting ends
+        # after it, and is answered instead of skipped (the greeting cannot be interrupted).
+        # The audio itself flows on meanwhile: nothing the caller says is lost.
+        async for event in Agent.default.stt_node(self, self._heard(audio), model_settings):
+            if not self.greeted.is_set():
+                await self.greeted.wait()
+            yield event
+
+    async def _heard(self, audio: AsyncIterable) -> AsyncIterable:
+        """The caller's audio on its way to the recognizer, each frame noted (agent.hearing)."""
+        loop = asyncio.get_running_loop()
+        async for frame in audio:
+            self.hearing.frame(loop.time())
+            yield frame
 
     def llm_node(self, chat_ctx: llm.ChatContext, tools: list, model_settings: Any) -> Any:
         # Here rather than in on_user_turn_completed: that hook runs for spoken turns only,
@@ -56,12 +88,12 @@ def with_passages(chat_ctx: llm.ChatContext, knowledge: KnowledgeBase) -> llm.Ch
     return chat_ctx
 
 
-def _is_user(p: rtc.RemoteParticipant) -> bool:
-    return p.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+_presence: "weakref.WeakKeyDictionary[JobContext, Presence]" = weakref.WeakKeyDictionary()
 
 
 async def run_session(
-    ctx: JobContext, catalog: list[dict], knowledge: KnowledgeBase | None, user_join_timeout_s: float
+    ctx: JobContext, catalog: list[dict], knowledge: KnowledgeBase | None, user_join_timeout_s: float,
+    rejoin_grace_s: float,
 ) -> None:
     """Join, start the agent, and return: the entrypoint never blocks on the end user.
 
@@ -80,6 +112,7 @@ async def run_session(
     instructions = priming.build_prompt(config.get("system_prompt"), info)
     use_rag = bool(config.get("enable_rag")) and knowledge is not None
 
+    typed = TypedTurns(ctx.room)  # before joining: a message may come with the join
     try:
         await asyncio.wait_for(ctx.connect(), CONNECT_TIMEOUT_S)
     except asyncio.TimeoutError:
@@ -105,22 +138,29 @@ async def run_session(
     # change nothing, a longer one would add to the window. Cloud STT keeps its own turns.
     pause = providers.silence_window(config)
     offline_voice = (config.get("stt") or {}).get("provider") == "offline"
-    turns = ({"turn_detection": "manual"} if stt is None else
-             {"turn_detection": "vad", "endpointing": {"min_delay": pause}} if offline_voice else {})
+    turns: dict = ({"turn_detection": "manual"} if stt is None else
+                   {"turn_detection": "vad", "endpointing": {"min_delay": pause}} if offline_voice else {})
+    if stt is not None:  # words said over the greeting reach the recognizer (answered after it)
+        turns["interruption"] = {"discard_audio_if_uninterruptible": False}
     session = AgentSession(llm=providers.make_llm(config.get("llm")), stt=stt, tts=tts, turn_handling=turns,
                            vad=providers.vad(pause) if stt is not None else None)
+    agent = PrimedAgent(instructions, knowledge if use_rag else None)
     await session.start(
-        PrimedAgent(instructions, knowledge if use_rag else None),
+        agent,
         room=ctx.room,
         room_options=RoomOptions(
-            text_input=True, text_output=True, audio_input=providers.audio_input(config), audio_output=tts is not None,
-            close_on_disconnect=False,  # the session's end is ours to decide, below
+            text_input=False,  # typed turns: agent.turns.TypedTurns
+            text_output=True, audio_input=providers.audio_input(config), audio_output=tts is not None,
+            close_on_disconnect=False,  # the session's end is ours to decide: agent.presence
         ),
     )
-    _end_when_users_leave(ctx)
+    typed.start(session, agent.greeted)
+    _presence[ctx] = Presence(ctx.room, rejoin_grace_s, ctx.shutdown)
     if stt is not None:
         _log_voice_metrics(session)
-    _background(_greet_or_give_up(ctx, session, user_join_timeout_s))
+        watching = background(hearing.watch(ctx.room, session, agent.hearing, ctx.shutdown))
+        session.on("close", lambda _: watching.cancel())
+    background(_greet_or_give_up(ctx, session, user_join_timeout_s, agent.greeted))
 
 
 def _log_voice_metrics(session: AgentSession) -> None:
@@ -137,35 +177,26 @@ def _log_voice_metrics(session: AgentSession) -> None:
             logger.info("voice metric %s", json.dumps({"kind": kind, **values}, sort_keys=True))
 
 
-_tasks: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
-
-
-def _background(coro) -> None:  # noqa: ANN001
-    task = asyncio.create_task(coro)
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
-
-
-async def _greet_or_give_up(ctx: JobContext, session: AgentSession, join_timeout_s: float) -> None:
+async def _greet_or_give_up(ctx: JobContext, session: AgentSession, join_timeout_s: float,
+                            greeted: asyncio.Event) -> None:
     try:
         await asyncio.wait_for(ctx.wait_for_participant(), join_timeout_s)
     except asyncio.TimeoutError:
         logger.info("no end user joined within %g s; ending the session", join_timeout_s)
         ctx.shutdown("no user joined")
         return
-    session.generate_reply()  # the first words: a greeting that already knows the user
-
-
-def _users(room: rtc.Room) -> list:
-    return [p for p in room.remote_participants.values() if _is_user(p)]
-
-
-def _end_when_users_leave(ctx: JobContext) -> None:
-    @ctx.room.on("participant_disconnected")
-    def _left(p: rtc.RemoteParticipant) -> None:
-        if _is_user(p) and not _users(ctx.room):
-            logger.info("the last end user left; ending the session")
-            ctx.shutdown("user left")
+    # The first words: a greeting that already knows the user. Nothing the caller says
+    # interrupts it; what they said meanwhile is answered once it has been said.
+    try:
+        greeting = session.generate_reply(allow_interruptions=False)
+        await greeting
+        # Its handle is done a moment before the session lets go of it as the current
+        # speech; a turn committed in between would be skipped as "cannot interrupt".
+        deadline = asyncio.get_running_loop().time() + GREETING_RELEASE_S
+        while session.current_speech is greeting and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+    finally:
+        greeted.set()  # said, or failed to be: the caller's words must not wait forever
 
 
 def end_session(ctx: JobContext, entry: asyncio.Task | None, reason: str, if_no_users: bool) -> None:
@@ -174,7 +205,11 @@ def end_session(ctx: JobContext, entry: asyncio.Task | None, reason: str, if_no_
     Runs on the job's loop. An entrypoint still joining is cancelled rather than given
     livekit-agents' 15 s grace: the room it is joining is gone.
     """
-    if if_no_users and ctx.room.isconnected() and _users(ctx.room):
+    presence = _presence.get(ctx)
+    if if_no_users and presence is not None and ctx.room.isconnected():
+        presence.user_left()  # the grace applies: the caller may be reconnecting
+        return
+    if if_no_users and ctx.room.isconnected() and users(ctx.room):
         return
     logger.info("ending the session: %s", reason)
     ctx.shutdown(reason)

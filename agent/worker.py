@@ -49,6 +49,7 @@ class WorkerConfig:
     status_port: int
     catalog: list[dict]
     user_join_timeout_s: float = 120.0
+    rejoin_grace_s: float = 10.0  # runtime.settings.WorkerSettings.rejoin_grace_s
     status_host: str = "127.0.0.1"  # where the status port listens (another node's runtime probes it)
     status_token: str = field(default="", repr=False)  # every status call must carry it
     orphan_timeout_s: float = 300.0  # in session, no runtime following it this long: end (agent/orphan.py)
@@ -64,6 +65,7 @@ class WorkerConfig:
             "AUTONOMITE_CATALOG": json.dumps(self.catalog),
             "AUTONOMITE_USER_JOIN_TIMEOUT_S": str(self.user_join_timeout_s),
             "AUTONOMITE_ORPHAN_TIMEOUT_S": str(self.orphan_timeout_s),
+            "AUTONOMITE_REJOIN_GRACE_S": str(self.rejoin_grace_s),
         }
 
     @classmethod
@@ -75,6 +77,7 @@ class WorkerConfig:
             status_port=int(os.environ["AUTONOMITE_STATUS_PORT"]),
             catalog=json.loads(os.environ.get("AUTONOMITE_CATALOG", "[]")),
             user_join_timeout_s=float(os.environ.get("AUTONOMITE_USER_JOIN_TIMEOUT_S", "120")),
+            rejoin_grace_s=float(os.environ.get("AUTONOMITE_REJOIN_GRACE_S", "10")),
             status_host=os.environ.get("AUTONOMITE_STATUS_HOST", "127.0.0.1"),
             status_token=os.environ.get("AUTONOMITE_STATUS_TOKEN", ""),
             orphan_timeout_s=float(os.environ.get("AUTONOMITE_ORPHAN_TIMEOUT_S", "300")),
@@ -318,6 +321,7 @@ async def run_worker(config: WorkerConfig) -> int:
     @server.rtc_session(agent_name=config.agent_name, on_request=on_request)
     async def entry(ctx: JobContext) -> None:
         async def on_shutdown(reason: str) -> None:
+            logger.info("session over: %s", reason)
             # Shutdown callbacks run on the job's loop; the event belongs to ours.
             loop.call_soon_threadsafe(session_over.set)
 
@@ -327,7 +331,7 @@ async def run_worker(config: WorkerConfig) -> int:
         state.end_session = lambda reason, if_no_users, say=False: job_loop.call_soon_threadsafe(
             *(say_then_end, ctx, entry_task, reason) if say else (end_session, ctx, entry_task, reason, if_no_users)
         )
-        await run_session(ctx, config.catalog, knowledge, config.user_join_timeout_s)
+        await run_session(ctx, config.catalog, knowledge, config.user_join_timeout_s, config.rejoin_grace_s)
 
     server.on("worker_registered", lambda *_: _mark_idle(state))
 

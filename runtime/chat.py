@@ -23,6 +23,8 @@ from pathlib import Path
 
 from livekit import rtc
 
+AGENT_WAIT_S = 30.0  # the leased agent joins within moments of the trigger's answer
+
 
 def trigger(gateway: str, token: str, body: dict) -> dict:
     request = urllib.request.Request(
@@ -74,7 +76,11 @@ async def _relay(url: str, token: str, voice_texts: list[str] | None) -> None:
 
         ears, mouth = Ears(room, Recognizer(voice_texts)), Mouth()
         printers.append(asyncio.create_task(_print(ears.heard, "heard")))
+    agent_here = asyncio.Event()  # LiveKit delivers a line only to who is in the room already
+    room.on("participant_connected", lambda p: p.identity.startswith("agent-") and agent_here.set())
     await room.connect(url, token)
+    if any(identity.startswith("agent-") for identity in room.remote_participants):
+        agent_here.set()
     if mouth is not None:
         await mouth.publish(room)
     print("joined; type a message and press Enter (Ctrl-D to leave)\nyou> ", end="", flush=True)
@@ -82,6 +88,11 @@ async def _relay(url: str, token: str, voice_texts: list[str] | None) -> None:
     try:
         while line := await loop.run_in_executor(None, sys.stdin.readline):
             if not line.strip():
+                continue
+            try:  # a line typed before the agent joined waits for it
+                await asyncio.wait_for(agent_here.wait(), AGENT_WAIT_S)
+            except asyncio.TimeoutError:
+                print(f"\nno agent in the room after {AGENT_WAIT_S:g} s; line not sent\nyou> ", end="", flush=True)
                 continue
             if mouth is not None:
                 await mouth.say(line.strip())

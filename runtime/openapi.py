@@ -165,7 +165,8 @@ def _operations() -> dict[str, dict[str, dict]]:
         "summary": "A client's LiveKit project reports a room or participant event.",
         "description": "Believed only once LiveKit's signature checks out against that client's key pair; an unknown "
                        "client gets the same 401. A repeated event id is answered with `duplicate: true`, not counted "
-                       "again. `room_finished`, and the last end user's `participant_left`, end the session.",
+                       "again. `room_finished` ends the session; the last end user's `participant_left` ends it "
+                       "unless a user is back within `rejoin_grace_s`.",
         "security": [{"livekitSignature": []}],
         "parameters": [{"name": "client_id", "in": "path", "required": True, "schema": _CLIENT_ID}],
         "requestBody": {"required": True, "content": {"application/webhook+json": {

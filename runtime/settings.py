@@ -126,6 +126,11 @@ class WorkerSettings(_Model):
     ready_timeout_s: float = Field(60.0, gt=0)
     lease_timeout_s: float = Field(60.0, gt=0)  # a leased worker with no job by then is retired
     user_join_timeout_s: float = Field(120.0, gt=0)  # a session whose user never joins ends then
+    # A session whose last end user left ends only if none is back within this: a caller
+    # whose connection dropped rejoins under the same identity, which LiveKit reports as a
+    # leave and a join. LiveKit (v1.13.5) waits 5 s for a dropped participant to resume
+    # before it calls them gone, and a client then rejoins within moments: 10 s covers both.
+    rejoin_grace_s: float = Field(10.0, ge=0, le=600)
     log_dir: Path = Path("logs/workers")
     # A worker in a session whose runtime died goes on while a runtime follows it (the next
     # serve adopts it); once none has for this long, it ends the session and exits.
@@ -248,6 +253,10 @@ class ProviderSettings(_Model):
     model: str | None = Field(None, max_length=200)
     api_key: SecretStr | None = None
     voice_id: str | None = Field(None, max_length=200)
+    # The offline LLM only: seconds before its first word. It answers at once, where a cloud
+    # LLM takes ~0.5-2 s to its first token; this gives the demo and the tests that timing
+    # (a caller who speaks before the greeting has come).
+    first_token_s: float | None = Field(None, ge=0, le=30)
 
 
 LLM_PROVIDERS = {"offline", "openai"}
@@ -277,6 +286,8 @@ class AgentSettings(_Model):
                 raise ValueError(f"{kind}.provider must be one of {sorted(known)}, not {chosen.provider!r}")
             if chosen is not None and chosen.provider != "offline" and chosen.api_key is None:
                 raise ValueError(f"{kind}.api_key is required for provider {chosen.provider!r}")
+            if chosen is not None and chosen.first_token_s is not None and (kind, chosen.provider) != ("llm", "offline"):
+                raise ValueError(f"{kind}.first_token_s is for the offline llm only")
         return self
 
     def for_worker(self) -> dict:

@@ -44,6 +44,19 @@ def test_metrics_stay_on_the_gateway_unless_a_listener_of_their_own_is_set(tmp_p
     assert (metrics.host, metrics.port) == ("10.0.0.5", 9464)
 
 
+def test_a_caller_gets_a_rejoin_grace_by_default_and_it_reaches_the_workers(tmp_path):
+    from agent.worker import WorkerConfig
+
+    assert load_settings(EXAMPLE, ENV).runtime.workers.rejoin_grace_s == 10.0
+    path = write(tmp_path, EXAMPLE.read_text().replace(GATEWAY, GATEWAY + "\n  workers: {rejoin_grace_s: 2.5}", 1))
+    grace = load_settings(path, ENV).runtime.workers.rejoin_grace_s
+    env = WorkerConfig("w1", "acme", "acme--w1", 1234, [], rejoin_grace_s=grace).to_env()
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in {**env, "AUTONOMITE_WORKER_ID": "w1"}.items():
+            patch.setenv(key, value)
+        assert WorkerConfig.from_env().rejoin_grace_s == 2.5
+
+
 def test_a_missing_variable_names_the_file_the_field_and_the_variable(tmp_path):
     env = {k: v for k, v in ENV.items() if k != "GLOBEX_LK_SECRET"}
     with pytest.raises(ConfigError) as e:
@@ -67,6 +80,14 @@ def test_a_missing_variable_names_the_file_the_field_and_the_variable(tmp_path):
         ((GATEWAY, GATEWAY + "\n  metrics: {host: 127.0.0.1}"), "runtime.metrics.port", "Field required"),
         (("        voice_id: alloy", "        voice_id: alloy\n        end_of_turn_s: 0"), "clients[0].agents[0].end_of_turn_s",
          "greater than or equal to 0.1"),
+        ((GATEWAY, GATEWAY + "\n  workers: {rejoin_grace_s: -1}"), "runtime.workers.rejoin_grace_s",
+         "greater than or equal to 0"),
+        ((GATEWAY, GATEWAY + "\n  workers: {rejoin_grace_s: 601}"), "runtime.workers.rejoin_grace_s",
+         "less than or equal to 600"),
+        (("        voice_id: alloy", "        voice_id: alloy\n        llm: {provider: openai, api_key: k, first_token_s: 1}"),
+         "clients[0].agents[0]", "llm.first_token_s is for the offline llm only"),
+        (("        stt: {provider: offline}", "        stt: {provider: offline, first_token_s: 1}"),
+         "clients[0].agents[1]", "stt.first_token_s is for the offline llm only"),
     ],
 )
 def test_invalid_fields_are_rejected_with_path_and_reason(tmp_path, change, field, reason):
