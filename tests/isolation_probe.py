@@ -210,19 +210,29 @@ def fork_bomb(limit: int = 200) -> str:
     return f"denied: {errno.errorcode.get(refused.errno, refused.errno)} after {len(children)} forks"
 
 
+def offer_to_the_oom_killer() -> None:
+    """The allocation is what must be stopped. A container's worker is charged for all its
+    own pages in the same cgroup, so without this the OOM killer may pick it instead (any
+    process may raise its own score). A non-dumpable process (a process worker) cannot:
+    its /proc files are root's; its cgroup then holds only the worker and the probe."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except PermissionError:
+        pass
+
+
 def allocate(megabytes: int) -> str:
     """In a child: touch ``megabytes`` of memory. Denied if the kernel kills it on the way."""
     pid = os.fork()
     if pid == 0:
-        # The allocation is what must be stopped. A container's worker is charged for all
-        # its own pages in the same cgroup, so without this the OOM killer may pick it
-        # instead (any process may raise its own score).
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
-        chunks = []
-        for _ in range(megabytes):
-            chunks.append(b"\x01" * (1024 * 1024))  # written, so really resident
-        os._exit(0)
+        try:
+            offer_to_the_oom_killer()
+            chunks = []
+            for _ in range(megabytes):
+                chunks.append(b"\x01" * (1024 * 1024))  # written, so really resident
+        finally:
+            os._exit(0)  # whatever happened, the child never runs on into the rest of the probe
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
         return f"denied: killed by {signal.Signals(os.WTERMSIG(status)).name}"

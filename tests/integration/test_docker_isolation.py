@@ -127,6 +127,10 @@ def worker_privileges(container) -> list[str]:  # noqa: ANN001
     uid = container.attrs["Config"]["User"].split(":")[0]
     status = dict(line.split(":\t", 1) for line in Path(f"/proc/{container.attrs['State']['Pid']}/status")
                   .read_text().splitlines() if ":\t" in line)
-    want = {"Uid": "\t".join([uid] * 4), "Gid": "\t".join([uid] * 4), "Groups": "", "NoNewPrivs": "1", "Seccomp": "2",
+    want = {"Uid": "\t".join([uid] * 4), "Gid": "\t".join([uid] * 4), "NoNewPrivs": "1", "Seccomp": "2",
             **{caps: "0000000000000000" for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}}
-    return [f"the worker's {k}: {status[k].strip()!r}, not {v!r}" for k, v in want.items() if status[k].strip() != v]
+    wrong = [f"the worker's {k}: {status[k].strip()!r}, not {v!r}" for k, v in want.items() if status[k].strip() != v]
+    # runc lists a numeric user's own gid as its one supplementary group: nothing beyond it.
+    if status["Groups"].split() not in ([], [uid]):
+        wrong.append(f"the worker's Groups: {status['Groups'].strip()!r}, not its own gid only")
+    return wrong
