@@ -3,6 +3,7 @@
 #   ./run.sh demo   start the runtime on config/clients.example.yaml with local livekit-servers
 #   ./run.sh test   run the whole test suite
 #   ./run.sh unit   the fast inner loop: the unit tests only, with nothing but the Python packages
+#   ./run.sh lint   ruff, as configured in pyproject.toml (./run.sh test runs it first)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -120,6 +121,10 @@ case "${1:-}" in
         demo_env
         exec .venv/bin/autonomite serve --config config/clients.example.yaml --with-livekit
         ;;
+    lint)
+        setup_python
+        exec .venv/bin/ruff check .
+        ;;
     unit)
         shift
         setup_python
@@ -131,6 +136,9 @@ case "${1:-}" in
         if [ "$#" -gt 0 ] && only_unit_tests "$@"; then  # the fast loop: nothing else to set up
             exec .venv/bin/python -m pytest "$@"
         fi
+        if [ "$#" -eq 0 ]; then  # the whole suite: a lint error stops it before any setup
+            log "lint"; .venv/bin/ruff check .
+        fi
         setup_livekit
         apt_install promtool prometheus
         apt_install espeak-ng espeak-ng  # the offline TTS of the voice tests
@@ -138,10 +146,14 @@ case "${1:-}" in
         setup_supabase_stack
         setup_docker
         trap stop_docker EXIT
+        if [ "$#" -eq 0 ]; then  # the unit tests first (some use promtool and espeak-ng): seconds
+            log "unit tests"; .venv/bin/python -m pytest tests/unit
+            set -- --ignore=tests/unit
+        fi
         .venv/bin/python -m pytest "$@"
         ;;
     *)
-        echo "usage: ./run.sh demo | ./run.sh test [pytest args] | ./run.sh unit [pytest args]" >&2
+        echo "usage: ./run.sh demo | ./run.sh test [pytest args] | ./run.sh unit [pytest args] | ./run.sh lint" >&2
         exit 2
         ;;
 esac

@@ -15,10 +15,11 @@ import time
 import urllib.parse
 import urllib.request
 from concurrent.futures import Executor
+
 import pykka
 
 from actors.messages import LeaseUnused, WorkerExited, WorkerStarted, WorkerStartFailed, WorkerStatus
-from agent.status import StatusAddress, read_status  # noqa: F401 - read_status: used here, and by tests
+from agent.status import StatusAddress, read_status  # read_status: used here, and by tests
 from runtime.backends.base import WorkerBackend, WorkerHandle, WorkerSpec
 
 logger = logging.getLogger("autonomite.pool")

@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from actors import _watch
 from actors.messages import (
@@ -66,7 +66,7 @@ def build_metadata(
     lease_id: str | None = None,
 ) -> dict:
     """What primes the agent's LLM for this session (read by ``agent/`` from the job)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     return {
         "client_id": client.id,
         "client_name": client.name,
@@ -106,7 +106,7 @@ class DispatchActor(Supervised):
         directory: Directory,
         livekit: LiveKitClient,
         metrics: Metrics,
-        settings: DispatchSettings = DispatchSettings(),
+        settings: DispatchSettings = DispatchSettings(),  # noqa: B008 - an immutable model
         supervisor=None,  # noqa: ANN001
         child_id: str = "",
     ) -> None:

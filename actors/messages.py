@@ -8,8 +8,9 @@ the answer is ready, and the bridge resolves an asyncio future thread-safely. Ac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from actors.pool_effects import LeaseFailure, WorkerState
 from agent.status import ReportedState, StatusAddress

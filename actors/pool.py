@@ -19,8 +19,8 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Callable
 
 from actors import _watch
 from actors.messages import (

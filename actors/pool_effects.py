@@ -8,7 +8,7 @@ the metrics and logs need. The PoolActor applies them in order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 WorkerState = Literal["starting", "idle", "leased", "draining"]
 ExitCause = Literal[
@@ -97,7 +97,7 @@ class Drained:
     last worker is gone: the pool may stop."""
 
 
-Effect = Union[
-    Spawn, Stop, WakeAt, CheckLeaseAt, SessionOver, Exited, StartFailed, BecameReady, LostRegistration, Granted, GaveUp,
-    Drained,
-]
+Effect = (
+    Spawn | Stop | WakeAt | CheckLeaseAt | SessionOver | Exited | StartFailed | BecameReady | LostRegistration
+    | Granted | GaveUp | Drained
+)

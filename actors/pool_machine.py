@@ -19,8 +19,8 @@ PoolActor's thread; never shared.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from actors.pool_effects import (  # the effects are this machine's output
     BecameReady,

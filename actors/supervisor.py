@@ -27,8 +27,8 @@ import enum
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pykka
 
@@ -86,14 +86,15 @@ class Directory:
             found = {**self._draining, **self._refs} if draining else self._refs
             return {k[len(prefix) :]: v for k, v in found.items() if k.startswith(prefix)}
 
-    def _set(self, child_id: str, ref: pykka.ActorRef | None) -> None:
+    def record(self, child_id: str, ref: pykka.ActorRef | None) -> None:
+        """Written by the supervisor alone (on its actor thread); read by anyone."""
         with self._lock:
             if ref is None:
                 self._refs.pop(child_id, None)
             else:
                 self._refs[child_id] = ref
 
-    def _set_draining(self, child_id: str, ref: pykka.ActorRef | None) -> None:
+    def record_draining(self, child_id: str, ref: pykka.ActorRef | None) -> None:
         with self._lock:
             if ref is None:
                 self._draining.pop(child_id, None)
@@ -193,15 +194,15 @@ class Supervisor(pykka.ThreadingActor):
         try:
             ref = spec.start(supervisor=self.actor_ref, child_id=spec.id)
         except Exception as e:  # noqa: BLE001 - whatever a child's start raises
-            self.directory._set(spec.id, None)
+            self.directory.record(spec.id, None)
             self.actor_ref.tell(ChildFailed(spec.id, f"start failed: {type(e).__name__}: {e}"))
             return
-        self.directory._set(spec.id, ref)
+        self.directory.record(spec.id, ref)
 
     def _stop_child(self, child_id: str, graceful: bool) -> None:
         spec = self.specs.pop(child_id, None)
         ref = self.directory.get(child_id)
-        self.directory._set(child_id, None)
+        self.directory.record(child_id, None)
         if spec is not None and ref is None and graceful and self.closing is not None:
             ref = self._start_once(spec)  # it was restarting: its successor drains what it adopts
         if spec is None or ref is None:
@@ -213,7 +214,7 @@ class Supervisor(pykka.ThreadingActor):
 
     def _drain(self, spec: ChildSpec, ref: pykka.ActorRef) -> None:
         self.draining[spec.id] = (spec, ref)
-        self.directory._set_draining(spec.id, ref)
+        self.directory.record_draining(spec.id, ref)
         # The child stops itself once its work is done.
         _watch.tell(ref, Drain("shutdown" if self.closing is not None else "removed"))
 
@@ -230,7 +231,7 @@ class Supervisor(pykka.ThreadingActor):
         self.told_drained = True
         try:
             self.closing.on_drained()
-        except Exception:  # noqa: BLE001 - the runtime's hook must never take the supervisor down
+        except Exception:  # the runtime's hook must never take the supervisor down
             logger.exception("the drained hook failed")
 
     def _start_once(self, spec: ChildSpec) -> pykka.ActorRef | None:
@@ -245,7 +246,7 @@ class Supervisor(pykka.ThreadingActor):
         entry = self.draining.get(child_id)
         if entry is not None and entry[1] == ref:
             del self.draining[child_id]
-            self.directory._set_draining(child_id, None)
+            self.directory.record_draining(child_id, None)
             logger.info("child %s drained and stopped", child_id)
             self._check_drained()
 
@@ -260,12 +261,12 @@ class Supervisor(pykka.ThreadingActor):
         if spec.restart is Restart.TEMPORARY:
             logger.warning("child %s crashed (%s); temporary, not restarted", child_id, error)
             del self.specs[child_id]
-            self.directory._set(child_id, None)
+            self.directory.record(child_id, None)
             return
         if self._intensity_exceeded(child_id, error):
             return
         logger.warning("child %s crashed (%s); restarting", child_id, error)
-        self.directory._set(child_id, None)
+        self.directory.record(child_id, None)
         self.actor_ref.tell(RestartChild(child_id))
 
     def _draining_child_failed(self, child_id: str, error: str, ref: pykka.ActorRef) -> None:
@@ -311,8 +312,8 @@ class Supervisor(pykka.ThreadingActor):
         children += [(cid, spec, ref) for cid, (spec, ref) in self.draining.items()]
         self.draining.clear()
         for child_id, spec, ref in children:
-            self.directory._set(child_id, None)
-            self.directory._set_draining(child_id, None)
+            self.directory.record(child_id, None)
+            self.directory.record_draining(child_id, None)
             if ref is not None:
                 _stop(child_id, ref, spec.shutdown_timeout_s)
 

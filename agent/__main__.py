@@ -20,6 +20,6 @@ if "AUTONOMITE_IDENTITY" in os.environ:
     if os.getppid() != parent:  # the runtime died meanwhile (later, the lifeline says: agent/lifeline.py)
         os._exit(1)
 
-from agent.worker import main  # noqa: E402
+from agent.worker import main
 
 main()

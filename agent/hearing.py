@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 from livekit import rtc
 from livekit.agents import AgentSession

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("autonomite.agent")
 
 
-def watch_lifeline(loop: asyncio.AbstractEventLoop, state: "WorkerState") -> asyncio.Event:
+def watch_lifeline(loop: asyncio.AbstractEventLoop, state: WorkerState) -> asyncio.Event:
     """The runtime holds the only write end of a pipe whose read end we were given: end of
     file on it means the runtime died (even by SIGKILL). No polling, and it works in a pid
     namespace of our own, where the runtime's pid means nothing."""
@@ -43,7 +43,7 @@ def watch_lifeline(loop: asyncio.AbstractEventLoop, state: "WorkerState") -> asy
     return gone
 
 
-async def outlive_runtime(state: "WorkerState", runtime_gone: asyncio.Event) -> None:
+async def outlive_runtime(state: WorkerState, runtime_gone: asyncio.Event) -> None:
     """Returns when this worker must end because its runtime died (agent/orphan.py decides)."""
     await runtime_gone.wait()
     orphan = Orphan(state.config.orphan_timeout_s, time.monotonic())

@@ -101,7 +101,7 @@ def bigram_arpa(sentences: list[list[str]]) -> str:
     for words in sentences:
         tokens = ["<s>", *words, "</s>"]
         unigrams.update(tokens)
-        bigrams.update(zip(tokens, tokens[1:]))
+        bigrams.update(zip(tokens, tokens[1:], strict=False))
     total, vocabulary = sum(unigrams.values()), len(unigrams)
     lines = ["\\data\\", f"ngram 1={vocabulary}", f"ngram 2={len(bigrams)}", "", "\\1-grams:"]
     lines += [f"{math.log10((c + 1) / (total + vocabulary)):.4f} {w} -0.3010" for w, c in sorted(unigrams.items())]

@@ -56,17 +56,17 @@ class KnowledgeBase:
             self._index.index(_tokens(passages), show_progress=False)
 
     @classmethod
-    def from_dir(cls, path: Path) -> "KnowledgeBase":
+    def from_dir(cls, path: Path) -> KnowledgeBase:
         return cls.from_documents(read_documents(path))
 
     @classmethod
-    def from_fd(cls, fd: int) -> "KnowledgeBase":
+    def from_fd(cls, fd: int) -> KnowledgeBase:
         """The documents the runtime handed over in a memfd (see :func:`documents_memfd`)."""
         with os.fdopen(fd, "rb") as f:
             return cls.from_documents([tuple(d) for d in json.loads(f.read())])
 
     @classmethod
-    def from_documents(cls, documents: list[tuple[str, str]]) -> "KnowledgeBase":
+    def from_documents(cls, documents: list[tuple[str, str]]) -> KnowledgeBase:
         """Every paragraph of every document is one passage."""
         started = time.perf_counter()
         passages = []

@@ -105,7 +105,7 @@ class Identity:
                 "mount_namespace": self.mount_namespace, "seccomp": self.seccomp}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Identity":
+    def from_json(cls, data: dict) -> Identity:
         return cls(data.get("uid"), data.get("gid"), tuple(data.get("cgroup_procs", ())),
                    bool(data.get("mount_namespace")), bool(data.get("seccomp", True)))
 
@@ -178,7 +178,9 @@ def _private_mounts() -> None:
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: bytes | None = None) -> None:
-    enc = (lambda s: s.encode() if s is not None else None)
+    def enc(s: str | None) -> bytes | None:
+        return s.encode() if s is not None else None
+
     if _libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), data) != 0:
         raise SandboxError(f"mount {target}: {os.strerror(ctypes.get_errno())}")
 

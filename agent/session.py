@@ -25,13 +25,13 @@ import weakref
 from collections.abc import AsyncIterable
 from typing import Any
 
-from livekit import api, rtc
+from livekit import api
 from livekit.agents import Agent, AgentSession, JobContext, llm, stt
 from livekit.agents.voice.room_io import RoomOptions
 
 from agent import hearing, priming, providers
-from agent.offline_llm import KNOWLEDGE_HEADER
 from agent.hearing import Hearing
+from agent.offline_llm import KNOWLEDGE_HEADER
 from agent.presence import Presence, users
 from agent.rag import KnowledgeBase
 from agent.turns import TypedTurns, background
@@ -88,7 +88,7 @@ def with_passages(chat_ctx: llm.ChatContext, knowledge: KnowledgeBase) -> llm.Ch
     return chat_ctx
 
 
-_presence: "weakref.WeakKeyDictionary[JobContext, Presence]" = weakref.WeakKeyDictionary()
+_presence: weakref.WeakKeyDictionary[JobContext, Presence] = weakref.WeakKeyDictionary()
 
 
 async def run_session(
@@ -115,7 +115,7 @@ async def run_session(
     typed = TypedTurns(ctx.room)  # before joining: a message may come with the join
     try:
         await asyncio.wait_for(ctx.connect(), CONNECT_TIMEOUT_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         logger.warning("could not join room %s within %g s; ending the session", ctx.job.room.name, CONNECT_TIMEOUT_S)
         ctx.shutdown("could not join the room")
         return
@@ -181,7 +181,7 @@ async def _greet_or_give_up(ctx: JobContext, session: AgentSession, join_timeout
                             greeted: asyncio.Event) -> None:
     try:
         await asyncio.wait_for(ctx.wait_for_participant(), join_timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         logger.info("no end user joined within %g s; ending the session", join_timeout_s)
         ctx.shutdown("no user joined")
         return

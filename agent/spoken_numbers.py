@@ -115,7 +115,7 @@ def spoken_variants(text: str) -> list[str]:
     variants = []
     for k in range(max(len(o) for o in options)):
         pieces, end = [], 0
-        for match, option in zip(matches, options):
+        for match, option in zip(matches, options, strict=True):
             pieces += [text[end:match.start()], f" {option[k] if k < len(option) else option[0]} "]  # "A4": "A four"
             end = match.end()
         variants.append(" ".join("".join([*pieces, text[end:]]).split()))

@@ -78,7 +78,7 @@ class TypedTurns:
         try:
             if identity not in self.room.remote_participants:
                 await asyncio.wait_for(joined.wait(), SENDER_WAIT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         finally:
             self.room.off("participant_connected", on_join)

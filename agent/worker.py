@@ -21,14 +21,14 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+
+from aiohttp import web
 
 from agent.lifeline import outlive_runtime, watch_lifeline
 from agent.status import ReportedState
-
-from aiohttp import web
 
 logger = logging.getLogger("autonomite.agent")
 
@@ -69,7 +69,7 @@ class WorkerConfig:
         }
 
     @classmethod
-    def from_env(cls) -> "WorkerConfig":
+    def from_env(cls) -> WorkerConfig:
         return cls(
             worker_id=os.environ["AUTONOMITE_WORKER_ID"],
             client_id=os.environ["AUTONOMITE_CLIENT_ID"],
@@ -225,7 +225,7 @@ async def _serve_status(state: WorkerState) -> web.AppRunner:
             return web.json_response(state.as_json(), status=400)
         try:
             await asyncio.wait_for(state.job_accepted.wait(), wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         ok = (state.job_accepted.is_set() and not state.assignment_failed
               and state.lease_id == request.query.get("lease_id"))
@@ -300,7 +300,7 @@ async def run_worker(config: WorkerConfig) -> int:
     )
     # livekit-agents keeps no public flag for "connected right now"; ``_connecting`` is set
     # for as long as it (re)connects (checked in livekit-agents 1.8, pinned below 1.9).
-    state.is_connected = lambda: not server._connecting
+    state.is_connected = lambda: not server._connecting  # noqa: SLF001 - see above
 
     async def on_request(req: JobRequest) -> None:
         # A second dispatch to this name (a crashed lease book, a retried request) must
@@ -369,7 +369,7 @@ async def run_worker(config: WorkerConfig) -> int:
             _exit_hard_after(DRAIN_TIMEOUT_S + 5)  # whoever stopped us may not be there to kill us
         try:
             await server.drain(timeout=DRAIN_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             logger.warning("session did not end within %d s of the drain; closing anyway", DRAIN_TIMEOUT_S)
     await server.aclose()
     for t in waiters:

@@ -104,7 +104,7 @@ def _warm_up() -> None:
     try:
         from livekit.agents.utils import http_context
 
-        http_context._create_ssl_context()
+        http_context._create_ssl_context()  # noqa: SLF001 - see above
     except (ImportError, AttributeError):
         pass
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from livekit import rtc  # noqa: E402
+from livekit import rtc
 
-from bench.trigger_latency import machine  # noqa: E402
-from runtime.chat import agent_replies  # noqa: E402
-from runtime.devserver import LiveKitServer  # noqa: E402
-from tests.support import Client, LiveKitProject, Serve, wait_until, write_config  # noqa: E402
+from bench.trigger_latency import machine
+from runtime.chat import agent_replies
+from runtime.devserver import LiveKitServer
+from tests.support import Client, LiveKitProject, Serve, wait_until, write_config
 
 
 async def one_session(url: str, token: str) -> tuple[float, float]:

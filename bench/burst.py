@@ -28,14 +28,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import aiohttp  # noqa: E402
-from livekit import api  # noqa: E402
+import aiohttp
+from livekit import api
 
-from bench.trigger_latency import machine  # noqa: E402
-from runtime.devserver import LiveKitServer  # noqa: E402
-from runtime.settings import DispatchSettings  # noqa: E402
-from tests.load import agent_in_room, lk_api, trigger  # noqa: E402
-from tests.support import Client, LiveKitProject, Serve, wait_until, write_config  # noqa: E402
+from bench.trigger_latency import machine
+from runtime.devserver import LiveKitServer
+from runtime.settings import DispatchSettings
+from tests.load import agent_in_room, lk_api, trigger
+from tests.support import Client, LiveKitProject, Serve, wait_until, write_config
 
 
 async def burst(serve: Serve, client: Client, n: int) -> tuple[int, float, float]:

@@ -28,7 +28,7 @@ def grouped_bars(path: Path, title: str, rows: list[str], *panels: Panel) -> Non
     bars_per_row = max(len(p.series) for p in panels)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 2.5, 1.2 + 0.42 * len(rows) * bars_per_row),
                              dpi=120, sharey=True, squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes[0], panels, strict=False):
         height = 0.8 / len(panel.series)
         for k, (name, values) in enumerate(panel.series.items()):
             bars = ax.barh([i + k * height for i in range(len(rows))], [v or 0.0 for v in values],

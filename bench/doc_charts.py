@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.charts import Panel, grouped_bars  # noqa: E402
+from bench.charts import Panel, grouped_bars
 
 UNITS = ("ms", "s", "MB", "GB")
 _UNIT = re.compile(r"\((ms|s|MB|GB)\)")
@@ -97,8 +97,8 @@ def main() -> None:
     inserts: list[tuple[int, str]] = []
     section = ""
     for first, last in tables(lines):
-        section = next((l[3:] for l in reversed(lines[:first]) if l.startswith("## ")), section)
-        header, rows = cells(lines[first]), [cells(l) for l in lines[first + 2:last + 1]]
+        section = next((line[3:] for line in reversed(lines[:first]) if line.startswith("## ")), section)
+        header, rows = cells(lines[first]), [cells(row) for row in lines[first + 2:last + 1]]
         if has_chart(lines, last):
             continue
         labels, chart_panels = panels(header, rows)

@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.trigger_latency import machine  # noqa: E402
-from bench.worker_start import pss_mb, tree  # noqa: E402
-from runtime.devserver import LiveKitServer  # noqa: E402
-from tests.support import Client, LiveKitProject, Serve, wait_until, write_config  # noqa: E402
+from bench.trigger_latency import machine
+from bench.worker_start import pss_mb, tree
+from runtime.devserver import LiveKitServer
+from tests.support import Client, LiveKitProject, Serve, wait_until, write_config
 
 
 def run(work: Path, server: LiveKitServer, count: int, zygote: bool) -> dict:

@@ -27,14 +27,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actors._watch import read_status  # noqa: E402
-from agent.status import StatusAddress  # noqa: E402
-from bench.trigger_latency import machine  # noqa: E402
-from bench.worker_start import pss_mb, spec_for, tree  # noqa: E402
-from runtime.backends import ProcessBackend, WorkerHandle  # noqa: E402
-from runtime.devserver import LiveKitServer  # noqa: E402
-from runtime.settings import IsolationSettings  # noqa: E402
-from tests.support import wait_until  # noqa: E402
+from actors._watch import read_status
+from agent.status import StatusAddress
+from bench.trigger_latency import machine
+from bench.worker_start import pss_mb, spec_for, tree
+from runtime.backends import ProcessBackend, WorkerHandle
+from runtime.devserver import LiveKitServer
+from runtime.settings import IsolationSettings
+from tests.support import wait_until
 
 
 def backends(work: Path) -> dict[str, ProcessBackend]:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.rag import KnowledgeBase  # noqa: E402
-from bench.trigger_latency import machine  # noqa: E402
+from agent.rag import KnowledgeBase
+from bench.trigger_latency import machine
 
 
 def vocabulary(n: int, rng: random.Random) -> list[str]:

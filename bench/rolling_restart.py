@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support import Client, Serve, start_livekit, wait_until, write_config  # noqa: E402
+from tests.support import Client, Serve, start_livekit, wait_until, write_config
 
 
 def hammer(port: int, stop: threading.Event, counts: collections.Counter, lock: threading.Lock) -> None:

@@ -23,18 +23,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.trigger_latency import machine  # noqa: E402
-from runtime.devserver import LiveKitServer  # noqa: E402
-from tests.support import Client, LiveKitProject, Serve, wait_until  # noqa: E402
-from tests.supabase_stack import SupabaseStack, missing  # noqa: E402
-from tests.integration.test_supabase import row, source_config  # noqa: E402
+from bench.trigger_latency import machine
+from runtime.devserver import LiveKitServer
+from tests.integration.test_supabase import row, source_config
+from tests.supabase_stack import SupabaseStack, missing
+from tests.support import Client, LiveKitProject, Serve, wait_until
 
 
 def idle_workers(serve: Serve) -> dict[str, set[str]]:
     return {cid: {w["id"] for w in p["workers"] if w["state"] == "idle"} for cid, p in serve.stats().items()}
 
 
-def timed(serve: Serve, ids: list[str], done, what: str, timeout: float = 600) -> list[float]:  # noqa: ANN001
+def timed(serve: Serve, ids: list[str], done, what: str, timeout: float = 600) -> list[float]:
     """Seconds from now until ``done(client_id, idle_ids)`` holds, for each client."""
     t0, took = time.monotonic(), {}
     deadline = t0 + timeout

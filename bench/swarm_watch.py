@@ -29,15 +29,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import docker  # noqa: E402
-from docker.types import RestartPolicy, ServiceMode  # noqa: E402
+import docker
+from docker.types import RestartPolicy, ServiceMode
 
-from bench.trigger_latency import machine  # noqa: E402
-from runtime.backends.base import LABEL_WORKER  # noqa: E402
-from runtime.backends.swarm_board import Board, ended  # noqa: E402
-from runtime.image import ensure_base  # noqa: E402
-from tests.support import wait_until  # noqa: E402
-from tests.swarm_stack import PrivateSwarm  # noqa: E402
+from bench.trigger_latency import machine
+from runtime.backends.base import LABEL_WORKER
+from runtime.backends.swarm_board import Board, ended
+from runtime.image import ensure_base
+from tests.support import wait_until
+from tests.swarm_stack import PrivateSwarm
 
 TICK_S = 0.25  # both ways poll at the same rate
 

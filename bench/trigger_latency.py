@@ -33,14 +33,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from livekit import api  # noqa: E402
+from livekit import api
 
-from actors._watch import read_status  # noqa: E402
-from agent.status import StatusAddress  # noqa: E402
-from agent.worker import WorkerConfig  # noqa: E402
-from runtime.backends import ProcessBackend, WorkerSpec  # noqa: E402
-from runtime.devserver import LiveKitServer, free_port  # noqa: E402
-from tests.support import Client, LiveKitProject, Serve, wait_until, write_config  # noqa: E402
+from actors._watch import read_status
+from agent.status import StatusAddress
+from agent.worker import WorkerConfig
+from runtime.backends import ProcessBackend, WorkerSpec
+from runtime.devserver import LiveKitServer, free_port
+from tests.support import Client, LiveKitProject, Serve, wait_until, write_config
 
 
 def machine() -> str:
@@ -65,7 +65,7 @@ class ArrivalWatch:
     async def _make(self, project: LiveKitProject) -> api.LiveKitAPI:
         return api.LiveKitAPI(project.url.replace("ws://", "http://"), project.key, project.secret)
 
-    def watch(self, room: str):  # noqa: ANN201 - a concurrent future of the arrival time
+    def watch(self, room: str):  # a concurrent future of the arrival time
         async def poll() -> float:
             deadline = time.perf_counter() + 60
             while time.perf_counter() < deadline:
@@ -115,7 +115,8 @@ def cold_session(backend: ProcessBackend, project: LiveKitProject, arrivals: Arr
     wait_until(lambda: (read_status(address) or {}).get("registered"), 60, "the cold worker to register", interval=0.01)
     # The worker takes only the job of the lease it was claimed for (runtime/handoff.py).
     lease_id = uuid.uuid4().hex
-    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/claim?lease_id={lease_id}&worker_id={worker_id}", method="POST"))
+    url = f"http://127.0.0.1:{port}/claim?lease_id={lease_id}&worker_id={worker_id}"
+    urllib.request.urlopen(urllib.request.Request(url, method="POST"))
     project.call(
         lambda lk: lk.agent_dispatch.create_dispatch(
             api.CreateAgentDispatchRequest(agent_name=spec.agent_name, room=room, metadata=json.dumps({"lease_id": lease_id}))

@@ -33,12 +33,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from agent.offline_voice import Recognizer  # noqa: E402
-from bench.trigger_latency import machine  # noqa: E402
-from bench.worker_start import pss_mb  # noqa: E402
-from runtime.devserver import LiveKitServer  # noqa: E402
-from runtime.voice_io import caller  # noqa: E402
-from tests.support import Client, LiveKitProject, Serve, wait_until, write_config  # noqa: E402
+from agent.offline_voice import Recognizer
+from bench.trigger_latency import machine
+from bench.worker_start import pss_mb
+from runtime.devserver import LiveKitServer
+from runtime.voice_io import caller
+from tests.support import Client, LiveKitProject, Serve, wait_until, write_config
 
 DOCUMENTS = "The door code is four two seven one.\n\nThe office opens at nine in the morning.\n\nParking is on level three.\n"
 PROMPT = "You are the front desk of Acme."

@@ -26,13 +26,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actors._watch import read_status  # noqa: E402
-from agent.status import StatusAddress  # noqa: E402
-from agent.worker import WorkerConfig  # noqa: E402
-from bench.trigger_latency import machine  # noqa: E402
-from runtime.backends import ProcessBackend, WorkerBackend, WorkerHandle, WorkerSpec  # noqa: E402
-from runtime.devserver import LiveKitServer, free_port  # noqa: E402
-from tests.support import wait_until  # noqa: E402
+from actors._watch import read_status
+from agent.status import StatusAddress
+from agent.worker import WorkerConfig
+from bench.trigger_latency import machine
+from runtime.backends import ProcessBackend, WorkerBackend, WorkerHandle, WorkerSpec
+from runtime.devserver import LiveKitServer, free_port
+from tests.support import wait_until
 
 IMAGE = "autonomite-agent:bench"
 

@@ -11,16 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import pykka
-
-from actors import ChildSpec, Directory, DispatchActor, PoolActor, Restart, ScalerActor, Supervisor, _watch, pool_id
 from livekit import api
 
+from actors import ChildSpec, Directory, DispatchActor, PoolActor, Restart, ScalerActor, Supervisor, _watch, pool_id
 from actors.messages import DrainChildren, EndSessions, Reconfigure, RoomEvent, ShutdownAll, StartChild, StopChild
 from runtime.backends import BackendError, ProcessBackend, WorkerBackend
 from runtime.client_source import SourceWatcher
@@ -106,7 +105,7 @@ class Runtime:
 
     # -- the tree ------------------------------------------------------------------------
 
-    def start(self) -> "Runtime":
+    def start(self) -> Runtime:
         if self.source is not None:
             self.source.start(self.apply_clients)
         self._remove_strays()

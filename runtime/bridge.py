@@ -9,7 +9,8 @@ asyncio future on the loop.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from actors.messages import Reply
 

@@ -142,7 +142,7 @@ class CgroupTree:
         self.version = version
 
     @classmethod
-    def open(cls, name: str) -> "CgroupTree":
+    def open(cls, name: str) -> CgroupTree:
         """Make ``name`` under this process's own cgroup(s); CgroupError if this host cannot."""
         own = _own_paths()
         if (ROOT / "cgroup.controllers").exists():  # pure v2
@@ -164,7 +164,7 @@ class CgroupTree:
         return cls(tuple(parents), 1)
 
     @classmethod
-    def _open_v2(cls, own: Path, name: str) -> "CgroupTree":
+    def _open_v2(cls, own: Path, name: str) -> CgroupTree:
         sweep_stale(own, name)
         try:
             enabled = (own / "cgroup.subtree_control").read_text().split()

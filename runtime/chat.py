@@ -40,7 +40,7 @@ def trigger(gateway: str, token: str, body: dict) -> dict:
         raise SystemExit(f"trigger refused: {e.code} {e.read().decode(errors='replace')}") from None
 
 
-def agent_replies(room: rtc.Room) -> "asyncio.Queue[tuple[float, str]]":
+def agent_replies(room: rtc.Room) -> asyncio.Queue[tuple[float, str]]:
     """Subscribe to what agents say in ``room``: each whole reply, as (perf_counter, text).
 
     Call before ``connect()``, so the greeting is not missed. Agents write on the
@@ -91,7 +91,7 @@ async def _relay(url: str, token: str, voice_texts: list[str] | None) -> None:
                 continue
             try:  # a line typed before the agent joined waits for it
                 await asyncio.wait_for(agent_here.wait(), AGENT_WAIT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 print(f"\nno agent in the room after {AGENT_WAIT_S:g} s; line not sent\nyou> ", end="", flush=True)
                 continue
             if mouth is not None:

@@ -31,13 +31,20 @@ import logging
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from runtime.errors import describe
 from runtime.client_store import (
-    AccessRefused, RowError, Snapshot, SupabaseStore, load_cache, merge, parse_rows, save_cache,
+    AccessRefused,
+    RowError,
+    Snapshot,
+    SupabaseStore,
+    load_cache,
+    merge,
+    parse_rows,
+    save_cache,
 )
+from runtime.errors import describe
 from runtime.metrics import Metrics
 from runtime.settings import ClientSettings, SupabaseSettings
 
@@ -191,7 +198,7 @@ class SourceWatcher:
             return None
         try:
             return self.apply(list(self.clients.values()))
-        except Exception:  # noqa: BLE001 - a set the runtime refused: say so, poll on
+        except Exception:  # a set the runtime refused: say so, poll on
             logger.exception("applying the clients read from Supabase failed")
             return None
 

@@ -89,7 +89,7 @@ class LiveKitServer:
     def url(self) -> str:
         return f"ws://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> "LiveKitServer":
+    def start(self, timeout: float = 30.0) -> LiveKitServer:
         config = {
             "port": self.port,
             "bind_addresses": [self.host],
@@ -142,7 +142,7 @@ class LiveKitServer:
             self._config_dir.cleanup()
             self._config_dir = None
 
-    def __enter__(self) -> "LiveKitServer":
+    def __enter__(self) -> LiveKitServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

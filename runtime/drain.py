@@ -20,7 +20,7 @@ Phases: ``serving -> draining [-> ending] -> stopping``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 Cause = Literal["SIGTERM", "SIGINT", "admin", "admin_now"]
 Phase = Literal["serving", "draining", "ending", "stopping"]
@@ -52,7 +52,7 @@ class Stop:
     why: str
 
 
-Action = Union[BeginDrain, EndSessions, Stop]
+Action = BeginDrain | EndSessions | Stop
 
 
 @dataclass

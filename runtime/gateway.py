@@ -18,8 +18,8 @@ import asyncio
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pykka
 from aiohttp import web
@@ -128,7 +128,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             raise  # redirects and the like are not refusals
         allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else {}
         return error(e.status, _HTTP_ERROR_CODES.get(e.status, "http_error"), e.reason, **allow)
-    except Exception:  # noqa: BLE001 - logged here with its traceback; the caller learns nothing
+    except Exception:  # logged here with its traceback; the caller learns nothing
         logger.exception("unhandled error answering %s %s", request.method, request.path)
         return error(500, "internal", "the gateway failed to answer this request")
 
@@ -233,7 +233,7 @@ async def trigger(request: web.Request) -> web.Response:
         result: TriggerResult = await bridge.ask(lambda reply: dispatch.tell(Trigger(req, caller, reply)), deadline_s)
     except pykka.ActorDeadError:  # it died between the look-up and the tell
         return error(503, "restarting", "the dispatcher is restarting", **{"Retry-After": "1"})
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return error(504, "timeout", "the dispatch did not complete in time")
     headers = {"Retry-After": str(result.retry_after_s)} if result.retry_after_s else None
     return web.json_response(result.body, status=result.status, headers=headers)

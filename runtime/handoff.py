@@ -65,7 +65,7 @@ class WorkerControl:
                     return None
                 body = await r.json()
                 return {**body, "ok": r.status == 200}
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        except (TimeoutError, aiohttp.ClientError, ValueError):
             return None
 
     async def close(self) -> None:

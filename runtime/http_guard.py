@@ -10,7 +10,7 @@ import math
 import re
 import time
 from collections import OrderedDict, deque
-from typing import Callable
+from collections.abc import Callable
 
 Clock = Callable[[], float]
 

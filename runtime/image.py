@@ -4,8 +4,8 @@ Three steps, each cached in the git-ignored ``.cache/image/``:
 
 1. **Base.** A Debian bookworm root made by ``mmdebstrap`` (a Debian package) with python3,
    python3-venv, ca-certificates, passwd and espeak-ng (the offline TTS), ``docker
-   import``-ed as ``autonomite-base:bookworm-<hash of that package list>``. Only the Debian mirror is needed, not Docker Hub. Skipped
-   when ``--base`` names an image the engine already has (``python:3.11-slim`` where a
+   import``-ed as ``autonomite-base:bookworm-<hash of that package list>``. Only the Debian
+   mirror is needed, not Docker Hub. Skipped when ``--base`` names an image the engine already has (``python:3.11-slim`` where a
    registry is reachable).
 2. **Wheelhouse.** ``pip wheel`` of this project and all its dependencies on the host, for
    the host's CPython 3.11 (the same ABI as bookworm's python3). The dependencies are kept

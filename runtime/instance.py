@@ -40,7 +40,7 @@ class Instance:
         self.new = new  # False: taken over from a runtime that is gone, whose workers may run on
 
     @classmethod
-    def claim(cls, state_dir: Path) -> "Instance":
+    def claim(cls, state_dir: Path) -> Instance:
         """Take over the id of a runtime that is gone, or make a new one."""
         state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(state_dir, 0o700)  # the runtime's alone (runtime.state_dir)

@@ -19,9 +19,9 @@ import logging
 import os
 import stat
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from agent.sandbox import Identity
 from runtime._proc import prctl

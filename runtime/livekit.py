@@ -13,9 +13,10 @@ import hashlib
 import hmac
 import re
 import threading
+from collections.abc import Coroutine
 from concurrent.futures import Future
 from datetime import timedelta
-from typing import Any, Coroutine, TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.json_format import Parse, ParseError
 from livekit import api

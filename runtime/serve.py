@@ -31,6 +31,7 @@ from runtime.drain import BeginDrain, DrainPolicy, EndSessions, Stop
 
 if TYPE_CHECKING:
     from runtime.app import Runtime
+    from runtime.gateway import Lifecycle
     from runtime.settings import Settings
 
 logger = logging.getLogger("autonomite")
@@ -78,7 +79,7 @@ class CannotListen(Exception):
     """An address cannot be bound; the message says which and why, in one line."""
 
 
-def bind_all(settings: "Settings") -> list[Listener]:
+def bind_all(settings: Settings) -> list[Listener]:
     """Bind the gateway (first) and the metrics listener, before anything else starts: an
     address held by another program stops ``serve`` before any worker exists."""
     rt = settings.runtime
@@ -96,7 +97,7 @@ def bind_all(settings: "Settings") -> list[Listener]:
     return bound
 
 
-async def serve_http(runtime: "Runtime", all_listeners: list[Listener], beside: bool, replace: bool = False) -> None:
+async def serve_http(runtime: Runtime, all_listeners: list[Listener], beside: bool, replace: bool = False) -> None:
     """Serve until a shutdown completes. ``beside``: another runtime listens on the gateway's
     address, so listen only once ready (a rolling restart)."""
     from runtime.gateway import LIFECYCLE, create_runner
@@ -139,8 +140,8 @@ async def serve_http(runtime: "Runtime", all_listeners: list[Listener], beside: 
             listener.close()
 
 
-async def _until_stopped(runtime: "Runtime", events: asyncio.Queue[str], all_listeners: list[Listener],
-                         lifecycle, tasks: list[asyncio.Task]) -> None:  # noqa: ANN001
+async def _until_stopped(runtime: Runtime, events: asyncio.Queue[str], all_listeners: list[Listener],
+                         lifecycle: Lifecycle, tasks: list[asyncio.Task]) -> None:
     loop = asyncio.get_running_loop()
     policy = DrainPolicy(runtime.settings.runtime.shutdown.drain_timeout_s)
     begun: asyncio.Future | None = None
@@ -179,7 +180,7 @@ async def _until_stopped(runtime: "Runtime", events: asyncio.Queue[str], all_lis
                     return
 
 
-async def _log_sessions(runtime: "Runtime") -> None:
+async def _log_sessions(runtime: Runtime) -> None:
     from runtime.gateway import pool_stats
 
     stats = await pool_stats(runtime)
@@ -223,8 +224,8 @@ async def _last_answers(all_listeners: list[Listener]) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _when_ready(runtime: "Runtime", all_listeners: list[Listener], lifecycle, beside: bool,
-                      replace: bool) -> None:  # noqa: ANN001
+async def _when_ready(runtime: Runtime, all_listeners: list[Listener], lifecycle: Lifecycle, beside: bool,
+                      replace: bool) -> None:
     """Once every pool is warm: listen beside the other runtime (a rolling start), tell
     systemd, and with ``--replace`` send the other runtime SIGTERM so that it drains."""
     from runtime.gateway import warming
@@ -261,7 +262,7 @@ async def _when_ready(runtime: "Runtime", all_listeners: list[Listener], lifecyc
                 logger.error("--replace: cannot signal pid %d: %s", pid, e.strerror)
 
 
-def _reload(loop: asyncio.AbstractEventLoop, runtime: "Runtime", draining: bool) -> None:
+def _reload(loop: asyncio.AbstractEventLoop, runtime: Runtime, draining: bool) -> None:
     from runtime.settings import ConfigError
 
     if draining:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -77,7 +78,7 @@ class ScalerSettings(_Model):
     step: int = Field(1, ge=1, le=100)
 
     @model_validator(mode="after")
-    def _waters_ordered(self) -> "ScalerSettings":
+    def _waters_ordered(self) -> ScalerSettings:
         if self.low_water >= self.high_water:
             raise ValueError("low_water must be below high_water")
         return self
@@ -110,7 +111,7 @@ class UidRange(_Model):
     count: int = Field(65_536, ge=1, le=2**24)
 
     @model_validator(mode="after")
-    def _fits(self) -> "UidRange":
+    def _fits(self) -> UidRange:
         if self.first + self.count > 2**31 - 1:
             raise ValueError("first + count must stay below 2147483647")
         return self
@@ -198,7 +199,7 @@ class RuntimeSettings(_Model):
     fault_injection: bool = False
 
     @model_validator(mode="after")
-    def _metrics_apart(self) -> "RuntimeSettings":
+    def _metrics_apart(self) -> RuntimeSettings:
         m, gw = self.metrics, self.gateway
         if m is not None and m.port == gw.port and (m.host == gw.host or "0.0.0.0" in (m.host, gw.host)):
             raise ValueError(f"metrics.port {m.port} is the gateway's; give the metrics listener a port of its own")
@@ -240,7 +241,7 @@ class PoolSettings(_Model):
         default_factory=list, max_length=10)
 
     @model_validator(mode="after")
-    def _min_fits_max(self) -> "PoolSettings":
+    def _min_fits_max(self) -> PoolSettings:
         if self.min_idle > self.max_size:
             raise ValueError(f"min_idle ({self.min_idle}) must not exceed max_size ({self.max_size})")
         return self
@@ -279,7 +280,7 @@ class AgentSettings(_Model):
     end_of_turn_s: float = Field(0.55, ge=0.1, le=5.0)
 
     @model_validator(mode="after")
-    def _known_providers(self) -> "AgentSettings":
+    def _known_providers(self) -> AgentSettings:
         for kind, known, chosen in (("llm", LLM_PROVIDERS, self.llm), ("stt", STT_PROVIDERS, self.stt),
                                     ("tts", TTS_PROVIDERS, self.tts)):
             if chosen is not None and chosen.provider not in known:

@@ -114,7 +114,7 @@ class Ears:
             while True:
                 try:  # a track may send nothing between utterances: that is silence too
                     frame = (await asyncio.wait_for(anext(frames), UTTERANCE_GAP_S)).frame
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     frame = None
                 except StopAsyncIteration:
                     return
@@ -145,7 +145,7 @@ class Ears:
         while True:
             try:
                 heard.append((await asyncio.wait_for(self.heard.get(), gap_s)).text)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return heard
 
     async def close(self) -> None:

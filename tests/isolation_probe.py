@@ -101,7 +101,7 @@ def differences(want: dict[str, str], want_ns: dict[str, str], want_cgroups: str
 # -- attacks: each returns "denied: why" or "ALLOWED: what it got" -------------------------
 
 
-def attempt(fn) -> str:  # noqa: ANN001
+def attempt(fn) -> str:
     try:
         got = fn()
     except OSError as e:

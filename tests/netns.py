@@ -20,7 +20,7 @@ import ctypes
 import os
 import secrets
 import subprocess
-from typing import Iterator
+from collections.abc import Iterator
 
 CLONE_NEWNET = 0x40000000
 
@@ -35,7 +35,7 @@ def _setns(path: str) -> None:
 
 
 @contextlib.contextmanager
-def inside(netns: "NetNs") -> Iterator[None]:
+def inside(netns: NetNs) -> Iterator[None]:
     """The calling thread in ``netns`` until the block ends, then back where it was."""
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
@@ -71,7 +71,7 @@ class NetNs:
         self.address: str | None = None
         self.veth: str | None = None  # its end of the link, once linked
 
-    def create(self, teardown: "contextlib.ExitStack | None" = None) -> "NetNs":
+    def create(self, teardown: contextlib.ExitStack | None = None) -> NetNs:
         """Add it (and, with ``teardown``, its deletion at once, so a failure after cannot leak it)."""
         subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
         if teardown is not None:

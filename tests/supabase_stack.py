@@ -77,7 +77,7 @@ class SupabaseStack:
 
     # -- the three servers ---------------------------------------------------------------
 
-    def start(self) -> "SupabaseStack":
+    def start(self) -> SupabaseStack:
         shutil.chown(self.dir, "postgres", "postgres")
         data = self.dir / "data"
         self._as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"])

@@ -14,9 +14,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from livekit import api
@@ -176,7 +177,7 @@ class Serve:
         self.admin = env["TEST_ADMIN_TOKEN"]
         self.proc: subprocess.Popen | None = None
 
-    def start(self, ready_timeout: float = 90.0, wait_ready: bool = True, wait_up: bool = True) -> "Serve":
+    def start(self, ready_timeout: float = 90.0, wait_ready: bool = True, wait_up: bool = True) -> Serve:
         """``wait_up=False``: return at once (the address may be another runtime's, or none)."""
         full_env = {**os.environ, **self.env}
         self._log = open(self.log_path, "ab")

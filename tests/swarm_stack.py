@@ -38,7 +38,7 @@ class PrivateSwarm:
         self._proc: subprocess.Popen | None = None
         self.engine: docker.DockerClient | None = None
 
-    def start(self, timeout: float = 60.0, init: bool = True) -> "PrivateSwarm":
+    def start(self, timeout: float = 60.0, init: bool = True) -> PrivateSwarm:
         """Start the engine; ``init``: make it a one-node swarm (its manager), else call :meth:`join`."""
         log = open(self.log_path, "ab")
         argv = [
@@ -85,7 +85,7 @@ class PrivateSwarm:
     def node_id(self) -> str:  # kept: asked again once the engine is stopped
         return self.engine.info()["Swarm"]["NodeID"]
 
-    def join(self, manager: "PrivateSwarm") -> "PrivateSwarm":
+    def join(self, manager: PrivateSwarm) -> PrivateSwarm:
         """Join ``manager``'s swarm as a worker node, over the namespaces' link."""
         token = manager.engine.swarm.attrs["JoinTokens"]["Worker"]
         self.engine.swarm.join([f"{manager.address}:{SWARM_PORT}"], token,

@@ -50,7 +50,7 @@ class WorkerRecord:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
     @classmethod
-    def from_json(cls, data: dict) -> "WorkerRecord":
+    def from_json(cls, data: dict) -> WorkerRecord:
         """Raises KeyError, TypeError or ValueError for a record that is not one."""
         return cls(
             worker_id=str(data["worker_id"]), client_id=str(data["client_id"]), agent_name=str(data["agent_name"]),

@@ -7,8 +7,9 @@ helper threads, never from their mailbox.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import Protocol
 
 LABEL_CLIENT = "autonomite.client"
 LABEL_POOL = "autonomite.pool"
@@ -75,7 +76,7 @@ class WorkerHandle:
     status_token: str = field(default="", repr=False, compare=False)
 
     @classmethod
-    def from_labels(cls, labels: Mapping[str, str], ref: str, status_host: str = "127.0.0.1") -> "WorkerHandle":
+    def from_labels(cls, labels: Mapping[str, str], ref: str, status_host: str = "127.0.0.1") -> WorkerHandle:
         return cls(
             worker_id=labels[LABEL_WORKER],
             client_id=labels[LABEL_CLIENT],

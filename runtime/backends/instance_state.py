@@ -23,8 +23,8 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from runtime.backends.adoption import WorkerRecord, runtime_gone
 

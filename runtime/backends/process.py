@@ -77,7 +77,8 @@ class ProcessBackend:
     name = "process"
 
     def __init__(self, log_dir: Path, python: str = sys.executable, zygote: bool = True,
-                 isolation: IsolationSettings | None = IsolationSettings(), state_dir: Path | None = None) -> None:
+                 isolation: IsolationSettings | None = IsolationSettings(),  # noqa: B008 - immutable
+                 state_dir: Path | None = None) -> None:
         self._log_dir = log_dir
         self._python = python
         self._lock = threading.Lock()

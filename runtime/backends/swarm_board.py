@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import docker
 
@@ -66,7 +67,7 @@ class Board:
                 if left is not None and left <= 0:
                     return None
                 with self._cond:
-                    self._cond.wait_for(lambda: self._snapshot.seq >= need, left)
+                    self._cond.wait_for(lambda: self._snapshot.seq >= need, left)  # noqa: B023 - waited on here
                     snap = self._snapshot
                 if snap.seq >= need:  # decided outside the lock: deciding may ask the manager about nodes
                     decided = decide(snap)

@@ -27,8 +27,9 @@ import subprocess
 import threading
 import time
 import weakref
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Callable, Mapping
+from typing import IO
 
 from runtime._proc import die_with_parent, prctl
 

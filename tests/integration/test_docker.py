@@ -17,7 +17,7 @@ def docker_backend(docker_worker_image) -> dict:
     return {"backend": "docker", "workers": dict(docker_worker_image)}
 
 
-def containers(client_id: str, all: bool = False) -> list:  # noqa: A002 - the SDK's own name
+def containers(client_id: str, all: bool = False) -> list:  # the SDK's own name
     engine = docker_sdk.from_env(version="auto")
     try:
         # ignore_removed: a container removed between the listing and its inspection is not an error

@@ -32,14 +32,14 @@ MEMORY_MB, PIDS = 384, 128  # alpha's limits: a worker fits, and a 200-fork bomb
 
 
 @pytest.fixture
-def engine():  # noqa: ANN201
+def engine():
     client = docker_sdk.from_env(version="auto")
     yield client
     client.close()
 
 
 @pytest.fixture
-def open_dir():  # noqa: ANN201
+def open_dir():
     """A directory every user may enter, as an operator's /srv would be (pytest's tmp is 0700)."""
     path = Path(tempfile.mkdtemp(prefix="autonomite-docker-isolation-"))
     os.chmod(path, 0o755)
@@ -47,11 +47,11 @@ def open_dir():  # noqa: ANN201
     shutil.rmtree(path, ignore_errors=True)
 
 
-def containers_of(engine, client_id: str) -> list:  # noqa: ANN001
+def containers_of(engine, client_id: str) -> list:
     return sorted(engine.containers.list(filters={"label": f"autonomite.client={client_id}"}), key=lambda c: c.id)
 
 
-def probe(container, plan: dict) -> dict:  # noqa: ANN001
+def probe(container, plan: dict) -> dict:
     """The probe in ``container``, as the container's own user (docker exec's default)."""
     done = subprocess.run(["docker", "exec", "-i", container.id, "python", "-", json.dumps(plan)],
                           input=PROBE.read_text(), capture_output=True, text=True, timeout=180)
@@ -120,7 +120,7 @@ def test_a_compromised_worker_reaches_nothing_of_another_client(run_serve, docke
     lk_b.delete_room("room-after-the-probe")
 
 
-def worker_privileges(container) -> list[str]:  # noqa: ANN001
+def worker_privileges(container) -> list[str]:
     """What the worker process itself (pid 1 of its container, read from the host) holds
     that it should not: its client's uid and gid, no group, no capability in any set,
     no_new_privs and a seccomp filter."""

@@ -6,10 +6,8 @@ end user in the room (the livekit rtc SDK, text on ``lk.chat``, the agent's answ
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import subprocess
 import time
 from contextlib import suppress
 

@@ -10,7 +10,7 @@ import random
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import aiohttp
 import pytest
@@ -269,7 +269,7 @@ def test_a_signed_room_finished_webhook_ends_the_session(run_serve, log_root):
         ref = next(w["ref"] for w in serve.pool("hooked2")["workers"] if w["id"] == r.body["worker_id"])
         # LiveKit says the room finished (the room itself still stands: only the webhook acts).
         event = api.WebhookEvent(event="room_finished", room=api.Room(name="room-ended"), id="EV_ended_1",
-                                 created_at=int(datetime.now(timezone.utc).timestamp()))
+                                 created_at=int(datetime.now(UTC).timestamp()))
         body = json_format.MessageToJson(event)
         import base64
         import hashlib

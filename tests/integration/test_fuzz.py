@@ -67,7 +67,7 @@ class LiveKitSigned(requests.auth.AuthBase):
         return r
 
 
-def credentials(live, method: str, path: str, who: str, case) -> dict:  # noqa: ANN001
+def credentials(live, method: str, path: str, who: str, case) -> dict:
     """Keyword arguments for ``case.call``: the credential ``who`` stands for on this route."""
     serve, alpha, _ = live
     if who == "nobody":
@@ -82,7 +82,7 @@ def credentials(live, method: str, path: str, who: str, case) -> dict:  # noqa: 
     return {"headers": {"Authorization": f"Bearer {right if who == 'right' else wrong}"}}
 
 
-def broken_as_sent(case, path: str, who: str) -> bool:  # noqa: ANN001
+def broken_as_sent(case, path: str, who: str) -> bool:
     """Whether a negative case still breaks the document once its credential is added: the
     right one mends a broken Authorization header (and, for a webhook, the client_id)."""
     negated = {location for location, c in case.meta.components.items() if c.mode.is_negative}
@@ -90,7 +90,7 @@ def broken_as_sent(case, path: str, who: str) -> bool:  # noqa: ANN001
     return who != "right" or bool(negated - mended)
 
 
-def is_refusal_shaped(path: str, response) -> bool:  # noqa: ANN001
+def is_refusal_shaped(path: str, response) -> bool:
     """Every answer of 400 or more is JSON {error: str, detail: str}; /readyz's 503 is a status."""
     if response.status_code < 400 or (path, response.status_code) == ("/readyz", 503):
         return True
@@ -129,7 +129,7 @@ def test_fuzzed_requests_get_documented_answers_and_never_a_5xx(live, method, pa
         @given(case=operation.as_strategy(generation_mode=mode), who=st.sampled_from(who_may))
         @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
                   phases=[Phase.explicit, Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
-        def fuzz(case, who) -> None:  # noqa: ANN001
+        def fuzz(case, who) -> None:
             response = case.call(**credentials(live, method, path, who, case))
             case.validate_response(response, checks=mode_checks if broken_as_sent(case, path, who) else checks)
             assert is_refusal_shaped(path, response), (response.status_code, response.text[:300])

@@ -66,7 +66,7 @@ def status_port(pid: int, worker_id: str, admin: str) -> int:
     raise AssertionError(f"no status port of worker {worker_id} answers its own token")
 
 
-def workers(serve, client_id: str) -> list[tuple[str, int]]:  # noqa: ANN001
+def workers(serve, client_id: str) -> list[tuple[str, int]]:
     """(id, pid) of the pool's workers that have a process yet (a starting one may not)."""
     return sorted((w["id"], int(w["ref"])) for w in serve.pool(client_id)["workers"] if w["ref"])
 
@@ -89,7 +89,7 @@ def run_probe(worker: int, plan: dict) -> dict:
 
 
 @pytest.fixture
-def open_dir():  # noqa: ANN201
+def open_dir():
     """A directory every user may enter, as an operator's /etc/autonomite or /srv would be
     (pytest's own tmp is 0700, which would hide the files from the probe whatever the runtime did)."""
     path = Path(tempfile.mkdtemp(prefix="autonomite-isolation-"))
@@ -99,7 +99,7 @@ def open_dir():  # noqa: ANN201
 
 
 @pytest.fixture(params=[False, True], ids=["plain", "namespaces"])
-def tenants(request, run_serve, lk_a, lk_b, open_dir):  # noqa: ANN001, ANN201
+def tenants(request, run_serve, lk_a, lk_b, open_dir):
     docs = {}
     for name in ("alpha", "beta"):
         docs[name] = open_dir / f"docs-{name}"
@@ -253,7 +253,7 @@ def closed_ancestor(path: str) -> str:
 
 
 @pytest.fixture
-def unprivileged_serve(lk_a, tmp_path):  # noqa: ANN001, ANN201
+def unprivileged_serve(lk_a, tmp_path):
     """``serve`` as uid 65534 (nobody): no uids to hand out, no cgroups delegated to it."""
     from tests.support import write_config
 

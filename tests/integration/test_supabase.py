@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support import ISSUED_SECRETS, Client, metric_value, pid_alive, wait_until, write_config
 from tests.supabase_stack import SupabaseStack, missing
+from tests.support import ISSUED_SECRETS, Client, metric_value, pid_alive, wait_until, write_config
 
 
 @pytest.fixture(scope="module")
@@ -195,16 +195,16 @@ def test_supabase_unreachable_at_start_exits_1_unless_a_cache_file_stands_in(tab
         stack.start_postgrest()
 
 
-def zygote_started(serve) -> bool:  # noqa: ANN001 - a tests.support.Serve
+def zygote_started(serve) -> bool:  # a tests.support.Serve
     """Whether this serve booted its zygote (whose log sits in the workers' log_dir)."""
     return (serve.config.parent / "workers" / "zygote.log").exists() or "autonomite.zygote" in serve.log()
 
 
-def source_status(serve) -> dict:  # noqa: ANN001 - a tests.support.Serve
+def source_status(serve) -> dict:  # a tests.support.Serve
     return serve.get("/api/v1/containers/pool/stats", token=serve.admin).body["source"]
 
 
-def reload(serve) -> dict:  # noqa: ANN001 - a tests.support.Serve
+def reload(serve) -> dict:  # a tests.support.Serve
     """Read the table now (the admin reload polls synchronously) and return what changed."""
     r = serve.request("POST", "/api/v1/admin/reload", token=serve.admin)
     assert r.status == 200, r.body

@@ -35,7 +35,7 @@ def services(swarm: PrivateSwarm, client_id: str) -> list:
     return swarm.engine.services.list(filters={"label": f"autonomite.client={client_id}"})
 
 
-def container_of(swarm: PrivateSwarm, worker_id: str):  # noqa: ANN201
+def container_of(swarm: PrivateSwarm, worker_id: str):
     return next(c for c in swarm.containers() if c.labels.get("autonomite.worker") == worker_id)
 
 
@@ -157,6 +157,7 @@ def test_an_image_the_swarm_does_not_have_is_a_clear_start_error(run_serve, swar
     delta = Client("delta", lk_a, min_idle=1, max_size=1)
     serve = run_serve([delta], wait_ready=False, backend="swarm",
                       workers={"image": "autonomite-agent:never-loaded", "engine_url": swarm.url})
-    pool = wait_until(lambda: (p := serve.pool("delta")) and p["last_error"] and p, 150, "a failed start")  # generous: a busy 2-core CI
+    # generous: a busy 2-core CI
+    pool = wait_until(lambda: (p := serve.pool("delta")) and p["last_error"] and p, 150, "a failed start")
     assert "not found on the manager" in pool["last_error"] and pool["idle"] == 0
     assert not services(swarm, "delta")

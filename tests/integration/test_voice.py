@@ -146,7 +146,7 @@ def test_end_of_turn_s_is_the_pause_that_ends_a_callers_turn(run_serve, lk_a, do
     async def both() -> list[list[str]]:
         return await asyncio.gather(*(paused_call(r) for r in answers.values()))
 
-    heard = dict(zip(answers, asyncio.run(both())))
+    heard = dict(zip(answers, asyncio.run(both()), strict=True))
     turns = {}
     for name, r in answers.items():
         log = (Path(serve.config).parent / "workers" / "acme" / f"{r.body['worker_id']}.log").read_text()

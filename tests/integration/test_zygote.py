@@ -28,7 +28,7 @@ def zygote_of(pid: int) -> int:
     return wait_until(lambda: next((p for p in children_of(pid) if comm(p) == "zygote"), None), 60, "the zygote")
 
 
-def refs(serve, client_id: str) -> set[str]:  # noqa: ANN001
+def refs(serve, client_id: str) -> set[str]:
     return {w["ref"] for w in serve.pool(client_id)["workers"]}
 
 
@@ -69,7 +69,7 @@ def test_a_worker_forked_for_one_client_never_holds_another_clients_secrets(run_
     assert len(forks) >= 3 and all("with 1 thread(s)" in line for line in forks), log
 
 
-def spec_for(project, worker_id: str) -> WorkerSpec:  # noqa: ANN001
+def spec_for(project, worker_id: str) -> WorkerSpec:
     port = free_port()
     agent_name = f"z--{worker_id}"
     return WorkerSpec(

@@ -38,7 +38,7 @@ def test_a_crashed_poll_is_logged_counted_shown_as_down_and_the_loop_polls_on(mo
     w.first_read()
     real_merge, bug = client_source.merge, [True]
 
-    def merge_with_a_bug(last_good, snapshot):  # noqa: ANN001, ANN202 - fault injection: the bug's text holds a secret
+    def merge_with_a_bug(last_good, snapshot):  # fault injection: the bug's text holds a secret
         if bug:
             raise KeyError("s3cret-value")
         return real_merge(last_good, snapshot)

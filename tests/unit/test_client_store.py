@@ -56,7 +56,7 @@ def test_a_row_that_turns_bad_keeps_its_last_good_configuration_a_deleted_one_go
 # -- whose token: deterministic, and the client that holds it keeps it --------------------
 
 
-def tokens(clients) -> list[str]:  # noqa: ANN001
+def tokens(clients) -> list[str]:
     return [c.api_token.get_secret_value() for c in clients.values()]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from runtime.drain import BeginDrain, DrainPolicy, EndSessions, Stop
 
 
-def kinds(actions) -> list[str]:  # noqa: ANN001
+def kinds(actions) -> list[str]:
     return [type(a).__name__ for a in actions]
 
 

@@ -56,11 +56,12 @@ def _lost(original: object, decoded: object, path: str = "") -> list[str]:
         if not isinstance(decoded, dict):
             return [f"{path}: became {type(decoded).__name__}"]
         return [lost for k, v in original.items()
-                for lost in ([f"{path}.{k}: not in Grafana's schema"] if k not in decoded else _lost(v, decoded[k], f"{path}.{k}"))]
+                for lost in ([f"{path}.{k}: not in Grafana's schema"] if k not in decoded
+                             else _lost(v, decoded[k], f"{path}.{k}"))]
     if isinstance(original, list):
         if not isinstance(decoded, list) or len(decoded) != len(original):
             return [f"{path}: list changed"]
-        return [lost for i, (a, b) in enumerate(zip(original, decoded)) for lost in _lost(a, b, f"{path}[{i}]")]
+        return [lost for i, (a, b) in enumerate(zip(original, decoded, strict=True)) for lost in _lost(a, b, f"{path}[{i}]")]
     return [] if original == decoded else [f"{path}: {original!r} became {decoded!r}"]
 
 
@@ -91,7 +92,7 @@ def test_every_query_is_valid_promql(tmp_path):
 def _labels_of_every_metric() -> dict[str, set[str]]:
     """Label names per exported series, from the runtime's own metric definitions."""
     labels: dict[str, set[str]] = {}
-    for collector in Metrics().registry._collector_to_names:  # noqa: SLF001 - the one list of collectors
+    for collector in Metrics().registry._collector_to_names:  # the one list of collectors
         for family in collector.describe():
             names = set(getattr(collector, "_labelnames", ()))
             for series in (family.name, *(family.name + s for s in _SERIES_SUFFIXES)):

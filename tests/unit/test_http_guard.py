@@ -213,7 +213,7 @@ def test_aiohttp_closes_a_connection_whose_request_head_is_late():
                 try:
                     if s.recv(1024) == b"":
                         return time.monotonic() - started
-                except socket.timeout:
+                except TimeoutError:
                     if trickle:
                         s.sendall(b"X")  # one byte of a header name, again and again
                 except ConnectionResetError:

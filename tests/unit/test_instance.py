@@ -17,7 +17,7 @@ HOLD = "import sys, time; from pathlib import Path; from runtime.instance import
        "i = Instance.claim(Path(sys.argv[1])); print(i.id, flush=True); time.sleep(60)"
 
 
-def hold_in_another_process(state_dir) -> tuple[subprocess.Popen, str]:  # noqa: ANN001
+def hold_in_another_process(state_dir) -> tuple[subprocess.Popen, str]:
     """A runtime that claims an id in ``state_dir`` and holds it until killed."""
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(state_dir)], stdout=subprocess.PIPE, text=True)
     return proc, proc.stdout.readline().strip()

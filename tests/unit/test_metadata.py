@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from actors.dispatch import build_metadata
 from actors.messages import TriggerRequest
@@ -18,7 +18,7 @@ CLIENT = ClientSettings.model_validate(
 
 
 def test_metadata_carries_what_primes_the_agent():
-    now = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
     req = TriggerRequest("acme", "support", "preview_demo", "dana@example.com", {"plan": "gold"}, "conv-1")
     m = build_metadata(CLIENT, CLIENT.agents[0], req, now)
     assert m["client_name"] == "Acme Corp" and m["agent_name"] == "support"

@@ -10,8 +10,18 @@ import shutil
 import numpy as np
 import pytest
 
-from agent.offline_voice import (CALLER_PHRASES, COMMON_WORDS, KEPT_SILENCE_FRAMES, REPLY_PHRASES, SILENT_PEAK,
-                                 STT_RATE, as_a_microphone_hears, bigram_arpa, check_voice, domain_corpus)
+from agent.offline_voice import (
+    CALLER_PHRASES,
+    COMMON_WORDS,
+    KEPT_SILENCE_FRAMES,
+    REPLY_PHRASES,
+    SILENT_PEAK,
+    STT_RATE,
+    as_a_microphone_hears,
+    bigram_arpa,
+    check_voice,
+    domain_corpus,
+)
 from agent.spoken_numbers import cardinal, ordinal, readings, spoken_variants
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs Debian's espeak-ng")

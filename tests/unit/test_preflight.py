@@ -37,7 +37,7 @@ def test_the_client_sources_cache_directory_is_checked_too(tmp_path):
     (tmp_path / "file").write_text("x")
     config = tmp_path / "clients.yaml"
     config.write_text(
-        "runtime: {admin_token: admin-token-0123456789, workers: {log_dir: %s}}\n"
+        "runtime: {admin_token: admin-token-0123456789, workers: {log_dir: %s}}\n"  # noqa: UP031 - YAML's braces
         "clients_source:\n  supabase: {url: 'http://127.0.0.1:1', service_key: k, cache_file: %s}\n"
         % (tmp_path / "logs", tmp_path / "file" / "cache.json"))
     problem = unwritable(load_settings(config, {}))

@@ -7,6 +7,7 @@ manager lists them); the board against a real swarm is tested in tests/integrati
 from __future__ import annotations
 
 import threading
+from datetime import UTC
 from types import SimpleNamespace
 
 from runtime.backends import swarm_board
@@ -24,7 +25,7 @@ def task(state: str, node: str | None = "node-a", code: int | None = None, err: 
 
 
 def snap(*tasks: dict, listed: bool = True) -> Snapshot:
-    return Snapshot(1, frozenset({SID} if listed else ()), {SID: t for t in tasks})
+    return Snapshot(1, frozenset({SID} if listed else ()), {SID: t for t in tasks})  # noqa: B035 - the last task listed wins
 
 
 def up(_node):
@@ -150,10 +151,10 @@ def test_a_manager_unreachable_at_first_is_waited_out(monkeypatch):
 
 
 def test_a_secret_is_young_by_the_engines_clock_and_unreadable_counts_as_old():
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from runtime.backends.swarm import PLACED_TIMEOUT_S, _age_s
 
-    stamp = (datetime.now(timezone.utc) - timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%S.123456789Z")
+    stamp = (datetime.now(UTC) - timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%S.123456789Z")
     assert 4 < _age_s(stamp) < PLACED_TIMEOUT_S  # a start may still be creating its service: kept
     assert _age_s("2020-01-01T00:00:00Z") > PLACED_TIMEOUT_S and _age_s(None) == _age_s("junk") == float("inf")

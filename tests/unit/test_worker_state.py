@@ -124,7 +124,7 @@ def test_a_worker_whose_runtime_died_is_never_claimed_again(state):
     assert not state.claim("L1", "w1") and state.state == "idle"
 
 
-def _lifeline_run(in_session: bool, bound_s: float, monkeypatch) -> tuple[list, bool]:  # noqa: ANN001
+def _lifeline_run(in_session: bool, bound_s: float, monkeypatch) -> tuple[list, bool]:
     """A real pipe: its write end closed as a dead runtime's is; what the worker then does."""
     import asyncio
     import os
