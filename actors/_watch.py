@@ -19,6 +19,7 @@ from concurrent.futures import Executor
 import pykka
 
 from actors.messages import LeaseUnused, WorkerExited, WorkerStarted, WorkerStartFailed, WorkerStatus
+from actors.status_debounce import Debounce
 from agent.status import StatusAddress, read_status  # read_status: used here, and by tests
 from runtime.backends.base import WorkerBackend, WorkerHandle, WorkerSpec
 
@@ -88,30 +89,23 @@ def _follow(
 
     threading.Thread(target=wait_for_exit, name=f"wait-{handle.worker_id}", daemon=True).start()
     deadline = time.monotonic() + ready_timeout_s
-    last: tuple | None = None
-    sent_at, silent, ever_registered = 0.0, 0, False
+    debounce = Debounce(RESEND_S, SILENT_PROBES)
     etag = None
     while not exited.is_set() and pool.is_alive():  # a dead pool's successor probes for itself
         # A long poll: the answer comes when the status changes, or after RESEND_S.
         status = read_status(address, wait=RESEND_S, since=etag)
         etag = status.get("etag") if status is not None else None
         long_polled = etag is not None  # else (no answer, or a worker without long polls) pace ourselves
-        silent = 0 if status is not None else silent + 1
-        if status is None and ever_registered and silent >= SILENT_PROBES:
-            status = {"registered": False, "state": "starting"}  # hung, or gone: not idle
-        if status is not None:
-            seen = (bool(status.get("registered")), status.get("state", "starting"), status.get("lease_id"))
-            if (ever_registered or seen[0]) and (seen != last or time.monotonic() - sent_at >= RESEND_S):
-                tell(pool, WorkerStatus(handle.worker_id, *seen))
-                sent_at = time.monotonic()
-            last, ever_registered = seen, ever_registered or seen[0]
-            if seen[1] == "draining":
-                return  # on its way out: the exit will be reported
-        if not ever_registered and time.monotonic() > deadline:
+        told = debounce.heard(status, time.monotonic())
+        if told is not None:
+            tell(pool, WorkerStatus(handle.worker_id, *told))
+        if debounce.last is not None and debounce.last[1] == "draining":
+            return  # on its way out: the exit will be reported
+        if not debounce.ever_registered and time.monotonic() > deadline:
             tell(pool, WorkerStartFailed(handle.worker_id, f"not registered within {ready_timeout_s:g} s", started=True))
             return
         if not long_polled:
-            exited.wait(FOLLOW_INTERVAL_S if ever_registered else PROBE_INTERVAL_S)
+            exited.wait(FOLLOW_INTERVAL_S if debounce.ever_registered else PROBE_INTERVAL_S)
 
 
 def check_job_arrived(

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from actors import _watch
+from actors.dispatch_policy import LeaseVerdict, after_handoff, lease_verdict
 from actors.messages import (
     HandoffDone,
     Lease,
@@ -179,33 +180,33 @@ class DispatchActor(Supervised):
         def done(f) -> None:  # noqa: ANN001 - runs on the LiveKit adapter's thread
             handoff = f.result() if f.exception() is None else Handoff("livekit_error", error=describe(f.exception()))
             if not _watch.tell(me, HandoffDone(lease.trigger_id, lease, handoff)):  # this dispatcher died
-                self._tell_pool(lease.client_id, _settle(lease, handoff))
+                self._tell_pool(lease.client_id, _to_pool(lease, lease_verdict(handoff.outcome, handoff.released)))
 
         future.add_done_callback(done)
 
     def _handed_off(self, message: HandoffDone) -> None:
         lease, handoff = message.lease, message.handoff
         flight = self.in_flight.get(message.trigger_id)
-        if handoff.outcome == "livekit_error":
-            logger.error("dispatch to %s failed: %s", lease.agent_name, handoff.error)
-            self._tell_pool(lease.client_id, _settle(lease, handoff))
-            if flight is not None:
-                self._answer(message.trigger_id, TriggerResult(502, {"error": "livekit_error", "detail": handoff.error}),
-                             "livekit_error")
-            return
-        if handoff.outcome != "accepted":
-            logger.warning("handoff to %s failed (%s), attempt %d", lease.agent_name, handoff.outcome,
-                           flight.attempt if flight else 0)
-            self._tell_pool(lease.client_id, LeaseFailed(lease.worker_id, lease.lease_id, handoff.outcome))
-            self.metrics.handoff_failures.labels(lease.client_id, handoff.outcome).inc()
-            if flight is None:
-                return
-            if flight.attempt < self.settings.attempts:
-                self.in_flight[message.trigger_id] = replace(flight, attempt=flight.attempt + 1, leased=False)
-                return self._ask_pool(message.trigger_id)
-            return self._refuse(message.trigger_id, "handoff_failed", "no warm worker took the session in time")
+        attempt = flight.attempt if flight else self.settings.attempts
+        decision = after_handoff(handoff.outcome, handoff.released, attempt, self.settings.attempts)
+        if decision.lease is not None:
+            self._tell_pool(lease.client_id, _to_pool(lease, decision.lease))
+        match decision.trigger:
+            case "livekit_error":
+                logger.error("dispatch to %s failed: %s", lease.agent_name, handoff.error)
+                body = {"error": "livekit_error", "detail": handoff.error}
+                return self._answer(message.trigger_id, TriggerResult(502, body), "livekit_error")
+            case "retry" | "handoff_failed":
+                logger.warning("handoff to %s failed (%s), attempt %d", lease.agent_name, handoff.outcome, attempt)
+                self.metrics.handoff_failures.labels(lease.client_id, handoff.outcome).inc()
+                if flight is None:
+                    return None
+                if decision.trigger == "retry":
+                    self.in_flight[message.trigger_id] = replace(flight, attempt=attempt + 1, leased=False)
+                    return self._ask_pool(message.trigger_id)
+                return self._refuse(message.trigger_id, "handoff_failed", "no warm worker took the session in time")
         if flight is None:  # cannot happen: a trigger is answered only once its handoff is over
-            return
+            return None
         trigger, client = flight.trigger, lease.client_id
         room, lk = trigger.request.room_name, lease.livekit  # where the worker is registered
         self.sessions[(client, lease.worker_id)] = _Session(lk, handoff.dispatch_id, room, lease.status)
@@ -278,14 +279,10 @@ class DispatchActor(Supervised):
         super().on_failure(exc_type, exc_value, tb)
 
 
-def _settle(lease: Leased, handoff: Handoff) -> object:
-    """What the pool must hear about a handoff that did not end in an accepted job."""
-    if handoff.outcome == "livekit_error" and handoff.released:
+def _to_pool(lease: Leased, verdict: LeaseVerdict) -> ReturnLease | LeaseFailed:
+    if verdict == "return":
         return ReturnLease(lease.worker_id, lease.lease_id)
-    if handoff.outcome in ("unregistered", "claimed"):
-        return LeaseFailed(lease.worker_id, lease.lease_id, handoff.outcome)
-    # Not accepted, or a claim that could not be released (the job may have reached the worker).
-    return LeaseFailed(lease.worker_id, lease.lease_id, "not_accepted")
+    return LeaseFailed(lease.worker_id, lease.lease_id, verdict)
 
 
 def _user_identity(email: str | None) -> str:

@@ -22,7 +22,6 @@ that hook, and a failing ``on_start``, into a :class:`ChildFailed` message.
 
 from __future__ import annotations
 
-import collections
 import enum
 import logging
 import threading
@@ -156,7 +155,7 @@ class Supervisor(pykka.ThreadingActor):
         self.on_restart = on_restart
         self.specs: dict[str, ChildSpec] = {}  # insertion order is start order
         self.draining: dict[str, tuple[ChildSpec, pykka.ActorRef]] = {}
-        self.restarts: collections.deque[float] = collections.deque()
+        self.restarts: tuple[float, ...] = ()  # when recent restarts happened (add_restart)
         self.gave_up = False
         self.closing: DrainChildren | None = None  # shutting down: these children drain, none starts
         self.told_drained = False
@@ -284,11 +283,8 @@ class Supervisor(pykka.ThreadingActor):
 
     def _intensity_exceeded(self, child_id: str, error: str) -> bool:
         """Count a restart; past the intensity, stop everything and report upward."""
-        now = time.monotonic()
-        self.restarts.append(now)
-        while self.restarts and now - self.restarts[0] > self.within_s:
-            self.restarts.popleft()
-        if len(self.restarts) <= self.max_restarts:
+        self.restarts, allowed = add_restart(self.restarts, time.monotonic(), self.max_restarts, self.within_s)
+        if allowed:
             return False
         self.gave_up = True
         reason = (
@@ -316,6 +312,16 @@ class Supervisor(pykka.ThreadingActor):
             self.directory.record_draining(child_id, None)
             if ref is not None:
                 _stop(child_id, ref, spec.shutdown_timeout_s)
+
+
+def add_restart(restarts: tuple[float, ...], now: float, max_restarts: int,
+                within_s: float) -> tuple[tuple[float, ...], bool]:
+    """OTP's restart intensity, pure: count a restart at ``now`` among those of the last
+    ``within_s`` seconds; allowed while at most ``max_restarts``. Returns the restarts to
+    keep and whether this one may happen. A child that crashes now and then is restarted
+    for ever; one that crashes in a loop stops the tree, and the operator learns why."""
+    recent = tuple(t for t in restarts if now - t <= within_s) + (now,)
+    return recent, len(recent) <= max_restarts
 
 
 def _stop(child_id: str, ref: pykka.ActorRef, timeout_s: float) -> None:

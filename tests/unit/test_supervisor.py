@@ -215,3 +215,17 @@ def test_a_pool_that_crashes_while_the_runtime_drains_is_started_again_and_drain
     assert Records.whys == ["shutdown", "shutdown"] and not drained.is_set() and restarts == ["pool:a"]
     directory.get("pool:a", draining=True).tell("done")
     assert drained.wait(5) and gave_up == []
+
+
+def test_restart_intensity_counts_only_the_window_and_allows_up_to_the_limit():
+    from actors.supervisor import add_restart
+
+    kept, allowed = add_restart((), now=100.0, max_restarts=2, within_s=60)
+    assert kept == (100.0,) and allowed
+    kept, allowed = add_restart(kept, now=110.0, max_restarts=2, within_s=60)
+    assert allowed
+    kept, allowed = add_restart(kept, now=120.0, max_restarts=2, within_s=60)
+    assert kept == (100.0, 110.0, 120.0) and not allowed  # a third within 60 s: give up
+    kept, allowed = add_restart((100.0, 110.0), now=165.0, max_restarts=2, within_s=60)
+    assert kept == (110.0, 165.0) and allowed  # the one at 100 is out of the window
+    assert add_restart((), now=0.0, max_restarts=0, within_s=60)[1] is False
