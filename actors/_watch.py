@@ -20,7 +20,7 @@ import pykka
 
 from actors.messages import LeaseUnused, WorkerExited, WorkerStarted, WorkerStartFailed, WorkerStatus
 from actors.status_debounce import Debounce
-from agent.status import StatusAddress, read_status  # read_status: used here, and by tests
+from agent.contract import StatusAddress, read_status  # read_status: used here, and by tests
 from runtime.backends.base import WorkerBackend, WorkerHandle, WorkerSpec
 
 logger = logging.getLogger("autonomite.pool")

@@ -45,7 +45,7 @@ from actors.messages import (
     TriggerResult,
 )
 from actors.supervisor import Directory, Supervised
-from agent.status import StatusAddress
+from agent.contract import StatusAddress
 from runtime.errors import describe
 from runtime.handoff import Handoff, WorkerControl, hand_off
 from runtime.livekit import LiveKitClient, participant_token

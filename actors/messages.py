@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from actors.pool_effects import LeaseFailure, WorkerState
-from agent.status import ReportedState, StatusAddress
+from agent.contract import ReportedState, StatusAddress
 from runtime.backends.base import WorkerHandle
 from runtime.settings import ClientSettings, LiveKitSettings
 

@@ -63,8 +63,7 @@ from actors.pool_effects import (
 )
 from actors.pool_machine import PoolMachine
 from actors.supervisor import Supervised
-from agent.status import StatusAddress, status_token
-from agent.worker import WorkerConfig
+from agent.contract import StatusAddress, WorkerConfig, status_token
 from runtime.backends.base import WorkerBackend, WorkerHandle, WorkerSpec
 from runtime.devserver import free_port
 from runtime.metrics import WORKER_STATES, Metrics
@@ -96,7 +95,7 @@ class PoolActor(Supervised):
     ) -> None:
         super().__init__(supervisor, child_id)
         self.on_session_end = on_session_end
-        self.status_key = status_key  # workers' status tokens are derived from it (agent/status.py)
+        self.status_key = status_key  # workers' status tokens are derived from it (agent/contract.py)
         self.client = client
         self.backend = backend
         self.settings = settings

@@ -40,7 +40,7 @@ from actors.pool_effects import (  # the effects are this machine's output
     WakeAt,
     WorkerState,
 )
-from agent.status import ReportedState
+from agent.contract import ReportedState
 
 MAX_BACKOFF_S = 30.0
 

@@ -8,7 +8,9 @@ worker code has run yet.
 
 import os
 
-if "AUTONOMITE_IDENTITY" in os.environ:
+from agent.contract import Env
+
+if Env.IDENTITY in os.environ:
     import json
 
     from agent import sandbox
@@ -16,7 +18,7 @@ if "AUTONOMITE_IDENTITY" in os.environ:
 
     preload([])
     parent = os.getppid()
-    sandbox.enter(sandbox.Identity.from_json(json.loads(os.environ.pop("AUTONOMITE_IDENTITY"))))
+    sandbox.enter(sandbox.Identity.from_json(json.loads(os.environ.pop(Env.IDENTITY))))
     if os.getppid() != parent:  # the runtime died meanwhile (later, the lifeline says: agent/lifeline.py)
         os._exit(1)
 

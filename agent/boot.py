@@ -18,13 +18,15 @@ import ctypes
 import json
 import os
 
+from agent.contract import Env
+
 PR_SET_NO_NEW_PRIVS = 38
 
 
 def boot() -> None:
     if ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
-    path = os.environ.pop("AUTONOMITE_SETTINGS_FILE", None)
+    path = os.environ.pop(Env.SETTINGS_FILE, None)
     if path:
         with open(path, encoding="utf-8") as f:
             settings = json.load(f)

@@ -15,20 +15,21 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from agent.contract import Env
 from agent.orphan import END_MESSAGE, Orphan
 
 if TYPE_CHECKING:
-    from agent.worker import WorkerState
+    from agent.lease_book import LeaseBook
 
 logger = logging.getLogger("autonomite.agent")
 
 
-def watch_lifeline(loop: asyncio.AbstractEventLoop, state: WorkerState) -> asyncio.Event:
+def watch_lifeline(loop: asyncio.AbstractEventLoop, state: LeaseBook) -> asyncio.Event:
     """The runtime holds the only write end of a pipe whose read end we were given: end of
     file on it means the runtime died (even by SIGKILL). No polling, and it works in a pid
     namespace of our own, where the runtime's pid means nothing."""
     gone = asyncio.Event()
-    fd = os.environ.get("AUTONOMITE_LIFELINE_FD")
+    fd = os.environ.get(Env.LIFELINE_FD)
     if not fd:  # not started by a process backend (a container): its engine keeps it
         return gone
 
@@ -43,7 +44,7 @@ def watch_lifeline(loop: asyncio.AbstractEventLoop, state: WorkerState) -> async
     return gone
 
 
-async def outlive_runtime(state: WorkerState, runtime_gone: asyncio.Event) -> None:
+async def outlive_runtime(state: LeaseBook, runtime_gone: asyncio.Event) -> None:
     """Returns when this worker must end because its runtime died (agent/orphan.py decides)."""
     await runtime_gone.wait()
     orphan = Orphan(state.config.orphan_timeout_s, time.monotonic())

@@ -49,6 +49,8 @@ import socket
 import sys
 import time
 
+from agent.contract import Env
+
 _PR_SET_DUMPABLE = 4
 _PR_SET_NAME = 15
 MAX_FDS = 4
@@ -60,7 +62,8 @@ PRELOAD = (
     "multiprocessing.connection", "multiprocessing.forkserver", "multiprocessing.resource_tracker",
     "multiprocessing.spawn", "runpy", "httpcore2", "h2.connection", "anyio.streams.tls", "truststore",
     "openai.resources",
-    "agent.worker", "agent.session", "agent.rag", "agent.providers", "agent.offline_llm", "agent.priming",
+    "agent.worker", "agent.contract", "agent.lease_book", "agent.status_server", "agent.session", "agent.rag",
+    "agent.providers", "agent.offline_llm", "agent.priming",
     "pyseccomp", "agent.sandbox",
 )
 
@@ -201,9 +204,9 @@ def _become_worker(runtime_pid: int, middle_pid: int, settings_fd: int, log_fd: 
         kept = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in (lifeline_fd, knowledge_fd) if fd >= 0]
         for target, fd in enumerate(kept, start=3):
             os.dup2(fd, target)
-        os.environ["AUTONOMITE_LIFELINE_FD"] = "3"
+        os.environ[Env.LIFELINE_FD] = "3"
         if knowledge_fd >= 0:
-            os.environ["AUTONOMITE_KNOWLEDGE_FD"] = "4"
+            os.environ[Env.KNOWLEDGE_FD] = "4"
         os.closerange(3 + len(kept), 1 << 16)  # nothing else of the zygote's
         # As a fresh interpreter has them: SIGINT raises KeyboardInterrupt, SIGPIPE stays
         # ignored (a write to a closed socket is an error, not death), SIGTERM the default;

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors._watch import read_status
-from agent.status import StatusAddress
+from agent.contract import StatusAddress
 from bench.trigger_latency import machine
 from bench.worker_start import pss_mb, spec_for, tree
 from runtime.backends import ProcessBackend, WorkerHandle

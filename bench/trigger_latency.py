@@ -36,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from livekit import api
 
 from actors._watch import read_status
-from agent.status import StatusAddress
-from agent.worker import WorkerConfig
+from agent.contract import StatusAddress, WorkerConfig
 from runtime.backends import ProcessBackend, WorkerSpec
 from runtime.devserver import LiveKitServer, free_port
 from tests.support import Client, LiveKitProject, Serve, wait_until, write_config

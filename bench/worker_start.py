@@ -27,8 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors._watch import read_status
-from agent.status import StatusAddress
-from agent.worker import WorkerConfig
+from agent.contract import StatusAddress, WorkerConfig
 from bench.trigger_latency import machine
 from runtime.backends import ProcessBackend, WorkerBackend, WorkerHandle, WorkerSpec
 from runtime.devserver import LiveKitServer, free_port

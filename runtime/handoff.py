@@ -26,7 +26,7 @@ from typing import Literal
 
 import aiohttp
 
-from agent.status import StatusAddress
+from agent.contract import StatusAddress
 from runtime.errors import describe
 from runtime.livekit import LiveKitClient
 from runtime.settings import LiveKitSettings

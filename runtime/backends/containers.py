@@ -15,6 +15,7 @@ One place for the hardening, so the two backends cannot drift apart:
 
 from __future__ import annotations
 
+from agent.contract import Env
 from runtime.backends.base import LABEL_CLIENT, LABEL_INSTANCE, LABEL_WORKER, WorkerSpec
 
 TMP_MB = 64
@@ -36,5 +37,5 @@ def environment(spec: WorkerSpec) -> dict[str, str]:
     """The worker's settings and credentials, plus what a read-only root needs."""
     env = {**spec.env, "HOME": "/tmp"}  # the image's home is read-only, and not this uid's
     if spec.knowledge_dir:
-        env["AUTONOMITE_KNOWLEDGE_DIR"] = KNOWLEDGE
+        env[Env.KNOWLEDGE_DIR] = KNOWLEDGE
     return env

@@ -39,8 +39,8 @@ from collections import deque
 from pathlib import Path
 from typing import IO, Protocol
 
+from agent.contract import Env, StatusAddress, read_status
 from agent.rag import documents_memfd
-from agent.status import StatusAddress, read_status
 from runtime.backends.adoption import WorkerRecord, verdict
 from runtime.backends.base import BackendError, WorkerHandle, WorkerSpec
 from runtime.backends.instance_state import InstanceState, start_time
@@ -102,7 +102,7 @@ class ProcessBackend:
         if spec.knowledge_dir and self.isolation is not None:
             documents = self._documents(Path(spec.knowledge_dir))
         elif spec.knowledge_dir:
-            env["AUTONOMITE_KNOWLEDGE_DIR"] = spec.knowledge_dir
+            env[Env.KNOWLEDGE_DIR] = spec.knowledge_dir
         log_path = self._log_path(spec.client_id, spec.worker_id)
         private_dir(log_path.parent)
         placement = None
@@ -132,7 +132,7 @@ class ProcessBackend:
         cgroup = placement.cgroup if placement is not None else None
         self.state.add(WorkerRecord(
             spec.worker_id, spec.client_id, spec.agent_name, spec.status_port, spec.credentials_fp, proc.pid,
-            start_time(proc.pid) or 0, spec.env.get("AUTONOMITE_STATUS_TOKEN", ""),
+            start_time(proc.pid) or 0, spec.env.get(Env.STATUS_TOKEN, ""),
             placement.identity.uid if placement is not None else None,
             tuple(str(d) for d in cgroup.dirs) if cgroup else (), cgroup.version if cgroup else 1,
         ))
@@ -152,10 +152,10 @@ class ProcessBackend:
         No namespaces here: a pid namespace needs the zygote's middle process."""
         if placement is not None:
             identity = placement.identity.to_json() | {"mount_namespace": False}
-            env = {**env, **_PLAIN_ISOLATED_ENV, "AUTONOMITE_IDENTITY": json.dumps(identity)}
+            env = {**env, **_PLAIN_ISOLATED_ENV, Env.IDENTITY: json.dumps(identity)}
         if documents is not None:
-            env["AUTONOMITE_KNOWLEDGE_FD"] = str(documents)
-        env["AUTONOMITE_LIFELINE_FD"] = str(lifeline)
+            env[Env.KNOWLEDGE_FD] = str(documents)
+        env[Env.LIFELINE_FD] = str(lifeline)
         try:
             return subprocess.Popen(
                 [self._python, "-m", "agent"],

@@ -23,7 +23,7 @@ to the node that runs a task using it, on a tmpfs. The secret is removed with it
 
 The runtime reaches each worker's status port at its node's address (``WorkerHandle
 .status_host``), so the worker listens on all interfaces there, and answers only callers
-with its token (``agent/status.py``). A worker whose node is lost stops answering its
+with its token (``agent/contract.py``). A worker whose node is lost stops answering its
 probes (so nobody leases it), and its task never reports an end: Swarm leaves it
 "running" on a node it marks ``down`` (after the node misses its heartbeats, about 15 s).
 So a task on a down node counts as ended: :meth:`wait` returns, the pool replaces the
@@ -51,6 +51,7 @@ import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import Mount, Privileges, Resources, RestartPolicy, SecretReference, ServiceMode
 
+from agent.contract import Env
 from runtime.backends import containers
 from runtime.backends.base import LABEL_INSTANCE, BackendError, WorkerHandle, WorkerSpec, short_error
 from runtime.backends.swarm_board import Board, Ended, Placed, Unplaceable, current_task, ended, placed
@@ -93,7 +94,7 @@ class SwarmBackend:
 
     def start(self, spec: WorkerSpec) -> WorkerHandle:
         uid, name = self._uids.uid(spec.client_id), _name(spec.client_id, spec.worker_id)
-        settings = {**containers.environment(spec), "AUTONOMITE_STATUS_HOST": "0.0.0.0"}  # reached at its node's address
+        settings = {**containers.environment(spec), Env.STATUS_HOST: "0.0.0.0"}  # reached at its node's address
         mounts = [Mount("/tmp", None, type="tmpfs", tmpfs_size=containers.TMP_MB * 2**20, tmpfs_mode=0o1777)]
         if spec.knowledge_dir:  # must exist at this path on the node: only this client's documents
             mounts.append(Mount(containers.KNOWLEDGE, spec.knowledge_dir, type="bind", read_only=True))
@@ -115,7 +116,7 @@ class SwarmBackend:
             service = self._docker.services.create(
                 image_id,
                 name=name,
-                env=["HOME=/tmp", f"AUTONOMITE_SETTINGS_FILE=/run/secrets/{SETTINGS_FILE}"],  # no secret here
+                env=["HOME=/tmp", f"{Env.SETTINGS_FILE}=/run/secrets/{SETTINGS_FILE}"],  # no secret here
                 secrets=[SecretReference(secret.id, name, filename=SETTINGS_FILE, uid=str(uid), gid=str(uid),
                                          mode=0o400)],
                 user=f"{uid}:{uid}",

@@ -22,7 +22,7 @@ from pathlib import Path
 import docker as docker_sdk
 import pytest
 
-from agent.status import status_token
+from agent.contract import status_token
 from runtime.settings import CLIENT_UIDS
 from tests.support import Client
 

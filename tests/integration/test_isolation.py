@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.status import status_token
+from agent.contract import status_token
 from tests.support import Client, children_of, comm, metric_value, pid_alive, wait_until
 
 PROJECT = Path(__file__).resolve().parents[2]

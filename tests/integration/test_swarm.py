@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import docker
 import pytest
 
-from agent.status import status_token
+from agent.contract import status_token
 from tests.support import Client, Serve, metric_value, wait_until
 from tests.swarm_stack import PrivateSwarm
 

@@ -8,8 +8,7 @@ import uuid
 from pathlib import Path
 
 from actors._watch import read_status
-from agent.status import StatusAddress
-from agent.worker import WorkerConfig
+from agent.contract import StatusAddress, WorkerConfig
 from runtime.backends import ProcessBackend, WorkerSpec
 from runtime.devserver import free_port
 from tests.support import (

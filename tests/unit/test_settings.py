@@ -45,7 +45,7 @@ def test_metrics_stay_on_the_gateway_unless_a_listener_of_their_own_is_set(tmp_p
 
 
 def test_a_caller_gets_a_rejoin_grace_by_default_and_it_reaches_the_workers(tmp_path):
-    from agent.worker import WorkerConfig
+    from agent.contract import WorkerConfig
 
     assert load_settings(EXAMPLE, ENV).runtime.workers.rejoin_grace_s == 10.0
     path = write(tmp_path, EXAMPLE.read_text().replace(GATEWAY, GATEWAY + "\n  workers: {rejoin_grace_s: 2.5}", 1))

@@ -1,15 +1,16 @@
-"""The worker's end of the lease protocol (agent/worker.py: WorkerState), without LiveKit."""
+"""The worker's end of the lease protocol (agent/worker.py: LeaseBook), without LiveKit."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent.worker import CLAIM_TIMEOUT_S, WorkerConfig, WorkerState
+from agent.contract import WorkerConfig
+from agent.lease_book import CLAIM_TIMEOUT_S, LeaseBook
 
 
 @pytest.fixture
-def state() -> WorkerState:
-    s = WorkerState(WorkerConfig("w1", "acme", "acme--w1", 1234, []))
+def state() -> LeaseBook:
+    s = LeaseBook(WorkerConfig("w1", "acme", "acme--w1", 1234, []))
     s.state = "idle"  # registered
     return s
 
@@ -21,7 +22,7 @@ def test_only_an_idle_registered_worker_can_be_claimed_and_only_by_its_own_id(st
 
 
 def test_a_worker_that_lost_livekit_cannot_be_claimed():
-    s = WorkerState(WorkerConfig("w1", "acme", "acme--w1", 1234, []), is_connected=lambda: False)
+    s = LeaseBook(WorkerConfig("w1", "acme", "acme--w1", 1234, []), is_connected=lambda: False)
     s.state = "idle"
     assert not s.registered and not s.claim("L1", "w1")
 
@@ -67,7 +68,7 @@ def test_the_status_long_poll_answers_on_a_change_not_before():
 
     async def scenario() -> tuple[float, float, float]:
         connected = [True]
-        s = WorkerState(WorkerConfig("w1", "acme", "acme--w1", 1234, []), is_connected=lambda: connected[0])
+        s = LeaseBook(WorkerConfig("w1", "acme", "acme--w1", 1234, []), is_connected=lambda: connected[0])
         s.state = "idle"
         t0 = time.monotonic()
         await s.changed_from(s.etag(), 0.3)  # nothing changes: it waits the whole time
@@ -93,16 +94,16 @@ def test_the_status_port_answers_only_to_its_workers_token():
 
     import aiohttp
 
-    from agent.status import StatusAddress, status_token
-    from agent.worker import _serve_status
+    from agent.contract import StatusAddress, status_token
+    from agent.status_server import serve_status
     from runtime.devserver import free_port
 
     async def scenario() -> list[tuple[int, str]]:
         port = free_port()
         token = status_token("runtime-secret", "w1")
-        s = WorkerState(WorkerConfig("w1", "acme", "acme--w1", port, [], status_token=token))
+        s = LeaseBook(WorkerConfig("w1", "acme", "acme--w1", port, [], status_token=token))
         s.state = "idle"
-        runner = await _serve_status(s)
+        runner = await serve_status(s)
         seen = []
         try:
             async with aiohttp.ClientSession() as http:
@@ -136,7 +137,7 @@ def _lifeline_run(in_session: bool, bound_s: float, monkeypatch) -> tuple[list, 
     ended: list = []
 
     async def run() -> bool:
-        s = WorkerState(WorkerConfig("w1", "acme", "acme--w1", 1234, [], orphan_timeout_s=bound_s))
+        s = LeaseBook(WorkerConfig("w1", "acme", "acme--w1", 1234, [], orphan_timeout_s=bound_s))
         s.accepted_job = "J1" if in_session else None
         s.end_session = lambda reason, if_no_users, say: ended.append((reason, say))
         gone = watch_lifeline(asyncio.get_running_loop(), s)

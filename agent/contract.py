@@ -1,0 +1,126 @@
+"""The one contract between the runtime and its workers, as both ends see it.
+
+- **The worker's configuration** (:class:`WorkerConfig`) and the names of the environment
+  variables that carry it (:class:`Env`): the runtime's backends set them, the worker reads
+  them. ``to_env`` and ``from_env`` are the two ends, kept side by side.
+- **The status port**: its vocabulary (:data:`ReportedState`), where it is and the token it
+  asks for (:class:`StatusAddress`, :func:`status_token`), and how the runtime reads it
+  (:func:`read_status`). Served by the worker (``agent/status_server.py``), read by the
+  pool (``actors/``) and the handoff (``runtime/handoff.py``).
+
+The runtime imports nothing else of ``agent/`` to talk to a worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Literal
+
+ReportedState = Literal["starting", "idle", "claimed", "busy", "draining"]
+
+
+class Env:
+    """The environment variables a worker is started with (besides LiveKit's own
+    ``LIVEKIT_URL``, ``LIVEKIT_API_KEY`` and ``LIVEKIT_API_SECRET``)."""
+
+    WORKER_ID = "AUTONOMITE_WORKER_ID"
+    CLIENT_ID = "AUTONOMITE_CLIENT_ID"
+    AGENT_NAME = "AUTONOMITE_AGENT_NAME"
+    STATUS_HOST = "AUTONOMITE_STATUS_HOST"
+    STATUS_PORT = "AUTONOMITE_STATUS_PORT"
+    STATUS_TOKEN = "AUTONOMITE_STATUS_TOKEN"
+    CATALOG = "AUTONOMITE_CATALOG"
+    USER_JOIN_TIMEOUT_S = "AUTONOMITE_USER_JOIN_TIMEOUT_S"
+    REJOIN_GRACE_S = "AUTONOMITE_REJOIN_GRACE_S"
+    ORPHAN_TIMEOUT_S = "AUTONOMITE_ORPHAN_TIMEOUT_S"
+    KNOWLEDGE_DIR = "AUTONOMITE_KNOWLEDGE_DIR"  # the client's documents, as a directory (containers)
+    KNOWLEDGE_FD = "AUTONOMITE_KNOWLEDGE_FD"  # or as a memfd the runtime filled (process backend)
+    LIFELINE_FD = "AUTONOMITE_LIFELINE_FD"  # end of file there: the runtime died (agent/lifeline.py)
+    IDENTITY = "AUTONOMITE_IDENTITY"  # a plain start's identity to take (agent/__main__.py)
+    SETTINGS_FILE = "AUTONOMITE_SETTINGS_FILE"  # swarm: the whole configuration, as a secret (agent/boot.py)
+
+
+@dataclass
+class WorkerConfig:
+    """What the runtime tells a worker through its environment."""
+
+    worker_id: str
+    client_id: str
+    agent_name: str
+    status_port: int
+    catalog: list[dict]
+    user_join_timeout_s: float = 120.0
+    rejoin_grace_s: float = 10.0  # runtime.settings.WorkerSettings.rejoin_grace_s
+    status_host: str = "127.0.0.1"  # where the status port listens (another node's runtime probes it)
+    status_token: str = field(default="", repr=False)  # every status call must carry it
+    orphan_timeout_s: float = 300.0  # in session, no runtime following it this long: end (agent/orphan.py)
+
+    def to_env(self) -> dict[str, str]:
+        return {
+            Env.STATUS_HOST: self.status_host,
+            Env.STATUS_TOKEN: self.status_token,
+            Env.WORKER_ID: self.worker_id,
+            Env.CLIENT_ID: self.client_id,
+            Env.AGENT_NAME: self.agent_name,
+            Env.STATUS_PORT: str(self.status_port),
+            Env.CATALOG: json.dumps(self.catalog),
+            Env.USER_JOIN_TIMEOUT_S: str(self.user_join_timeout_s),
+            Env.ORPHAN_TIMEOUT_S: str(self.orphan_timeout_s),
+            Env.REJOIN_GRACE_S: str(self.rejoin_grace_s),
+        }
+
+    @classmethod
+    def from_env(cls) -> WorkerConfig:
+        return cls(
+            worker_id=os.environ[Env.WORKER_ID],
+            client_id=os.environ[Env.CLIENT_ID],
+            agent_name=os.environ[Env.AGENT_NAME],
+            status_port=int(os.environ[Env.STATUS_PORT]),
+            catalog=json.loads(os.environ.get(Env.CATALOG, "[]")),
+            user_join_timeout_s=float(os.environ.get(Env.USER_JOIN_TIMEOUT_S, "120")),
+            rejoin_grace_s=float(os.environ.get(Env.REJOIN_GRACE_S, "10")),
+            status_host=os.environ.get(Env.STATUS_HOST, "127.0.0.1"),
+            status_token=os.environ.get(Env.STATUS_TOKEN, ""),
+            orphan_timeout_s=float(os.environ.get(Env.ORPHAN_TIMEOUT_S, "300")),
+        )
+
+
+@dataclass(frozen=True)
+class StatusAddress:
+    """Where a worker's status port is and the token it asks for.
+
+    The port answers claims and ends sessions, so every call carries a per-worker token
+    (``Authorization: Bearer``). The token is derived from a runtime secret and the worker
+    id (:func:`status_token`): a restarted runtime can still talk to the workers it adopts,
+    and no worker can reach another's port with its own."""
+
+    host: str
+    port: int
+    token: str = field(default="", repr=False)
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+def status_token(key: str, worker_id: str) -> str:
+    return hmac.new(key.encode(), f"worker-status:{worker_id}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def read_status(address: StatusAddress, timeout: float = 1.0, wait: float = 0.0, since: str | None = None) -> dict | None:
+    """A worker's status; with ``since``, once it differs from that etag (or after ``wait``)."""
+    query = f"?since={urllib.parse.quote(since)}&wait={wait:g}" if since else ""
+    request = urllib.request.Request(address.url(f"/status{query}"), headers=address.headers())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout + (wait if since else 0)) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):
+        return None
