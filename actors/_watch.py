@@ -18,7 +18,7 @@ from concurrent.futures import Executor
 
 import pykka
 
-from actors.messages import LeaseUnused, WorkerExited, WorkerStarted, WorkerStartFailed, WorkerStatus
+from actors.messages import Adopted, LeaseUnused, WorkerExited, WorkerStarted, WorkerStartFailed, WorkerStatus
 from actors.status_debounce import Debounce
 from agent.contract import StatusAddress, read_status  # read_status: used here, and by tests
 from runtime.backends.base import WorkerBackend, WorkerHandle, WorkerSpec
@@ -68,6 +68,18 @@ def adopt_worker(
         target=_follow, args=(backend, handle, address, pool, ready_timeout_s), name=f"follow-{handle.worker_id}",
         daemon=True,
     ).start()
+
+
+def list_workers(executor: Executor, backend: WorkerBackend, client_id: str, pool: pykka.ActorRef) -> None:
+    """The client's running workers, listed off the pool's thread; told back as Adopted."""
+
+    def run() -> None:
+        try:
+            tell(pool, Adopted(tuple(backend.list(client_id))))
+        except Exception as e:  # noqa: BLE001 - told to the pool, which fails with it (and is restarted)
+            tell(pool, Adopted((), f"{type(e).__name__}: {e}"))
+
+    executor.submit(run)
 
 
 def stop_worker(executor: Executor, backend: WorkerBackend, handle: WorkerHandle) -> None:

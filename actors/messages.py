@@ -194,6 +194,15 @@ class Crash:
 
 
 @dataclass(frozen=True)
+class Adopted:
+    """The workers a previous incarnation of this pool left running, listed on a helper
+    thread (a swarm backend asks the manager once per worker); ``error``: the listing failed."""
+
+    handles: tuple[WorkerHandle, ...]
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class WorkerStarted:
     worker_id: str
     handle: WorkerHandle

@@ -24,6 +24,7 @@ from concurrent.futures import Executor
 
 from actors import _watch
 from actors.messages import (
+    Adopted,
     CheckLease,
     Crash,
     Drain,
@@ -113,11 +114,22 @@ class PoolActor(Supervised):
         self.wake_timer = None
         self.wake_at = 0.0
         self.waiting: dict[str, Lease] = {}  # queued leases by lease id, until Granted or GaveUp
+        # Until the workers a previous incarnation left are known, what the pool is told
+        # waits here (but stats): deciding before would start workers beside them.
+        self.deferred: list[object] | None = None
 
     def setup(self) -> None:
-        """Adopt the workers a previous incarnation of this pool left running."""
+        """Adopt the workers a previous incarnation of this pool left running. Listing them
+        may be slow (a swarm manager is asked once per worker), so it runs on a helper
+        thread and comes back as Adopted: the mailbox never waits on it."""
+        self.deferred = []
+        _watch.list_workers(self.executor, self.backend, self.client.id, self.actor_ref)
+
+    def _adopted(self, message: Adopted) -> None:
+        if message.error is not None:
+            raise RuntimeError(f"pool {self.client.id}: listing its workers failed: {message.error}")
         now = time.monotonic()
-        for handle in self.backend.list(self.client.id):
+        for handle in message.handles:
             self.machine.adopt(handle.worker_id, handle.agent_name, handle.credentials_fp, now)
             self.handles[handle.worker_id] = handle
             self.addresses[handle.worker_id] = self._address(handle)
@@ -125,9 +137,22 @@ class PoolActor(Supervised):
                                 self.addresses[handle.worker_id].token)
         if self.handles:
             logger.info("pool %s adopted %d live workers", self.client.id, len(self.handles))
+        deferred, self.deferred = self.deferred or [], None
         self._apply(self.machine.reconcile(now))
+        for waiting in deferred:
+            self.on_receive(waiting)
 
     def on_receive(self, message: object) -> object:
+        if isinstance(message, Adopted):
+            return self._adopted(message)
+        if self.deferred is not None:  # still adopting: stats answer, the rest waits
+            if not isinstance(message, GetStats):
+                self.deferred.append(message)
+                return None
+            stats = self._stats()
+            if message.reply is not None:
+                message.reply(stats)
+            return stats
         now = time.monotonic()
         m = self.machine
         result = None

@@ -41,6 +41,7 @@ import ctypes
 import errno
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -64,7 +65,7 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 NAMESPACE_FLAGS = (CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET)
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 0x40000
 SOCK_TYPE_MASK = 0xF
 SOCK_PACKET = 10
 
@@ -174,7 +175,30 @@ def _private_mounts() -> None:
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     for where in ("/tmp", "/dev/shm"):
         if os.path.isdir(where):
+            # The worker's own program may live there (a checkout and its virtualenv under
+            # /tmp): those directories are mounted back into the private tmpfs, nothing else.
+            kept = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in _program_dirs_under(where)]
             _mount("tmpfs", where, "tmpfs", MS_NOSUID | MS_NODEV, b"mode=1777,size=64m")
+            for path, fd in kept:
+                os.makedirs(path, exist_ok=True)
+                _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+                os.close(fd)
+
+
+def _program_dirs_under(where: str) -> list[str]:
+    """The directories the running program is loaded from (its interpreter's prefixes, its
+    import path, this package's checkout) that lie under ``where``: outermost ones only."""
+    import agent
+
+    candidates = {sys.prefix, sys.exec_prefix, sys.base_prefix, os.path.dirname(os.path.dirname(agent.__file__)),
+                  *(p for p in sys.path if p)}
+    inside = where.rstrip("/") + "/"
+    under = sorted({real for p in candidates if os.path.isdir(p) and (real := os.path.realpath(p)).startswith(inside)})
+    outermost: list[str] = []
+    for path in under:
+        if not any(path == top or path.startswith(top + "/") for top in outermost):
+            outermost.append(path)
+    return outermost
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: bytes | None = None) -> None:

@@ -20,10 +20,15 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from livekit import rtc
 
+if TYPE_CHECKING:
+    from runtime.voice_io import Ears, Mouth
+
 AGENT_WAIT_S = 30.0  # the leased agent joins within moments of the trigger's answer
+LEAVE_TIMEOUT_S = 10.0  # closing the audio streams and leaving the room
 
 
 def trigger(gateway: str, token: str, body: dict) -> dict:
@@ -101,10 +106,17 @@ async def _relay(url: str, token: str, voice_texts: list[str] | None) -> None:
     finally:
         for task in printers:
             task.cancel()
-        if ears is not None and mouth is not None:
-            await ears.close()
-            await mouth.close()
-        await room.disconnect()
+        try:  # leaving must not hang on a stream or a room that no longer answers
+            await asyncio.wait_for(_leave(room, ears, mouth), LEAVE_TIMEOUT_S)
+        except TimeoutError:
+            print(f"\nleaving the room took over {LEAVE_TIMEOUT_S:g} s; gave up waiting", file=sys.stderr)
+
+
+async def _leave(room: rtc.Room, ears: Ears | None, mouth: Mouth | None) -> None:
+    if ears is not None and mouth is not None:
+        await ears.close()
+        await mouth.close()
+    await room.disconnect()
 
 
 async def _print(queue: asyncio.Queue, label: str) -> None:

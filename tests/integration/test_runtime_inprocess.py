@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 
 import pytest
 
@@ -50,3 +51,36 @@ def test_a_lease_whose_job_never_arrives_is_retired(runtime):
     )
     wait_until(lambda: (s := stats(runtime)).leased == 0 and s.idle == 1, 60, "the pool back at min_idle")
     assert lease.worker_id not in {w.id for w in stats(runtime).workers}
+
+
+def test_a_slow_listing_of_workers_never_blocks_the_pool_nor_starts_workers_beside_them(tmp_path, lk_a):
+    """PoolActor.setup lists the workers a previous incarnation left (a swarm manager is
+    asked once per worker): meanwhile the pool answers stats, and decides nothing."""
+    from runtime.app import make_backend
+
+    env = write_config(tmp_path / "clients.yaml", [Client("alpha", lk_a, min_idle=1, max_size=2)])
+    settings = load_settings(tmp_path / "clients.yaml", env)
+    backend = make_backend(settings)
+    released = threading.Event()
+    real_list = backend.list
+
+    def slow_list(client_id=None):
+        if client_id == "alpha":  # the pool's own listing hangs until the test lets it go
+            released.wait(30)
+        return real_list(client_id)
+
+    backend.list = slow_list
+    rt = Runtime(settings, backend=backend).start()
+    try:
+        pool = wait_until(lambda: rt.directory.get(pool_id("alpha")), 10, "the pool actor")
+        answers: queue.Queue = queue.Queue()
+        pool.tell(Lease(1, "room-early", reply_to=Inbox(answers), wait_s=30))
+        during = pool.ask(GetStats(), timeout=2)  # answered while the listing hangs
+        assert during.total == 0 and answers.empty(), "nothing is decided before the listing"
+        assert real_list("alpha") == [], "no worker was started beside those being listed"
+        released.set()
+        lease = answers.get(timeout=60)  # the lease waited, and a worker started for it serves it
+        assert isinstance(lease, Leased)
+    finally:
+        released.set()
+        rt.stop()

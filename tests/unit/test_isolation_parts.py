@@ -51,3 +51,17 @@ def test_an_identity_travels_as_json_unchanged():
                         mount_namespace=True, seccomp=True)
     assert Identity.from_json(identity.to_json()) == identity
     assert Identity.from_json({}) == Identity()
+
+
+def test_a_private_tmp_keeps_the_workers_own_program_when_it_lives_there(tmp_path, monkeypatch):
+    """A checkout and its virtualenv under /tmp (a CI clone) must stay visible to a worker
+    in its own mount namespace: only they are mounted back into its private /tmp."""
+    from agent.sandbox import _program_dirs_under
+
+    checkout = tmp_path / "checkout"
+    (checkout / ".venv" / "lib").mkdir(parents=True)
+    monkeypatch.setattr("sys.path", [str(checkout / ".venv" / "lib"), str(checkout), "/nonexistent"])
+    monkeypatch.setattr("sys.prefix", str(checkout / ".venv"))
+    assert str(checkout) in _program_dirs_under(str(tmp_path))  # the outermost one only
+    assert not any(p.startswith(str(checkout) + "/") for p in _program_dirs_under(str(tmp_path)))
+    assert _program_dirs_under(str(tmp_path / "elsewhere")) == []
