@@ -368,7 +368,8 @@ class PoolActor(Supervised):
         """A normal stop (shutdown or drained, not a crash): the workers go with the pool."""
         if self.wake_timer is not None:
             self.wake_timer.cancel()
-        for message in self.waiting.values():  # queued leases are refused, not left to time out
+        held = [m for m in self.deferred or [] if isinstance(m, Lease)]  # stopped while adopting
+        for message in [*self.waiting.values(), *held]:  # queued leases are refused, not left to time out
             _watch.tell(message.reply_to, NoIdleWorker(message.trigger_id, self.client.id))
         for f in [self.executor.submit(self.backend.stop, h) for h in self.handles.values()]:
             f.result()

@@ -180,9 +180,21 @@ def _private_mounts() -> None:
             kept = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in _program_dirs_under(where)]
             _mount("tmpfs", where, "tmpfs", MS_NOSUID | MS_NODEV, b"mode=1777,size=64m")
             for path, fd in kept:
-                os.makedirs(path, exist_ok=True)
+                _make_traversable(path, where)
                 _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
                 os.close(fd)
+
+
+def _make_traversable(path: str, top: str) -> None:
+    """``path``'s parents inside the fresh tmpfs ``top``, each 0755 whatever the umask: the
+    worker's uid must pass through them to its own program, and nothing more."""
+    parts = os.path.relpath(path, top).split(os.sep)
+    current = top
+    for part in parts:
+        current = os.path.join(current, part)
+        if not os.path.isdir(current):
+            os.mkdir(current)
+            os.chmod(current, 0o755)
 
 
 def _program_dirs_under(where: str) -> list[str]:

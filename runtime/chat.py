@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -106,17 +107,23 @@ async def _relay(url: str, token: str, voice_texts: list[str] | None) -> None:
     finally:
         for task in printers:
             task.cancel()
-        try:  # leaving must not hang on a stream or a room that no longer answers
-            await asyncio.wait_for(_leave(room, ears, mouth), LEAVE_TIMEOUT_S)
-        except TimeoutError:
-            print(f"\nleaving the room took over {LEAVE_TIMEOUT_S:g} s; gave up waiting", file=sys.stderr)
+        # Leaving must not hang on a stream or a room that no longer answers; the room is
+        # left even if closing the audio gave up.
+        if ears is not None and mouth is not None:
+            await _bounded(_close_audio(ears, mouth), "closing the audio")
+        await _bounded(room.disconnect(), "leaving the room")
 
 
-async def _leave(room: rtc.Room, ears: Ears | None, mouth: Mouth | None) -> None:
-    if ears is not None and mouth is not None:
-        await ears.close()
-        await mouth.close()
-    await room.disconnect()
+async def _close_audio(ears: Ears, mouth: Mouth) -> None:
+    await ears.close()
+    await mouth.close()
+
+
+async def _bounded(step: Awaitable[None], what: str) -> None:
+    try:
+        await asyncio.wait_for(step, LEAVE_TIMEOUT_S)
+    except TimeoutError:
+        print(f"\n{what} took over {LEAVE_TIMEOUT_S:g} s; gave up waiting", file=sys.stderr)
 
 
 async def _print(queue: asyncio.Queue, label: str) -> None:

@@ -65,3 +65,18 @@ def test_a_private_tmp_keeps_the_workers_own_program_when_it_lives_there(tmp_pat
     assert str(checkout) in _program_dirs_under(str(tmp_path))  # the outermost one only
     assert not any(p.startswith(str(checkout) + "/") for p in _program_dirs_under(str(tmp_path)))
     assert _program_dirs_under(str(tmp_path / "elsewhere")) == []
+
+
+def test_the_way_back_to_the_program_is_traversable_whatever_the_umask(tmp_path):
+    import os
+    import stat
+
+    from agent.sandbox import _make_traversable
+
+    old = os.umask(0o077)
+    try:
+        _make_traversable(str(tmp_path / "a" / "b" / "checkout"), str(tmp_path))
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "checkout"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755, d

@@ -1,4 +1,4 @@
-"""The worker's end of the lease protocol (agent/worker.py: LeaseBook), without LiveKit."""
+"""The worker's end of the lease protocol (agent/lease_book.py: LeaseBook), without LiveKit."""
 
 from __future__ import annotations
 
