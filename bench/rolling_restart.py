@@ -1,6 +1,6 @@
 """A rolling restart on one address under load: how many requests does the handover lose?
 
-    .venv/bin/python bench/rolling_restart.py [--rounds 5] [--clients 8]
+    .venv/bin/python bench/rolling_restart.py [--rounds 5] [--clients 8] [--chart docs/rolling_restart.png]
 
 Each round starts a new ``autonomite serve --replace`` on the running one's address (same
 config, SO_REUSEPORT). The new one warms up, listens beside the old one, and sends it
@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.trigger_latency import machine
 from tests.support import Client, Serve, start_livekit, wait_until, write_config
 
 
@@ -52,7 +53,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--chart", type=Path, default=None)
     args = parser.parse_args()
+    print(f"machine: {machine()}")
+    rows: list[tuple[int, int, float]] = []
     work = Path(tempfile.mkdtemp(prefix="bench-rolling-"))
     project = start_livekit(work, "bench")
     serves: list[Serve] = []
@@ -85,12 +89,21 @@ def main() -> None:
             failed = sum(v for k, v in counts.items() if k != "ok")
             kinds = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "ok") or "-"
             print(f"{n:>5}  {sum(counts.values()):>8}  {failed:>6}  {kinds:<32} {handover:.2f} s")
+            rows.append((sum(counts.values()), failed, handover))
             assert old.proc.returncode == 0, old.log()[-2000:]
             old = new
     finally:
         for s in serves:
             s.stop()
         project.server.stop()
+    if args.chart and rows:
+        from bench.charts import Panel, grouped_bars
+
+        grouped_bars(args.chart, f"Rolling restart under load: {args.clients} clients, new connections, one run",
+                     [f"round {n}" for n in range(1, len(rows) + 1)],
+                     Panel("requests (failed beside them)", {"answered": [r - f for r, f, _ in rows],
+                                                             "failed": [f for _, f, _ in rows]}),
+                     Panel("handover: new listens -> old exited (s)", {"s": [h for _, _, h in rows]}, "{:.2f}"))
 
 
 if __name__ == "__main__":
