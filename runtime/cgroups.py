@@ -126,12 +126,20 @@ def sweep_stale(where: Path, name: str) -> None:
             continue
         version = 2 if (stale / "cgroup.controllers").exists() else 1
         for child in stale.glob("worker-*"):
-            if not WorkerCgroup((child,), version).pids():
+            if not any(_running(p) for p in WorkerCgroup((child,), version).pids()):  # zombies are on their way out
                 WorkerCgroup((child,), version).remove(timeout=1.0)
         try:
             stale.rmdir()  # fails while a worker's cgroup is left in it
         except OSError:
             pass
+
+
+def _running(pid: int) -> bool:
+    """Alive, and not a zombie (a zombie stays listed in its cgroup until it is reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 class CgroupTree:
