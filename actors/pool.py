@@ -149,10 +149,7 @@ class PoolActor(Supervised):
             if not isinstance(message, GetStats):
                 self.deferred.append(message)
                 return None
-            stats = self._stats()
-            if message.reply is not None:
-                message.reply(stats)
-            return stats
+            return self._answer_stats(message)
         now = time.monotonic()
         m = self.machine
         result = None
@@ -172,10 +169,8 @@ class PoolActor(Supervised):
                 m.lease_unused(worker_id, lease_no)
             case Resize(target, _):
                 m.resize(target)
-            case GetStats(reply):
-                result = self._stats()
-                if reply is not None:
-                    reply(result)
+            case GetStats():
+                result = self._answer_stats(message)
             case Reconfigure(client):
                 self.client = client
                 m.reconfigure(client.pool.min_idle, client.pool.max_size, config_fingerprint(client))
@@ -208,6 +203,12 @@ class PoolActor(Supervised):
         return result
 
     # -- the mailbox ---------------------------------------------------------------------
+
+    def _answer_stats(self, message: GetStats) -> PoolStats:
+        stats = self._stats()
+        if message.reply is not None:
+            message.reply(stats)
+        return stats
 
     def _lease(self, message: Lease, now: float) -> None:
         lease_id = uuid.uuid4().hex
