@@ -23,7 +23,7 @@ setup_python() {
 }
 
 setup_livekit() {
-    log "livekit-server: $(.venv/bin/python -c 'from runtime.devserver import ensure_binary; print(ensure_binary())')"
+    log "livekit-server: $(.venv/bin/python -c 'from runtime.dev.devserver import ensure_binary; print(ensure_binary())')"
 }
 
 apt_install() {  # apt_install COMMAND PACKAGE

@@ -2,7 +2,7 @@
 
 The lease protocol with the pools is asynchronous (messages both ways: see
 ``actors/messages.py``), so one stuck pool never stalls another client's triggers. After
-a lease, ``runtime.handoff`` claims the worker, dispatches and waits for the worker to
+a lease, ``runtime.livekit.handoff`` claims the worker, dispatches and waits for the worker to
 accept the job, on the LiveKit adapter's loop; the outcome comes back here as a message.
 
 A 200 means the leased worker accepted the job. A handoff that fails (the worker lost
@@ -47,8 +47,8 @@ from actors.messages import (
 from actors.supervisor import Directory, Supervised
 from agent.contract import StatusAddress
 from runtime.errors import describe
-from runtime.handoff import Handoff, WorkerControl, hand_off
-from runtime.livekit import LiveKitClient, participant_token
+from runtime.livekit.client import LiveKitClient, participant_token
+from runtime.livekit.handoff import Handoff, WorkerControl, hand_off
 from runtime.metrics import Metrics
 from runtime.settings import AgentSettings, ClientSettings, DispatchSettings, LiveKitSettings
 

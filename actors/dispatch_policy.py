@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from actors.pool_effects import LeaseFailure
-from runtime.handoff import Outcome
+from runtime.livekit.handoff import Outcome
 
 LeaseVerdict = Literal["return"] | LeaseFailure  # "return": the worker may serve the next trigger
 TriggerStep = Literal["dispatched", "livekit_error", "retry", "handoff_failed"]

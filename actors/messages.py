@@ -24,7 +24,7 @@ Reply = Callable[[Any], None]
 #
 # dispatch -> pool: Lease. pool -> dispatch: Leased or NoIdleWorker. Then the dispatcher
 # claims the worker on its status port, creates the LiveKit dispatch and waits for the
-# worker to accept the job (runtime/handoff.py), and tells the pool how it went:
+# worker to accept the job (runtime/livekit/handoff.py), and tells the pool how it went:
 # nothing (accepted), ReturnLease (the dispatch failed, the claim was released) or
 # LeaseFailed. Neither side ever waits on the other.
 
@@ -271,7 +271,7 @@ class LeaseTimeout:
 
 @dataclass(frozen=True)
 class HandoffDone:
-    """The claim, dispatch and accept came back (runtime/handoff.py, on the LiveKit loop)."""
+    """The claim, dispatch and accept came back (runtime/livekit/handoff.py, on the LiveKit loop)."""
 
     trigger_id: int
     lease: Leased

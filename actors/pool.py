@@ -66,7 +66,7 @@ from actors.pool_machine import PoolMachine
 from actors.supervisor import Supervised
 from agent.contract import StatusAddress, WorkerConfig, status_token
 from runtime.backends.base import WorkerBackend, WorkerHandle, WorkerSpec
-from runtime.devserver import free_port
+from runtime.backends.ports import free_port
 from runtime.metrics import WORKER_STATES, Metrics
 from runtime.secrets import fingerprint
 from runtime.settings import ClientSettings, LiveKitSettings, WorkerSettings

@@ -6,7 +6,7 @@
 - **The status port**: its vocabulary (:data:`ReportedState`), where it is and the token it
   asks for (:class:`StatusAddress`, :func:`status_token`), and how the runtime reads it
   (:func:`read_status`). Served by the worker (``agent/status_server.py``), read by the
-  pool (``actors/``) and the handoff (``runtime/handoff.py``).
+  pool (``actors/``) and the handoff (``runtime/livekit/handoff.py``).
 
 The runtime imports nothing else of ``agent/`` to talk to a worker.
 """

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from livekit import rtc
 
 from bench.trigger_latency import machine
-from runtime.chat import agent_replies
-from runtime.devserver import LiveKitServer
+from runtime.dev.chat import agent_replies
+from runtime.dev.devserver import LiveKitServer
 from tests.support import Client, LiveKitProject, Serve, wait_until, write_config
 
 

@@ -32,7 +32,7 @@ import aiohttp
 from livekit import api
 
 from bench.trigger_latency import machine
-from runtime.devserver import LiveKitServer
+from runtime.dev.devserver import LiveKitServer
 from runtime.settings import DispatchSettings
 from tests.load import agent_in_room, lk_api, trigger
 from tests.support import Client, LiveKitProject, Serve, wait_until, write_config

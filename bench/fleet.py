@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.trigger_latency import machine
 from bench.worker_start import pss_mb, tree
-from runtime.devserver import LiveKitServer
+from runtime.dev.devserver import LiveKitServer
 from tests.support import Client, LiveKitProject, Serve, wait_until, write_config
 
 

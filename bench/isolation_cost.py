@@ -32,7 +32,7 @@ from agent.contract import StatusAddress
 from bench.trigger_latency import machine
 from bench.worker_start import pss_mb, spec_for, tree
 from runtime.backends import ProcessBackend, WorkerHandle
-from runtime.devserver import LiveKitServer
+from runtime.dev.devserver import LiveKitServer
 from runtime.settings import IsolationSettings
 from tests.support import wait_until
 

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.trigger_latency import machine
-from runtime.devserver import LiveKitServer
+from runtime.dev.devserver import LiveKitServer
 from tests.integration.test_supabase import row, source_config
 from tests.supabase_stack import SupabaseStack, missing
 from tests.support import Client, LiveKitProject, Serve, wait_until

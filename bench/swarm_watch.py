@@ -35,7 +35,7 @@ from docker.types import RestartPolicy, ServiceMode
 from bench.trigger_latency import machine
 from runtime.backends.base import LABEL_WORKER
 from runtime.backends.swarm_board import Board, ended
-from runtime.image import ensure_base
+from runtime.dev.image import ensure_base
 from tests.support import wait_until
 from tests.swarm_stack import PrivateSwarm
 

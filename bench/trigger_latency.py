@@ -9,7 +9,7 @@ cold: the same agent program started at trigger time (what you get without a poo
       the worker, wait until it registered, create the dispatch; same stop condition.
 
 For warm sessions it also records when the 200 came back: since a 200 means the worker
-accepted the job (runtime/handoff.py), that is the caller's wait.
+accepted the job (runtime/livekit/handoff.py), that is the caller's wait.
 
 The two kinds alternate, session by session, so machine noise hits both alike. A real
 livekit-server runs on loopback; nothing leaves the machine.
@@ -38,7 +38,8 @@ from livekit import api
 from actors._watch import read_status
 from agent.contract import StatusAddress, WorkerConfig
 from runtime.backends import ProcessBackend, WorkerSpec
-from runtime.devserver import LiveKitServer, free_port
+from runtime.backends.ports import free_port
+from runtime.dev.devserver import LiveKitServer
 from tests.support import Client, LiveKitProject, Serve, wait_until, write_config
 
 
@@ -112,7 +113,7 @@ def cold_session(backend: ProcessBackend, project: LiveKitProject, arrivals: Arr
     handle = backend.start(spec)
     address = StatusAddress("127.0.0.1", port)
     wait_until(lambda: (read_status(address) or {}).get("registered"), 60, "the cold worker to register", interval=0.01)
-    # The worker takes only the job of the lease it was claimed for (runtime/handoff.py).
+    # The worker takes only the job of the lease it was claimed for (runtime/livekit/handoff.py).
     lease_id = uuid.uuid4().hex
     url = f"http://127.0.0.1:{port}/claim?lease_id={lease_id}&worker_id={worker_id}"
     urllib.request.urlopen(urllib.request.Request(url, method="POST"))

@@ -5,7 +5,7 @@
 
 One ``autonomite serve`` (process backend, zygote) on a real livekit-server on loopback,
 with two clients: ``voiceco`` (a voice agent: pocketsphinx, silero VAD, espeak-ng) and
-``textco`` (text only). Each voice session: the caller (runtime/voice_io.py) hears the
+``textco`` (text only). Each voice session: the caller (runtime/dev/voice_io.py) hears the
 greeting, then asks three questions with espeak-ng; the clock runs from the moment the
 caller's last sample was played out to the first voiced frame of the agent's answer, as the
 caller receives it. The worker logs livekit-agents' own measures of each stage, which
@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.offline_voice import Recognizer
 from bench.trigger_latency import machine
 from bench.worker_start import pss_mb
-from runtime.devserver import LiveKitServer
-from runtime.voice_io import caller
+from runtime.dev.devserver import LiveKitServer
+from runtime.dev.voice_io import caller
 from tests.support import Client, LiveKitProject, Serve, wait_until, write_config
 
 DOCUMENTS = "The door code is four two seven one.\n\nThe office opens at nine in the morning.\n\nParking is on level three.\n"

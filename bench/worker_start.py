@@ -30,7 +30,8 @@ from actors._watch import read_status
 from agent.contract import StatusAddress, WorkerConfig
 from bench.trigger_latency import machine
 from runtime.backends import ProcessBackend, WorkerBackend, WorkerHandle, WorkerSpec
-from runtime.devserver import LiveKitServer, free_port
+from runtime.backends.ports import free_port
+from runtime.dev.devserver import LiveKitServer
 from tests.support import wait_until
 
 IMAGE = "autonomite-agent:bench"
@@ -96,7 +97,7 @@ def backends(work: Path, with_docker: bool, with_swarm: bool) -> dict[str, Worke
         import docker
 
         from runtime.backends.docker import DockerBackend
-        from runtime.image import build
+        from runtime.dev.image import build
         from runtime.instance import Instance
 
         built = build(docker.from_env(version="auto", timeout=600), IMAGE)

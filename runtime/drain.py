@@ -11,7 +11,7 @@ and both say so to the caller first (their agent speaks ``runtime.shutdown.end_m
   ``POST /api/v1/admin/shutdown?now=1`` at any time, ends the sessions and stops at once.
 
 ``serve`` exits 0 in every one of these cases: each is a shutdown someone asked for. The
-loop that feeds this policy (``runtime/serve.py``) applies the actions it returns; every
+loop that feeds this policy (``runtime/server/serve.py``) applies the actions it returns; every
 action carries ``why``, the line the log gets, which names the cause.
 
 Phases: ``serving -> draining [-> ending] -> stopping``.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -176,7 +177,7 @@ class DispatchSettings(_Model):
     def deadline_s(self) -> float:
         """The longest a trigger can take: the wait for a worker, then each attempt's pool
         answer (2 s), claim (2 s), dispatch (4 s), accept and deleting an unaccepted
-        dispatch (4 s), all bounded in actors/dispatch.py and runtime/handoff.py."""
+        dispatch (4 s), all bounded in actors/dispatch.py and runtime/livekit/handoff.py."""
         return self.max_wait_s + self.attempts * (self.accept_timeout_s + 14.0) + 1.0
 
 
@@ -353,7 +354,7 @@ class ClientSourceSettings(_Model):
 class Settings(_Model):
     runtime: RuntimeSettings
     clients: list[ClientSettings] = Field(default_factory=list)
-    # With a source, the file has no clients: they come from the source (runtime.client_source).
+    # With a source, the file has no clients: they come from the source (runtime.clients.source).
     clients_source: ClientSourceSettings | None = None
 
     @field_validator("clients")
@@ -439,3 +440,25 @@ def _dotted(loc: tuple) -> str:
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
+
+
+@dataclass(frozen=True)
+class ReloadSummary:
+    """Which clients a reload added, removed and changed (by id, sorted)."""
+
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+
+    @classmethod
+    def between(cls, old: list[ClientSettings], new: list[ClientSettings]) -> ReloadSummary:
+        before = {c.id: c for c in old}
+        after = {c.id: c for c in new}
+        return cls(
+            added=sorted(after.keys() - before.keys()),
+            removed=sorted(before.keys() - after.keys()),
+            changed=sorted(cid for cid in after.keys() & before.keys() if after[cid] != before[cid]),
+        )
+
+    def as_json(self) -> dict[str, list[str]]:
+        return {"added": self.added, "removed": self.removed, "changed": self.changed}

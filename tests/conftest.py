@@ -72,7 +72,7 @@ def docker_worker_image():
 
     import docker as docker_sdk
 
-    from runtime.image import BASE_TAG, build
+    from runtime.dev.image import BASE_TAG, build
 
     try:
         engine = docker_sdk.from_env(version="auto", timeout=600)

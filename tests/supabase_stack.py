@@ -26,7 +26,7 @@ from pathlib import Path
 import jwt
 
 from runtime._proc import die_with_parent
-from runtime.devserver import free_port
+from runtime.backends.ports import free_port
 from tests.support import new_secret, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 from livekit import api
 
-from runtime.devserver import LiveKitServer, free_port
+from runtime.backends.ports import free_port
+from runtime.dev.devserver import LiveKitServer
 
 # Every secret a test makes is recorded here; conftest scans all logs for them at the end.
 ISSUED_SECRETS: list[str] = []
@@ -182,7 +183,7 @@ class Serve:
         full_env = {**os.environ, **self.env}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "runtime.cli", "serve", "--config", str(self.config), *self.args],
+            [*self.prefix, sys.executable, "-m", "runtime.server.cli", "serve", "--config", str(self.config), *self.args],
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -371,7 +372,7 @@ async def converse(url: str, token: str, messages: list[str], timeout: float = 3
     """
     from livekit import rtc
 
-    from runtime.chat import agent_replies
+    from runtime.dev.chat import agent_replies
 
     room = rtc.Room()
     replies = agent_replies(room)
@@ -402,7 +403,7 @@ class ChatProcess:
         import threading
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "chat", "--gateway", f"http://127.0.0.1:{serve.port}",
+            [sys.executable, "-m", "runtime.server.cli", "chat", "--gateway", f"http://127.0.0.1:{serve.port}",
              "--token", client.token, "--client", client.id, *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )

@@ -19,7 +19,7 @@ from pathlib import Path
 import docker
 
 from runtime._proc import die_with_parent
-from runtime.devserver import free_port
+from runtime.backends.ports import free_port
 from tests.netns import NetNs
 
 SWARM_PORT = 2377

@@ -14,7 +14,7 @@ from contextlib import suppress
 import pytest
 from livekit import rtc
 
-from runtime.chat import agent_replies
+from runtime.dev.chat import agent_replies
 from tests.support import Client, Serve, children_of, pid_alive, wait_until, worker_alive
 
 END_MESSAGE = "We are closing this line for maintenance, goodbye."

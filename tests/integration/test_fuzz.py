@@ -20,8 +20,8 @@ import requests
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from runtime.devserver import free_port
-from runtime.openapi import OPENAPI_PATH, document, rendered
+from runtime.backends.ports import free_port
+from runtime.http.openapi import OPENAPI_PATH, document, rendered
 from tests.support import Client, Serve, wait_until, write_config
 
 MAX_EXAMPLES = 50

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from runtime.devserver import free_port
+from runtime.backends.ports import free_port
 from tests.support import Client, livekit_signature, metric_value, new_secret, wait_until
 
 VALID = {"agent": "support", "room_name": "room-valid"}
@@ -254,7 +254,8 @@ def test_a_hung_livekit_is_a_502_and_the_lease_goes_back(run_serve, log_root):
 
 
 def test_livekit_webhooks_are_verified_with_the_clients_own_keys(run_serve, log_root):
-    from runtime.devserver import LiveKitServer, free_port
+    from runtime.backends.ports import free_port
+    from runtime.dev.devserver import LiveKitServer
     from tests.support import LiveKitProject, new_secret
 
     gateway_port = free_port()

@@ -272,7 +272,7 @@ def unprivileged_serve(lk_a, tmp_path):
         hide = closed_ancestor(sys.base_prefix)
         proc = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", UNPRIVILEGED, "sh", hide,
-             sys.base_prefix, str(stage), sys.executable, "-m", "runtime.cli", "serve", "--config", str(config)],
+             sys.base_prefix, str(stage), sys.executable, "-m", "runtime.server.cli", "serve", "--config", str(config)],
             cwd=work, env={**os.environ, **env, "PYTHONPATH": str(PROJECT)}, stdout=open(log, "ab"),
             stderr=subprocess.STDOUT)
         started.append(proc)
@@ -305,7 +305,7 @@ def serve_of(wrapper: subprocess.Popen) -> int:
     """The serve process itself (the wrapper execs it, after unshare forked once or not)."""
     def find() -> int | None:
         for pid in [wrapper.pid, *children_of(wrapper.pid)]:
-            if b"runtime.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"runtime.server.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return pid
         return None
 
@@ -350,7 +350,7 @@ def test_required_isolation_refuses_to_start_without_root(unprivileged_serve, lk
 def test_serve_keeps_the_secrets_it_read_from_its_environment_from_its_children(tmp_path):
     """``serve --with-livekit`` starts livekit-server as a child that inherits serve's
     environment: the config's ${VAR} secrets must be gone from it, other variables not."""
-    from runtime.devserver import free_port
+    from runtime.backends.ports import free_port
     from tests.support import new_secret
 
     port, config = free_port(), tmp_path / "clients.yaml"
@@ -362,7 +362,7 @@ def test_serve_keeps_the_secrets_it_read_from_its_environment_from_its_children(
                      "livekit": {"url": f"ws://127.0.0.1:{port}", "api_key": "alphakey", "api_secret": "${LK_SECRET}"},
                      "pool": {"min_idle": 1, "max_size": 1}, "agents": [{"name": "a", "system_prompt": "A"}]}],
     }))
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--config", str(config), "--with-livekit"],
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.server.cli", "serve", "--config", str(config), "--with-livekit"],
                             cwd=PROJECT, env={**os.environ, **secrets, "PYTHONPATH": str(PROJECT), "PLAIN_MARKER": "1"},
                             stdout=open(tmp_path / "serve.log", "ab"), stderr=subprocess.STDOUT)
     try:

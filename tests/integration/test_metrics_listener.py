@@ -11,7 +11,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from runtime.devserver import free_port
+from runtime.backends.ports import free_port
 from tests.support import Client, metric_value, wait_until, write_config
 from tests.unit.test_grafana_dashboard import METRIC, load, queries
 
@@ -60,7 +60,7 @@ def test_a_metrics_port_already_taken_is_a_clear_exit(tmp_path):
         port = taken.getsockname()[1]
         env = write_config(tmp_path / "clients.yaml", [], workers={"zygote": False},
                            metrics={"host": "127.0.0.1", "port": port})
-        done = subprocess.run([sys.executable, "-m", "runtime.cli", "serve", "--config", str(tmp_path / "clients.yaml")],
+        done = subprocess.run([sys.executable, "-m", "runtime.server.cli", "serve", "--config", str(tmp_path / "clients.yaml")],
                               env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stderr[-2000:]
     assert f"cannot listen for the metrics on 127.0.0.1:{port}: " in done.stderr, done.stderr[-2000:]

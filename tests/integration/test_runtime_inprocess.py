@@ -9,7 +9,7 @@ import pytest
 
 from actors import pool_id
 from actors.messages import GetStats, Lease, Leased
-from runtime.app import Runtime
+from runtime.server.app import Runtime
 from runtime.settings import load_settings
 from tests.support import Client, metric_value, wait_until, write_config
 
@@ -56,7 +56,7 @@ def test_a_lease_whose_job_never_arrives_is_retired(runtime):
 def test_a_slow_listing_of_workers_never_blocks_the_pool_nor_starts_workers_beside_them(tmp_path, lk_a):
     """PoolActor.setup lists the workers a previous incarnation left (a swarm manager is
     asked once per worker): meanwhile the pool answers stats, and decides nothing."""
-    from runtime.app import make_backend
+    from runtime.server.app import make_backend
 
     env = write_config(tmp_path / "clients.yaml", [Client("alpha", lk_a, min_idle=1, max_size=2)])
     settings = load_settings(tmp_path / "clients.yaml", env)

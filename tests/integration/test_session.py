@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from livekit import api, rtc
 
-from runtime.chat import agent_replies
-from runtime.voice_io import Mouth
+from runtime.dev.chat import agent_replies
+from runtime.dev.voice_io import Mouth
 from tests.support import ChatProcess, Client, metric_value, wait_until
 
 SUPPORT = {"name": "support", "system_prompt": "You are Acme's support agent."}

@@ -314,7 +314,7 @@ def test_clients_push_then_list_round_trips_a_yaml_file(table, stack, lk_a, lk_b
     def cli(*args: str) -> subprocess.CompletedProcess:
         import os
 
-        return subprocess.run([sys.executable, "-m", "runtime.cli", "clients", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "runtime.server.cli", "clients", *args], capture_output=True, text=True,
                               env={**os.environ, **env}, timeout=60)
 
     pushed = cli("push", str(fleet))

@@ -22,7 +22,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from runtime.devserver import LiveKitServer
+from runtime.dev.devserver import LiveKitServer
 from tests.netns import NetNs, inside, link
 from tests.support import Client, LiveKitProject, Serve, new_secret, wait_until
 from tests.swarm_stack import PrivateSwarm, save_image

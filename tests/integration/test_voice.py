@@ -22,8 +22,8 @@ import yaml
 from livekit import rtc
 
 from agent.offline_voice import Recognizer
-from runtime.chat import agent_replies
-from runtime.voice_io import caller
+from runtime.dev.chat import agent_replies
+from runtime.dev.voice_io import caller
 from tests.support import Client, comm, converse, wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs Debian's espeak-ng")

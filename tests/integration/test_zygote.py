@@ -10,7 +10,7 @@ from pathlib import Path
 from actors._watch import read_status
 from agent.contract import StatusAddress, WorkerConfig
 from runtime.backends import ProcessBackend, WorkerSpec
-from runtime.devserver import free_port
+from runtime.backends.ports import free_port
 from tests.support import (
     Client,
     children_of,

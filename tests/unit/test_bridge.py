@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pykka
 
-from runtime import bridge
+from runtime.http import bridge
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from tests.unit.test_settings import ENV, EXAMPLE
 
 
 def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], env={"PATH": "/usr/bin:/bin", **env},
+    return subprocess.run([sys.executable, "-m", "runtime.server.cli", *args], env={"PATH": "/usr/bin:/bin", **env},
                           capture_output=True, text=True)
 
 

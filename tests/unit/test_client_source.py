@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
-from runtime import client_source
-from runtime.client_source import SourceUnavailable, SourceWatcher
-from runtime.client_store import AccessRefused, save_cache
+from runtime.clients import source as client_source
+from runtime.clients.source import SourceUnavailable, SourceWatcher
+from runtime.clients.store import AccessRefused, save_cache
 from runtime.metrics import Metrics
 from runtime.settings import SupabaseSettings
 from tests.support import metric_value, wait_until

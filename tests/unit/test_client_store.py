@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.client_store import client_to_row, merge, parse_rows, refused, row_to_client
+from runtime.clients.store import client_to_row, merge, parse_rows, refused, row_to_client
 
 
 def good(row_id: str = "acme", **changes) -> dict:
@@ -158,7 +158,7 @@ def test_refusals_are_told_from_outages_by_status_or_postgrest_code():
 
 
 def test_the_cache_holds_the_served_set_with_last_good_configurations(tmp_path):
-    from runtime.client_store import load_cache, save_cache
+    from runtime.clients.store import load_cache, save_cache
 
     last = parse_rows([good(), good("globex")]).clients
     now = merge(last, parse_rows([good(), good("globex", livekit_api_secret="")]))

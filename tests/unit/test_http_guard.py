@@ -1,7 +1,7 @@
 """The gateway's guards against hostile input, in milliseconds: pure helpers, an injected clock.
 
 Plus two pins on aiohttp itself: the JSON error middleware, and the keep-alive timer that
-the gateway's header timeout rests on (``runtime.gateway.create_runner``).
+the gateway's header timeout rests on (``runtime.http.gateway.create_runner``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 import pytest
 from aiohttp import web
 
-from runtime.http_guard import (
+from runtime.http.guard import (
     AuthFailureLimiter,
     RecentIds,
     bearer_token,
@@ -70,7 +70,7 @@ def test_brackets_inside_strings_are_text_not_nesting():
 
 
 def test_a_deep_body_is_refused_before_json_loads_could_recurse():
-    from runtime.gateway import Refusal, parse_trigger
+    from runtime.http.gateway import Refusal, parse_trigger
 
     with pytest.raises(Refusal) as e:
         parse_trigger(b"[" * 100_000)
@@ -167,7 +167,7 @@ async def _serve(app: web.Application, **runner_options) -> tuple[web.AppRunner,
 
 
 def test_the_middleware_answers_json_for_aiohttp_errors_and_hides_crashes():
-    from runtime.gateway import json_errors
+    from runtime.http.gateway import json_errors
 
     async def crash(request: web.Request) -> web.Response:
         raise RuntimeError("internal detail: /srv/secret/path")
@@ -200,7 +200,7 @@ def test_aiohttp_closes_a_connection_whose_request_head_is_late():
     """The header timeout is aiohttp's keep-alive timer, armed when a connection opens.
 
     If an aiohttp upgrade or downgrade changes that, this fails, and the gateway is open to
-    slowloris again: see ``runtime.gateway.create_runner``.
+    slowloris again: see ``runtime.http.gateway.create_runner``.
     """
     timeout = 0.3
 

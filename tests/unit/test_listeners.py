@@ -1,4 +1,4 @@
-"""Two runtimes on one address (runtime/listeners.py), with real sockets and the kernel's tables."""
+"""Two runtimes on one address (runtime/http/listeners.py), with real sockets and the kernel's tables."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from runtime import listeners
-from runtime.devserver import free_port
+from runtime.backends.ports import free_port
+from runtime.http import listeners
 
 
 def test_a_second_bind_succeeds_beside_a_listener_and_sees_it():
@@ -60,8 +60,8 @@ def test_owners_names_only_autonomite_serve_processes():
     port = free_port()
     code = ("import socket,sys,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1);"
             f"s.bind(('127.0.0.1',{port})); s.listen(); print('up', flush=True); time.sleep(30)")
-    # The same program twice; only the one whose command line says "runtime.cli serve" counts.
-    serve_like = subprocess.Popen([sys.executable, "-c", code, "runtime.cli", "serve"], stdout=subprocess.PIPE)
+    # The same program twice; only the one whose command line says "runtime.server.cli serve" counts.
+    serve_like = subprocess.Popen([sys.executable, "-c", code, "runtime.server.cli", "serve"], stdout=subprocess.PIPE)
     other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     mine = listeners.bind("127.0.0.1", port)
     try:

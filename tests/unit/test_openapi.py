@@ -1,7 +1,7 @@
 """The OpenAPI document matches the gateway's routes, is valid OpenAPI 3.1, and is the one in docs/.
 
 The routes come from the real ``create_app`` of a real (unstarted) Runtime: a route added to
-the gateway without a line in ``runtime/openapi.py`` fails here.
+the gateway without a line in ``runtime/http/openapi.py`` fails here.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.openapi import OPENAPI_PATH, document, rendered
+from runtime.http.openapi import OPENAPI_PATH, document, rendered
 from runtime.settings import load_settings
 from tests.support import write_config
 
@@ -21,7 +21,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
 @pytest.fixture
 def runtime_with(tmp_path):
     """A Runtime built from a config with ``runtime`` settings, never started; stopped after."""
-    from runtime.app import Runtime
+    from runtime.server.app import Runtime
 
     made = []
 
@@ -48,7 +48,7 @@ def documented() -> set[tuple[str, str]]:
 
 
 def test_every_route_of_the_gateway_is_documented_and_nothing_else(runtime_with):
-    from runtime.gateway import create_app
+    from runtime.http.gateway import create_app
 
     app = create_app(runtime_with())
     assert routes(app) == documented()
@@ -56,8 +56,8 @@ def test_every_route_of_the_gateway_is_documented_and_nothing_else(runtime_with)
 
 
 def test_with_a_metrics_listener_the_gateway_lacks_only_metrics_which_the_listener_has(runtime_with):
-    from runtime.gateway import create_app
-    from runtime.metrics_http import create_metrics_runner
+    from runtime.http.gateway import create_app
+    from runtime.http.metrics_listener import create_metrics_runner
 
     runtime = runtime_with(metrics={"host": "127.0.0.1", "port": 9464})
     assert documented() - routes(create_app(runtime)) == {("GET", "/metrics")}
@@ -75,7 +75,7 @@ def test_the_document_is_valid_openapi_3_1():
 
 
 def test_docs_openapi_json_is_the_document_the_gateway_serves():
-    assert DOCS.read_text(encoding="utf-8") == rendered(), "regenerate: python -m runtime.openapi > docs/openapi.json"
+    assert DOCS.read_text(encoding="utf-8") == rendered(), "regenerate: python -m runtime.http.openapi > docs/openapi.json"
     assert json.loads(DOCS.read_text(encoding="utf-8")) == document()
 
 

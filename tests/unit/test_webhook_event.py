@@ -6,7 +6,7 @@ import pytest
 from livekit import api
 from pydantic import SecretStr
 
-from runtime.livekit import InvalidEvent, parse_webhook, verify_webhook
+from runtime.livekit.client import InvalidEvent, parse_webhook, verify_webhook
 from runtime.settings import LiveKitSettings
 from tests.support import livekit_signature
 

@@ -96,7 +96,7 @@ def test_the_status_port_answers_only_to_its_workers_token():
 
     from agent.contract import StatusAddress, status_token
     from agent.status_server import serve_status
-    from runtime.devserver import free_port
+    from runtime.backends.ports import free_port
 
     async def scenario() -> list[tuple[int, str]]:
         port = free_port()

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from livekit import rtc
 
 if TYPE_CHECKING:
-    from runtime.voice_io import Ears, Mouth
+    from runtime.dev.voice_io import Ears, Mouth
 
 AGENT_WAIT_S = 30.0  # the leased agent joins within moments of the trigger's answer
 LEAVE_TIMEOUT_S = 10.0  # closing the audio streams and leaving the room
@@ -78,7 +78,7 @@ async def _relay(url: str, token: str, voice_texts: list[str] | None) -> None:
     mouth = ears = None
     if voice_texts is not None:
         from agent.offline_voice import Recognizer
-        from runtime.voice_io import Ears, Mouth
+        from runtime.dev.voice_io import Ears, Mouth
 
         ears, mouth = Ears(room, Recognizer(voice_texts)), Mouth()
         printers.append(asyncio.create_task(_print(ears.heard, "heard")))

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from runtime.app import Runtime
-from runtime.gateway import RUNTIME, json_errors, metrics
+from runtime.http.gateway import RUNTIME, json_errors, metrics
+from runtime.http.service import Service
 
 
-def create_metrics_runner(runtime: Runtime) -> web.AppRunner:
+def create_metrics_runner(runtime: Service) -> web.AppRunner:
     """The metrics listener's runner (the caller sets it up and adds a site); refusals, such
     as a 404 for any other path, have the gateway's JSON shape."""
     app = web.Application(middlewares=[json_errors])

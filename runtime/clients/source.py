@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime.client_store import (
+from runtime.clients.store import (
     AccessRefused,
     RowError,
     Snapshot,

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "clients":
         return clients_command(args)
     if args.command == "chat":
-        from runtime.chat import chat
+        from runtime.dev.chat import chat
 
         if args.words is not None and not args.voice:
             parser.error("--words is for --voice")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 def image_build(tag: str, base: str | None) -> int:
     import docker
 
-    from runtime.image import ImageError, build
+    from runtime.dev.image import ImageError, build
 
     try:
         built = build(docker.from_env(version="auto", timeout=600), tag, base)
@@ -111,7 +111,7 @@ def check_config(path: Path) -> int:
 def clients_command(args: argparse.Namespace) -> int:
     """``clients push FILE``: a file-defined fleet moves to Supabase in one command;
     ``clients list``: what Supabase holds, each row validated, secrets as fingerprints."""
-    from runtime.client_store import SupabaseStore, parse_rows
+    from runtime.clients.store import SupabaseStore, parse_rows
 
     try:
         source_settings = _source_of(args.source or args.file)
@@ -169,9 +169,9 @@ def serve(config_path: Path, with_livekit: bool, replace: bool = False) -> int:
     except ConfigError as e:
         logger.error("config error: %s", e)
         return 1
-    from runtime import listeners
+    from runtime.http import listeners
     from runtime.preflight import unwritable
-    from runtime.serve import CannotListen, bind_all, serve_http
+    from runtime.server.serve import CannotListen, bind_all, serve_http
 
     # Before any worker, zygote or container exists: what cannot work stops serve here.
     problem = unwritable(settings)
@@ -187,10 +187,10 @@ def serve(config_path: Path, with_livekit: bool, replace: bool = False) -> int:
     # docker and swarm workers are told apart from the old one's by instance labels
     # (runtime/instance.py), so neither adopts, removes or stops the other's.
     beside = bool(listeners.others_listening(bound[0].socks))
-    from runtime.app import Runtime
     from runtime.backends import BackendError
-    from runtime.client_source import SourceUnavailable
+    from runtime.clients.source import SourceUnavailable
     from runtime.isolation import IsolationUnavailable
+    from runtime.server.app import Runtime
 
     environ = _harden(settings, config_path) if settings.runtime.isolation.enabled else None
     try:
@@ -238,7 +238,7 @@ def _harden(settings: Settings, config_path: Path) -> dict[str, str]:
 
 
 def start_local_livekit(settings: Settings) -> list:
-    from runtime.devserver import LiveKitServer
+    from runtime.dev.devserver import LiveKitServer
 
     by_url: dict[str, dict[str, str]] = {}
     for c in settings.clients:

@@ -23,7 +23,7 @@ from typing import Any, get_args
 from aiohttp import web
 
 from actors.pool_effects import WorkerState
-from runtime.http_models import DispatchErrorCode, ErrorCode, TriggerBody
+from runtime.http.models import DispatchErrorCode, ErrorCode, TriggerBody
 
 OPENAPI_PATH = "/api/v1/openapi.json"
 ERROR_CODES = [*get_args(ErrorCode), *get_args(DispatchErrorCode)]

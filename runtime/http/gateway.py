@@ -1,12 +1,12 @@
 """The HTTP gateway (aiohttp): triggers in, stats and metrics out.
 
-It never blocks its event loop: actors are reached through ``runtime.bridge`` and file or
+It never blocks its event loop: actors are reached through ``runtime.http.bridge`` and file or
 supervisor work (reload) runs in an executor. Every refusal is a JSON body
 ``{"error": code, "detail": text}`` and changes nothing: handlers raise ``Refusal``, and
 the ``json_errors`` middleware answers it, turns aiohttp's own errors (404, 405, ...) into
 the same shape, and hides unexpected exceptions behind a bare 500.
 
-Hostile input is held off here, with the pure helpers of ``runtime.http_guard``: bearer
+Hostile input is held off here, with the pure helpers of ``runtime.http.guard``: bearer
 tokens must be printable ASCII, trigger bodies are bounded in size, time, nesting depth and
 Unicode validity, failed authentications are rate-limited per source address, and a
 connection that dawdles over its request head is closed (see ``create_runner``).
@@ -28,9 +28,8 @@ from pydantic import ValidationError
 
 from actors import pool_id
 from actors.messages import Crash, GetStats, PoolStats, Trigger, TriggerRequest, TriggerResult
-from runtime import bridge
-from runtime.app import Runtime
-from runtime.http_guard import (
+from runtime.http import bridge
+from runtime.http.guard import (
     MAX_JSON_DEPTH,
     AuthFailureLimiter,
     RecentIds,
@@ -39,9 +38,10 @@ from runtime.http_guard import (
     nested_deeper_than,
     retry_after_header,
 )
-from runtime.http_models import ErrorCode, TriggerBody
-from runtime.livekit import LIVEKIT_EVENTS, InvalidEvent, parse_webhook, verify_webhook
-from runtime.openapi import OPENAPI_PATH, serve_openapi
+from runtime.http.models import ErrorCode, TriggerBody
+from runtime.http.openapi import OPENAPI_PATH, serve_openapi
+from runtime.http.service import Service
+from runtime.livekit.client import LIVEKIT_EVENTS, InvalidEvent, parse_webhook, verify_webhook
 from runtime.secrets import same_secret
 from runtime.settings import ConfigError, LiveKitSettings
 
@@ -51,14 +51,14 @@ logger = logging.getLogger("autonomite.gateway")
 
 @dataclass
 class Lifecycle:
-    """The gateway's side of a shutdown (``runtime/serve.py`` owns the other): whether this
+    """The gateway's side of a shutdown (``runtime/server/serve.py`` owns the other): whether this
     runtime drains, and where a shutdown asked for over HTTP goes. Touched on the loop only."""
 
     draining: bool = False
     request: Callable[[str], None] = field(default=lambda cause: None)  # "admin" or "admin_now"
 
 
-RUNTIME = web.AppKey("runtime", Runtime)
+RUNTIME = web.AppKey("runtime", Service)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 MAX_BODY = web.AppKey("max_body", int)
 BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
@@ -242,7 +242,7 @@ async def trigger(request: web.Request) -> web.Response:
 # -- stats, health, metrics ------------------------------------------------------------------
 
 
-async def pool_stats(runtime: Runtime) -> dict[str, PoolStats]:
+async def pool_stats(runtime: Service) -> dict[str, PoolStats]:
     """Every pool's stats, a removed client's still-draining pool included."""
     pools = runtime.directory.with_prefix(pool_id(""), draining=True)
 
@@ -293,7 +293,7 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "warming", **({"waiting_for": waiting} if admin else {})}, status=503)
 
 
-async def warming(runtime: Runtime) -> list[str]:
+async def warming(runtime: Service) -> list[str]:
     """The clients whose pool is below ``min_idle`` idle workers; none: the runtime is ready."""
     all_stats = await pool_stats(runtime)
     return sorted(
@@ -390,7 +390,7 @@ async def crash_pool(request: web.Request) -> web.Response:
     return web.json_response({"crashed": request.match_info["client_id"]})
 
 
-def create_app(runtime: Runtime) -> web.Application:
+def create_app(runtime: Service) -> web.Application:
     gw = runtime.settings.runtime.gateway
     app = web.Application(client_max_size=gw.max_body_bytes, middlewares=[close_while_draining, json_errors])
     app[RUNTIME] = runtime
@@ -413,7 +413,7 @@ def create_app(runtime: Runtime) -> web.Application:
     return app
 
 
-def create_runner(runtime: Runtime) -> web.AppRunner:
+def create_runner(runtime: Service) -> web.AppRunner:
     """The gateway's runner, with its connection timeouts; the caller sets it up and adds a site.
 
     The header timeout is aiohttp's ``keepalive_timeout``: aiohttp (3.14) starts that timer

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,9 +18,10 @@ from pathlib import Path
 import yaml
 
 from runtime._proc import die_with_parent
+from runtime.backends.ports import free_port
 
 LIVEKIT_VERSION = "v1.13.5"
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 CACHE_DIR = PROJECT_DIR / ".cache" / "livekit-server" / LIVEKIT_VERSION
 
 
@@ -41,29 +41,6 @@ def ensure_binary() -> Path:
         check=True,
     )
     return binary
-
-
-def free_port(count: int = 1) -> int:
-    """A loopback TCP port such that ``count`` consecutive ports are free right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count > 65535:
-            continue
-        if all(_port_free(base + i) for i in range(1, count)):
-            return base
-    raise RuntimeError("no free port range found on 127.0.0.1")
-
-
-def _port_free(port: int) -> bool:
-    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-        with socket.socket(socket.AF_INET, kind) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
 
 
 class LiveKitServer:

@@ -143,7 +143,7 @@ def owners(inodes: set[int]) -> list[int]:
 
 def _is_serve(argv: list[bytes]) -> bool:
     words = [a.decode(errors="replace") for a in argv]
-    runtime = any(w == "runtime.cli" or os.path.basename(w) == "autonomite" for w in words)
+    runtime = any(w in ("runtime.server.cli", "runtime.cli") or os.path.basename(w) == "autonomite" for w in words)
     return runtime and "serve" in words
 
 

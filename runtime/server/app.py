@@ -13,7 +13,6 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pykka
@@ -22,24 +21,14 @@ from livekit import api
 from actors import ChildSpec, Directory, DispatchActor, PoolActor, Restart, ScalerActor, Supervisor, _watch, pool_id
 from actors.messages import DrainChildren, EndSessions, Reconfigure, RoomEvent, ShutdownAll, StartChild, StopChild
 from runtime.backends import BackendError, ProcessBackend, WorkerBackend
-from runtime.client_source import SourceWatcher
+from runtime.clients.source import SourceWatcher
 from runtime.instance import Instance
-from runtime.livekit import LiveKitClient
+from runtime.livekit.client import LiveKitClient
 from runtime.metrics import Metrics
 from runtime.secrets import same_secret
-from runtime.settings import ClientSettings, ConfigError, Settings, load_settings
+from runtime.settings import ClientSettings, ConfigError, ReloadSummary, Settings, load_settings
 
 logger = logging.getLogger("autonomite.runtime")
-
-
-@dataclass(frozen=True)
-class ReloadSummary:
-    added: list[str]
-    removed: list[str]
-    changed: list[str]
-
-    def as_json(self) -> dict:
-        return {"added": self.added, "removed": self.removed, "changed": self.changed}
 
 
 def make_backend(settings: Settings) -> WorkerBackend:
@@ -172,13 +161,8 @@ class Runtime:
     def apply(self, new: Settings) -> ReloadSummary:
         if new.runtime != self.settings.runtime:
             raise ConfigError(f"{self.config_path}: runtime: this section changes only with a restart")
-        old_clients = {c.id: c for c in self.settings.clients}
+        summary = ReloadSummary.between(self.settings.clients, new.clients)
         new_clients = {c.id: c for c in new.clients}
-        summary = ReloadSummary(
-            added=sorted(new_clients.keys() - old_clients.keys()),
-            removed=sorted(old_clients.keys() - new_clients.keys()),
-            changed=sorted(cid for cid in new_clients.keys() & old_clients.keys() if new_clients[cid] != old_clients[cid]),
-        )
         self.settings = new  # before any (re)start, so new pools read the new settings
         for cid in summary.removed:
             self.supervisor.ask(StopChild(pool_id(cid), graceful=True))

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 CACHE = PROJECT_DIR / ".cache" / "image"
 BASE_PACKAGES = "python3,python3-venv,ca-certificates,passwd,espeak-ng"
 # Named by its packages: a base made before a package was added is never taken for this one.

@@ -1,6 +1,6 @@
 """The gateway's wire shapes: the trigger body it accepts and the error codes it refuses with.
 
-They live apart from ``runtime.gateway`` so that the OpenAPI document (``runtime.openapi``)
+They live apart from ``runtime.http.gateway`` so that the OpenAPI document (``runtime.http.openapi``)
 is built from the very models the handlers validate with, without importing the gateway:
 the document cannot drift from the validation it describes.
 """
@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from runtime.http_guard import invalid_unicode_path
+from runtime.http.guard import invalid_unicode_path
 
 MAX_CONTEXT_BYTES = 16 * 1024
 _EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}")  # used with fullmatch: "x@y\n" is no address

@@ -1,7 +1,7 @@
 """``serve``'s event loop: the gateway's listeners, the signals, and the way down.
 
 Up: the gateway (and the metrics listener, if configured) binds its address with
-SO_REUSEPORT (``runtime/listeners.py``). If another runtime already listens there, this is a
+SO_REUSEPORT (``runtime/http/listeners.py``). If another runtime already listens there, this is a
 rolling restart: this one listens beside it only once it is ready, and with ``--replace``
 then sends it SIGTERM. Ready, it tells systemd (``READY=1``).
 
@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from runtime import listeners
 from runtime.drain import BeginDrain, DrainPolicy, EndSessions, Stop
+from runtime.http import listeners
 
 if TYPE_CHECKING:
-    from runtime.app import Runtime
-    from runtime.gateway import Lifecycle
+    from runtime.http.gateway import Lifecycle
+    from runtime.server.app import Runtime
     from runtime.settings import Settings
 
 logger = logging.getLogger("autonomite")
@@ -100,8 +100,8 @@ def bind_all(settings: Settings) -> list[Listener]:
 async def serve_http(runtime: Runtime, all_listeners: list[Listener], beside: bool, replace: bool = False) -> None:
     """Serve until a shutdown completes. ``beside``: another runtime listens on the gateway's
     address, so listen only once ready (a rolling restart)."""
-    from runtime.gateway import LIFECYCLE, create_runner
-    from runtime.metrics_http import create_metrics_runner
+    from runtime.http.gateway import LIFECYCLE, create_runner
+    from runtime.http.metrics_listener import create_metrics_runner
 
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[str] = asyncio.Queue()
@@ -181,7 +181,7 @@ async def _until_stopped(runtime: Runtime, events: asyncio.Queue[str], all_liste
 
 
 async def _log_sessions(runtime: Runtime) -> None:
-    from runtime.gateway import pool_stats
+    from runtime.http.gateway import pool_stats
 
     stats = await pool_stats(runtime)
     logger.info("draining: %d sessions in progress", sum(s.leased for s in stats.values()))
@@ -228,7 +228,7 @@ async def _when_ready(runtime: Runtime, all_listeners: list[Listener], lifecycle
                       replace: bool) -> None:
     """Once every pool is warm: listen beside the other runtime (a rolling start), tell
     systemd, and with ``--replace`` send the other runtime SIGTERM so that it drains."""
-    from runtime.gateway import warming
+    from runtime.http.gateway import warming
 
     loop = asyncio.get_running_loop()
     logged_at = loop.time()

@@ -28,7 +28,7 @@ import aiohttp
 
 from agent.contract import StatusAddress
 from runtime.errors import describe
-from runtime.livekit import LiveKitClient
+from runtime.livekit.client import LiveKitClient
 from runtime.settings import LiveKitSettings
 
 logger = logging.getLogger("autonomite.dispatch")
