@@ -3,7 +3,7 @@
 #   ./run.sh demo   start the runtime on config/clients.example.yaml with local livekit-servers
 #   ./run.sh test   run the whole test suite
 #   ./run.sh unit   the fast inner loop: the unit tests only, with nothing but the Python packages
-#   ./run.sh lint   ruff, as configured in pyproject.toml (./run.sh test runs it first)
+#   ./run.sh lint   ruff and mypy, as configured in pyproject.toml (./run.sh test runs them first)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -57,6 +57,11 @@ setup_supabase_stack() {
     fi
 }
 
+lint() {
+    log "lint: ruff"; .venv/bin/ruff check .
+    log "lint: mypy"; .venv/bin/mypy
+}
+
 DOCKERD_PID=""
 
 setup_docker() {
@@ -79,7 +84,12 @@ setup_docker() {
     done
     log "dockerd did not start (the docker tests will skip); its log says:"
     tail -n 5 .cache/dockerd.log >&2 || true
-    DOCKERD_PID=""
+    lint() {
+    log "lint: ruff"; .venv/bin/ruff check .
+    log "lint: mypy"; .venv/bin/mypy
+}
+
+DOCKERD_PID=""
 }
 
 stop_docker() {
@@ -123,7 +133,7 @@ case "${1:-}" in
         ;;
     lint)
         setup_python
-        exec .venv/bin/ruff check .
+        lint
         ;;
     unit)
         shift
@@ -137,7 +147,7 @@ case "${1:-}" in
             exec .venv/bin/python -m pytest "$@"
         fi
         if [ "$#" -eq 0 ]; then  # the whole suite: a lint error stops it before any setup
-            log "lint"; .venv/bin/ruff check .
+            lint
         fi
         setup_livekit
         apt_install promtool prometheus

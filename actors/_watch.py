@@ -15,6 +15,7 @@ import time
 import urllib.parse
 import urllib.request
 from concurrent.futures import Executor
+from typing import Any
 
 import pykka
 
@@ -33,7 +34,7 @@ RESEND_S = 2.0  # what a worker says is told again this often, changed or not: a
 SILENT_PROBES = 3  # a ready worker that answers none of this many probes counts as unregistered
 
 
-def tell(ref: pykka.ActorRef, message: object) -> bool:
+def tell(ref: pykka.ActorRef[Any], message: object) -> bool:
     try:
         ref.tell(message)
         return True
@@ -42,7 +43,7 @@ def tell(ref: pykka.ActorRef, message: object) -> bool:
 
 
 def start_worker(
-    executor: Executor, backend: WorkerBackend, spec: WorkerSpec, pool: pykka.ActorRef, ready_timeout_s: float,
+    executor: Executor, backend: WorkerBackend, spec: WorkerSpec, pool: pykka.ActorRef[Any], ready_timeout_s: float,
     token: str,
 ) -> None:
     def run() -> None:
@@ -60,7 +61,7 @@ def start_worker(
 
 
 def adopt_worker(
-    backend: WorkerBackend, handle: WorkerHandle, pool: pykka.ActorRef, ready_timeout_s: float, token: str
+    backend: WorkerBackend, handle: WorkerHandle, pool: pykka.ActorRef[Any], ready_timeout_s: float, token: str
 ) -> None:
     """Follow a running worker in a thread of its own (for its whole life: not the executor's)."""
     address = StatusAddress(handle.status_host, handle.status_port, token)
@@ -70,7 +71,7 @@ def adopt_worker(
     ).start()
 
 
-def list_workers(executor: Executor, backend: WorkerBackend, client_id: str, pool: pykka.ActorRef) -> None:
+def list_workers(executor: Executor, backend: WorkerBackend, client_id: str, pool: pykka.ActorRef[Any]) -> None:
     """The client's running workers, listed off the pool's thread; told back as Adopted."""
 
     def run() -> None:
@@ -87,7 +88,7 @@ def stop_worker(executor: Executor, backend: WorkerBackend, handle: WorkerHandle
 
 
 def _follow(
-    backend: WorkerBackend, handle: WorkerHandle, address: StatusAddress, pool: pykka.ActorRef, ready_timeout_s: float
+    backend: WorkerBackend, handle: WorkerHandle, address: StatusAddress, pool: pykka.ActorRef[Any], ready_timeout_s: float
 ) -> None:
     """Wait for the worker's exit in a thread of its own; meanwhile probe it for its whole
     life and tell the pool whenever what it says changes (registered, state, lease)."""
@@ -121,7 +122,7 @@ def _follow(
 
 
 def check_job_arrived(
-    executor: Executor, address: StatusAddress, worker_id: str, lease_no: int, pool: pykka.ActorRef
+    executor: Executor, address: StatusAddress, worker_id: str, lease_no: int, pool: pykka.ActorRef[Any]
 ) -> None:
     def run() -> None:
         status = read_status(address)
@@ -146,7 +147,7 @@ def end_session(executor: Executor, address: StatusAddress, worker_id: str, reas
     executor.submit(run)
 
 
-def after(seconds: float, actor: pykka.ActorRef, message: object) -> threading.Timer:
+def after(seconds: float, actor: pykka.ActorRef[Any], message: object) -> threading.Timer:
     """Send ``message`` to ``actor`` once, ``seconds`` from now."""
     timer = threading.Timer(seconds, tell, (actor, message))
     timer.daemon = True

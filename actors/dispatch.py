@@ -20,13 +20,19 @@ State owned by this actor's thread: the triggers in flight and the live sessions
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+import pykka
 
 from actors import _watch
 from actors.dispatch_policy import LeaseVerdict, after_handoff, lease_verdict
@@ -65,7 +71,7 @@ def pool_id(client_id: str) -> str:
 def build_metadata(
     client: ClientSettings, agent: AgentSettings, request: TriggerRequest, now: datetime | None = None,
     lease_id: str | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """What primes the agent's LLM for this session (read by ``agent/`` from the job)."""
     now = now or datetime.now(UTC)
     return {
@@ -95,7 +101,7 @@ class _InFlight:
 
 @dataclass(frozen=True)
 class _Session:
-    livekit: LiveKitSettings
+    project: LiveKitSettings  # where the worker registered: its dispatch lives there
     dispatch_id: str
     room: str
     worker: StatusAddress  # the worker's status port: where "the room ended" is told
@@ -108,7 +114,7 @@ class DispatchActor(Supervised):
         livekit: LiveKitClient,
         metrics: Metrics,
         settings: DispatchSettings = DispatchSettings(),  # noqa: B008 - an immutable model
-        supervisor=None,  # noqa: ANN001
+        supervisor: pykka.ActorRef[Any] | None = None,
         child_id: str = "",
     ) -> None:
         super().__init__(supervisor, child_id)
@@ -129,24 +135,25 @@ class DispatchActor(Supervised):
             case Trigger():
                 trigger_id = next(self.ids)
                 self.in_flight[trigger_id] = _InFlight(message, 1, time.perf_counter())
-                return self._ask_pool(trigger_id)
+                self._ask_pool(trigger_id)
             case Leased():
-                return self._leased(message)
+                self._leased(message)
             case NoIdleWorker(trigger_id, _):
-                return self._refuse(trigger_id, "no_idle_worker", "all warm workers are busy and the pool is at max_size, "
-                                    "or none became ready within max_wait_s")
+                self._refuse(trigger_id, "no_idle_worker", "all warm workers are busy and the pool is at max_size, "
+                             "or none became ready within max_wait_s")
             case LeaseTimeout(trigger_id, attempt):
                 flight = self.in_flight.get(trigger_id)
                 if flight and flight.attempt == attempt and not flight.leased:
-                    return self._refuse(trigger_id, "no_idle_worker", "the pool did not answer in time")
-                return None
+                    self._refuse(trigger_id, "no_idle_worker", "the pool did not answer in time")
             case HandoffDone():
-                return self._handed_off(message)
+                self._handed_off(message)
             case SessionEnded(client_id, worker_id, failed):
-                return self._session_ended(client_id, worker_id, failed)
+                self._session_ended(client_id, worker_id, failed)
             case RoomEvent(client_id, room, event):
-                return self._room_event(client_id, room, event)
-        raise TypeError(f"dispatch: unexpected message {type(message).__name__}")
+                self._room_event(client_id, room, event)
+            case _:
+                raise TypeError(f"dispatch: unexpected message {type(message).__name__}")
+        return None
 
     def _ask_pool(self, trigger_id: int) -> None:
         flight = self.in_flight[trigger_id]
@@ -155,7 +162,8 @@ class DispatchActor(Supervised):
         wait_s = max(0.0, self.settings.max_wait_s - (time.perf_counter() - flight.started_at))
         lease = Lease(trigger_id, flight.trigger.request.room_name, self.actor_ref, wait_s=round(wait_s, 3))
         if pool is None or not _watch.tell(pool, lease):
-            return self._refuse(trigger_id, "no_idle_worker", "the pool is restarting")
+            self._refuse(trigger_id, "no_idle_worker", "the pool is restarting")
+            return
         _watch.after(POOL_ANSWER_TIMEOUT_S + wait_s, self.actor_ref, LeaseTimeout(trigger_id, flight.attempt))
 
     def _leased(self, lease: Leased) -> None:
@@ -166,10 +174,11 @@ class DispatchActor(Supervised):
         self.in_flight[lease.trigger_id] = replace(flight, leased=True)
         request, client = flight.trigger.request, flight.trigger.client
         agent = client.agent(request.agent)
+        assert agent is not None  # the gateway found it in this same snapshot of the client
         metadata = json.dumps(build_metadata(client, agent, request, lease_id=lease.lease_id))
         future = self.livekit.submit(
             hand_off(
-                self.livekit, self.control, lease.livekit, worker=lease.status, lease_id=lease.lease_id,
+                self.livekit, self.control, lease.project, worker=lease.status, lease_id=lease.lease_id,
                 worker_id=lease.worker_id,
                 agent_name=lease.agent_name, room=request.room_name, metadata=metadata,
                 accept_timeout_s=self.settings.accept_timeout_s,
@@ -177,8 +186,9 @@ class DispatchActor(Supervised):
         )
         me = self.actor_ref
 
-        def done(f) -> None:  # noqa: ANN001 - runs on the LiveKit adapter's thread
-            handoff = f.result() if f.exception() is None else Handoff("livekit_error", error=describe(f.exception()))
+        def done(f: Future[Handoff]) -> None:  # runs on the LiveKit adapter's thread
+            error = f.exception()
+            handoff = f.result() if error is None else Handoff("livekit_error", error=describe(error))
             if not _watch.tell(me, HandoffDone(lease.trigger_id, lease, handoff)):  # this dispatcher died
                 self._tell_pool(lease.client_id, _to_pool(lease, lease_verdict(handoff.outcome, handoff.released)))
 
@@ -195,7 +205,8 @@ class DispatchActor(Supervised):
             case "livekit_error":
                 logger.error("dispatch to %s failed: %s", lease.agent_name, handoff.error)
                 body = {"error": "livekit_error", "detail": handoff.error}
-                return self._answer(message.trigger_id, TriggerResult(502, body), "livekit_error")
+                self._answer(message.trigger_id, TriggerResult(502, body), "livekit_error")
+                return None
             case "retry" | "handoff_failed":
                 logger.warning("handoff to %s failed (%s), attempt %d", lease.agent_name, handoff.outcome, attempt)
                 self.metrics.handoff_failures.labels(lease.client_id, handoff.outcome).inc()
@@ -203,13 +214,16 @@ class DispatchActor(Supervised):
                     return None
                 if decision.trigger == "retry":
                     self.in_flight[message.trigger_id] = replace(flight, attempt=attempt + 1, leased=False)
-                    return self._ask_pool(message.trigger_id)
-                return self._refuse(message.trigger_id, "handoff_failed", "no warm worker took the session in time")
+                    self._ask_pool(message.trigger_id)
+                    return None
+                self._refuse(message.trigger_id, "handoff_failed", "no warm worker took the session in time")
+                return None
         if flight is None:  # cannot happen: a trigger is answered only once its handoff is over
             return None
+        assert handoff.dispatch_id is not None  # "accepted": LiveKit created the dispatch
         trigger, client = flight.trigger, lease.client_id
-        room, lk = trigger.request.room_name, lease.livekit  # where the worker is registered
-        self.sessions[(client, lease.worker_id)] = _Session(lk, handoff.dispatch_id, room, lease.status)
+        room, project = trigger.request.room_name, lease.project  # where the worker is registered
+        self.sessions[(client, lease.worker_id)] = _Session(project, handoff.dispatch_id, room, lease.status)
         self.rooms[(client, room)] = lease.worker_id
         self.metrics.dispatch_latency.labels(client).observe(time.perf_counter() - flight.started_at)
         identity = _user_identity(trigger.request.user_email)
@@ -219,9 +233,9 @@ class DispatchActor(Supervised):
             "room_name": room,
             "worker_id": lease.worker_id,
             "agent_name": lease.agent_name,
-            "livekit_url": lk.url,
+            "livekit_url": project.url,
             "participant_identity": identity,
-            "participant_token": participant_token(lk, room, identity),
+            "participant_token": participant_token(project, room, identity),
         }
         self._answer(message.trigger_id, TriggerResult(200, body), "dispatched")
 
@@ -235,10 +249,8 @@ class DispatchActor(Supervised):
             return
         logger.warning("worker %s died mid-session; deleting its dispatch %s in room %s", worker_id,
                        session.dispatch_id, session.room)
-        future = self.livekit.submit(self.livekit.delete_dispatch(session.livekit, session.dispatch_id, session.room))
-        future.add_done_callback(
-            lambda f: f.exception() and logger.error("deleting dispatch %s: %s", session.dispatch_id, describe(f.exception()))
-        )
+        future = self.livekit.submit(self.livekit.delete_dispatch(session.project, session.dispatch_id, session.room))
+        future.add_done_callback(functools.partial(_log_failure, f"deleting dispatch {session.dispatch_id}"))
 
     def _room_event(self, client_id: str, room: str, event: str) -> None:
         """LiveKit says the room ended, or a user left it: the worker ends its session
@@ -248,8 +260,8 @@ class DispatchActor(Supervised):
         if session is None:
             return
         logger.info("%s in room %s: telling worker %s", event, room, worker_id)
-        params = {"reason": event, "if_no_users": "1" if event == "participant_left" else "0"}
-        self.livekit.submit(self.control.call("POST", session.worker, "/end", **params))
+        if_no_users = "1" if event == "participant_left" else "0"
+        self.livekit.submit(self.control.call("POST", session.worker, "/end", reason=event, if_no_users=if_no_users))
 
     def _refuse(self, trigger_id: int, code: str, detail: str) -> None:
         result = TriggerResult(503, {"error": "no_idle_worker", "detail": detail}, RETRY_AFTER_S)
@@ -271,7 +283,9 @@ class DispatchActor(Supervised):
         self.livekit.submit(self.control.close())
         super().on_stop()
 
-    def on_failure(self, exc_type, exc_value, tb) -> None:  # noqa: ANN001
+    def on_failure(
+        self, exc_type: type[BaseException] | None, exc_value: BaseException | None, tb: TracebackType | None
+    ) -> None:
         """Crashed: no trigger in flight is left to the gateway's deadline."""
         for trigger_id in list(self.in_flight):
             self._refuse(trigger_id, "no_idle_worker", "the dispatcher is restarting")
@@ -289,3 +303,9 @@ def _user_identity(email: str | None) -> str:
     # The email is personal data; the identity LiveKit sees and logs is a hash of it.
     seed = email.lower() if email else f"{time.time_ns()}"
     return "user-" + hashlib.sha256(seed.encode()).hexdigest()[:12]
+
+
+def _log_failure(what: str, future: Future[Any]) -> None:
+    """A best-effort call's end: logged if it failed, nothing else (runs on the adapter's thread)."""
+    if (error := future.exception()) is not None:
+        logger.error("%s: %s", what, describe(error))

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+import pykka
 
 from actors.pool_effects import LeaseFailure, WorkerState
 from agent.contract import ReportedState, StatusAddress
 from runtime.backends.base import WorkerHandle
 from runtime.settings import ClientSettings, LiveKitSettings
 
-Reply = Callable[[Any], None]
+if TYPE_CHECKING:  # each of these imports this module
+    from actors.supervisor import ChildSpec
+    from runtime.livekit.handoff import Handoff
+
+Reply = Callable[[Any], None]  # takes the message's answer (its type is in each message's docstring)
+ActorRef = pykka.ActorRef[Any]
 
 
 # -- The lease protocol: DispatchActor <-> PoolActor, messages both ways ---------------------
@@ -36,7 +43,7 @@ class Lease:
 
     trigger_id: int
     room_name: str
-    reply_to: Any = field(compare=False)  # the DispatchActor's ref
+    reply_to: ActorRef = field(compare=False)  # the DispatchActor's
     wait_s: float = 0.0
 
 
@@ -48,7 +55,7 @@ class Leased:
     agent_name: str
     status: StatusAddress  # the worker's status port, with its token
     lease_id: str  # the worker accepts only a job that carries this id
-    livekit: LiveKitSettings = field(repr=False)  # the project this worker registered with
+    project: LiveKitSettings = field(repr=False)  # the LiveKit project this worker registered with
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,7 @@ class PoolStats:
     def utilization(self) -> float:
         return self.leased / self.total if self.total else 0.0
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         return {
             "total": self.total,
             "starting": self.starting,
@@ -241,7 +248,7 @@ class TriggerRequest:
     agent: str
     room_name: str
     user_email: str | None = None
-    context: dict | None = None
+    context: dict[str, Any] | None = None
     conversation_id: str | None = None
 
 
@@ -257,7 +264,7 @@ class TriggerResult:
     """What the gateway turns into an HTTP response."""
 
     status: int
-    body: dict
+    body: dict[str, Any]
     retry_after_s: int | None = None
 
 
@@ -275,7 +282,10 @@ class HandoffDone:
 
     trigger_id: int
     lease: Leased
-    handoff: Any  # runtime.handoff.Handoff
+    handoff: Handoff
+
+
+RoomEventKind = Literal["room_finished", "participant_left"]
 
 
 @dataclass(frozen=True)
@@ -284,7 +294,7 @@ class RoomEvent:
 
     client_id: str
     room_name: str
-    event: Literal["room_finished", "participant_left"]
+    event: RoomEventKind
 
 
 @dataclass(frozen=True)
@@ -320,7 +330,7 @@ class PoolStatsReport:
 class ChildFailed:
     child_id: str
     error: str
-    ref: Any = None  # which incarnation crashed (None: its start failed, there is none)
+    ref: ActorRef | None = None  # which incarnation crashed (None: its start failed, there is none)
 
 
 @dataclass(frozen=True)
@@ -335,12 +345,12 @@ class ChildStopped:
     """A child stopped on purpose (a drained pool); ``ref`` tells incarnations apart."""
 
     child_id: str
-    ref: Any
+    ref: ActorRef
 
 
 @dataclass(frozen=True)
 class StartChild:
-    spec: Any  # actors.supervisor.ChildSpec
+    spec: ChildSpec
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import Any
+
+import pykka
 
 from actors import _watch
 from actors.messages import (
@@ -77,7 +81,7 @@ logger = logging.getLogger("autonomite.pool")
 def config_fingerprint(client: ClientSettings) -> str:
     """Changes when the credentials, the agent catalog or the placement change: then idle
     workers are stale (and replaced, rolling)."""
-    catalog = json.dumps([a.for_worker() for a in client.agents], sort_keys=True)
+    catalog = json.dumps([a.for_worker().to_json() for a in client.agents], sort_keys=True)
     return fingerprint(client.livekit.fingerprint + catalog + str(client.knowledge_dir) + str(client.pool.placement))
 
 
@@ -91,7 +95,7 @@ class PoolActor(Supervised):
         executor: Executor,
         on_session_end: Callable[[SessionEnded], None] = lambda _: None,
         status_key: str = "",
-        supervisor=None,  # noqa: ANN001
+        supervisor: pykka.ActorRef[Any] | None = None,
         child_id: str = "",
     ) -> None:
         super().__init__(supervisor, child_id)
@@ -111,7 +115,7 @@ class PoolActor(Supervised):
         # The LiveKit project each worker registered with: a dispatch must go there, even
         # while a reload that moved the client to another project rolls its workers over.
         self.projects: dict[str, LiveKitSettings] = {}
-        self.wake_timer = None
+        self.wake_timer: threading.Timer | None = None
         self.wake_at = 0.0
         self.waiting: dict[str, Lease] = {}  # queued leases by lease id, until Granted or GaveUp
         # Until the workers a previous incarnation left are known, what the pool is told
@@ -144,7 +148,8 @@ class PoolActor(Supervised):
 
     def on_receive(self, message: object) -> object:
         if isinstance(message, Adopted):
-            return self._adopted(message)
+            self._adopted(message)
+            return None
         if self.deferred is not None:  # still adopting: stats answer, the rest waits
             if not isinstance(message, GetStats):
                 self.deferred.append(message)
@@ -223,6 +228,7 @@ class PoolActor(Supervised):
     def _answer_lease(self, message: Lease, worker_id: str) -> None:
         worker = self.machine.workers[worker_id]
         logger.info("pool %s leased %s for room %s", self.client.id, worker.id, message.room_name)
+        assert worker.lease_id is not None  # the machine has just leased it
         answer = Leased(
             message.trigger_id, self.client.id, worker.id, worker.agent_name, self.addresses[worker.id], worker.lease_id,
             self.projects.get(worker.id, self.client.livekit),
@@ -335,7 +341,7 @@ class PoolActor(Supervised):
 
     def _worker_env(self, worker_id: str, agent_name: str, port: int) -> dict[str, str]:
         """Only this client's credentials and catalog: nothing of any other client."""
-        lk = self.client.livekit
+        project = self.client.livekit
         config = WorkerConfig(
             worker_id=worker_id,
             client_id=self.client.id,
@@ -348,9 +354,9 @@ class PoolActor(Supervised):
             orphan_timeout_s=self.settings.orphan_timeout_s,
         )
         return {
-            "LIVEKIT_URL": lk.url,
-            "LIVEKIT_API_KEY": lk.api_key.get_secret_value(),
-            "LIVEKIT_API_SECRET": lk.api_secret.get_secret_value(),
+            "LIVEKIT_URL": project.url,
+            "LIVEKIT_API_KEY": project.api_key.get_secret_value(),
+            "LIVEKIT_API_SECRET": project.api_secret.get_secret_value(),
             **config.to_env(),
         }
 

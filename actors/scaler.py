@@ -13,9 +13,14 @@ The idle floor (``min_idle``) is the pool's own invariant, kept at once on every
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass
+from typing import Any, Literal
+
+import pykka
 
 from actors import _watch
 from actors.dispatch import pool_id
@@ -52,7 +57,7 @@ class ScalerActor(Supervised):
         directory: Directory,
         policy: ScalerSettings,
         metrics: Metrics,
-        supervisor=None,  # noqa: ANN001
+        supervisor: pykka.ActorRef[Any] | None = None,
         child_id: str = "",
     ) -> None:
         super().__init__(supervisor, child_id)
@@ -61,7 +66,7 @@ class ScalerActor(Supervised):
         self.metrics = metrics
         self.missed_seen: dict[str, int] = {}
         self.low_since: dict[str, float | None] = {}
-        self.timer = None
+        self.timer: threading.Timer | None = None
 
     def setup(self) -> None:
         self.timer = _watch.after(self.policy.interval_s, self.actor_ref, ScaleTick())
@@ -73,8 +78,10 @@ class ScalerActor(Supervised):
                 self.timer = _watch.after(self.policy.interval_s, self.actor_ref, ScaleTick())
                 return None
             case PoolStatsReport(client_id, stats):
-                return self._decide(client_id, stats)
-        raise TypeError(f"scaler: unexpected message {type(message).__name__}")
+                self._decide(client_id, stats)
+            case _:
+                raise TypeError(f"scaler: unexpected message {type(message).__name__}")
+        return None
 
     def _tick(self) -> None:
         """Ask every pool for its stats; each answer comes back as its own message (a slow
@@ -82,7 +89,7 @@ class ScalerActor(Supervised):
         pools = self.directory.with_prefix(pool_id(""))
         me = self.actor_ref
         for cid, ref in pools.items():
-            _watch.tell(ref, GetStats(reply=lambda stats, cid=cid: _watch.tell(me, PoolStatsReport(cid, stats))))
+            _watch.tell(ref, GetStats(reply=functools.partial(_report, me, cid)))
         for gone in set(self.missed_seen) - set(pools):
             self.missed_seen.pop(gone, None)
             self.low_since.pop(gone, None)
@@ -94,7 +101,7 @@ class ScalerActor(Supervised):
         self.low_since[cid] = decision.low_since
         if decision.target is None:
             return
-        direction = "up" if decision.target > stats.target else "down"
+        direction: Literal["up", "down"] = "up" if decision.target > stats.target else "down"
         logger.info("scaler: %s target %d -> %d (%s)", cid, stats.target, decision.target, direction)
         self.metrics.scale_events.labels(cid, direction).inc()
         pool = self.directory.get(pool_id(cid))
@@ -104,3 +111,8 @@ class ScalerActor(Supervised):
     def on_stop(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
+
+
+def _report(scaler: pykka.ActorRef[Any], client_id: str, stats: PoolStats) -> None:
+    """A pool's stats answer, back to the scaler as a message of its own (the pool's thread)."""
+    _watch.tell(scaler, PoolStatsReport(client_id, stats))

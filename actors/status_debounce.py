@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-Seen = tuple[bool, str, str | None]  # registered, state, lease id
-SILENT = {"registered": False, "state": "starting"}  # what a silent worker counts as
+from agent.contract import ReportedState, Status
+
+Seen = tuple[bool, ReportedState, str | None]  # registered, state, lease id
+SILENT: Status = {"registered": False, "state": "starting"}  # what a silent worker counts as
 
 
 @dataclass
@@ -31,7 +33,7 @@ class Debounce:
     silent: int = 0
     ever_registered: bool = False
 
-    def heard(self, status: dict | None, now: float) -> Seen | None:
+    def heard(self, status: Status | None, now: float) -> Seen | None:
         """``status``: the worker's answer, None if it gave none. Returns what to tell the
         pool, or None. ``last`` is then what the worker was last known to say."""
         self.silent = 0 if status is not None else self.silent + 1

@@ -28,6 +28,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
 
 import pykka
 
@@ -55,7 +57,7 @@ class Restart(enum.Enum):
 @dataclass(frozen=True)
 class ChildSpec:
     id: str
-    start: Callable[..., pykka.ActorRef]  # called with supervisor= and child_id=
+    start: Callable[..., pykka.ActorRef[Any]]  # called with supervisor= and child_id=
     restart: Restart = Restart.PERMANENT
     shutdown_timeout_s: float = 15.0
 
@@ -69,23 +71,23 @@ class Directory:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._refs: dict[str, pykka.ActorRef] = {}
-        self._draining: dict[str, pykka.ActorRef] = {}
+        self._refs: dict[str, pykka.ActorRef[Any]] = {}
+        self._draining: dict[str, pykka.ActorRef[Any]] = {}
 
-    def get(self, child_id: str, draining: bool = False) -> pykka.ActorRef | None:
+    def get(self, child_id: str, draining: bool = False) -> pykka.ActorRef[Any] | None:
         """The running child; with ``draining``, else the one on its way out (a removed
         client's pool still settles its leases)."""
         with self._lock:
             return self._refs.get(child_id) or (self._draining.get(child_id) if draining else None)
 
-    def with_prefix(self, prefix: str, draining: bool = False) -> dict[str, pykka.ActorRef]:
+    def with_prefix(self, prefix: str, draining: bool = False) -> dict[str, pykka.ActorRef[Any]]:
         """Running children by id without the prefix; with ``draining``, also the children
         on their way out (a running child of the same id wins)."""
         with self._lock:
             found = {**self._draining, **self._refs} if draining else self._refs
             return {k[len(prefix) :]: v for k, v in found.items() if k.startswith(prefix)}
 
-    def record(self, child_id: str, ref: pykka.ActorRef | None) -> None:
+    def record(self, child_id: str, ref: pykka.ActorRef[Any] | None) -> None:
         """Written by the supervisor alone (on its actor thread); read by anyone."""
         with self._lock:
             if ref is None:
@@ -93,7 +95,7 @@ class Directory:
             else:
                 self._refs[child_id] = ref
 
-    def record_draining(self, child_id: str, ref: pykka.ActorRef | None) -> None:
+    def record_draining(self, child_id: str, ref: pykka.ActorRef[Any] | None) -> None:
         with self._lock:
             if ref is None:
                 self._draining.pop(child_id, None)
@@ -104,7 +106,7 @@ class Directory:
 class Supervised(pykka.ThreadingActor):
     """Base class for supervised children: reports its own crash to the supervisor."""
 
-    def __init__(self, supervisor: pykka.ActorRef | None = None, child_id: str = "") -> None:
+    def __init__(self, supervisor: pykka.ActorRef[Any] | None = None, child_id: str = "") -> None:
         super().__init__()
         self.supervisor = supervisor
         self.child_id = child_id
@@ -119,7 +121,9 @@ class Supervised(pykka.ThreadingActor):
     def setup(self) -> None:
         """Override instead of ``on_start``: a failure here is reported like a crash."""
 
-    def on_failure(self, exc_type, exc_value, tb) -> None:  # noqa: ANN001
+    def on_failure(
+        self, exc_type: type[BaseException] | None, exc_value: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._report(exc_value)
 
     def on_stop(self) -> None:
@@ -154,7 +158,7 @@ class Supervisor(pykka.ThreadingActor):
         self.on_give_up = on_give_up
         self.on_restart = on_restart
         self.specs: dict[str, ChildSpec] = {}  # insertion order is start order
-        self.draining: dict[str, tuple[ChildSpec, pykka.ActorRef]] = {}
+        self.draining: dict[str, tuple[ChildSpec, pykka.ActorRef[Any]]] = {}
         self.restarts: tuple[float, ...] = ()  # when recent restarts happened (add_restart)
         self.gave_up = False
         self.closing: DrainChildren | None = None  # shutting down: these children drain, none starts
@@ -163,20 +167,22 @@ class Supervisor(pykka.ThreadingActor):
     def on_receive(self, message: object) -> object:
         match message:
             case StartChild(spec):
-                return self._start_child(spec)
+                self._start_child(spec)
             case StopChild(child_id, graceful):
-                return self._stop_child(child_id, graceful)
+                self._stop_child(child_id, graceful)
             case ChildFailed(child_id, error, ref):
-                return self._child_failed(child_id, error, ref)
+                self._child_failed(child_id, error, ref)
             case RestartChild(child_id):
-                return self._restart(child_id)
+                self._restart(child_id)
             case ChildStopped(child_id, ref):
-                return self._child_stopped(child_id, ref)
+                self._child_stopped(child_id, ref)
             case DrainChildren():
-                return self._drain_children(message)
+                self._drain_children(message)
             case ShutdownAll():
-                return self._shutdown_all()
-        raise TypeError(f"supervisor: unexpected message {type(message).__name__}")
+                self._shutdown_all()
+            case _:
+                raise TypeError(f"supervisor: unexpected message {type(message).__name__}")
+        return None
 
     def _start_child(self, spec: ChildSpec) -> None:
         if self._closed_to(spec.id):
@@ -211,7 +217,7 @@ class Supervisor(pykka.ThreadingActor):
         else:
             _stop(child_id, ref, spec.shutdown_timeout_s)
 
-    def _drain(self, spec: ChildSpec, ref: pykka.ActorRef) -> None:
+    def _drain(self, spec: ChildSpec, ref: pykka.ActorRef[Any]) -> None:
         self.draining[spec.id] = (spec, ref)
         self.directory.record_draining(spec.id, ref)
         # The child stops itself once its work is done.
@@ -233,7 +239,7 @@ class Supervisor(pykka.ThreadingActor):
         except Exception:  # the runtime's hook must never take the supervisor down
             logger.exception("the drained hook failed")
 
-    def _start_once(self, spec: ChildSpec) -> pykka.ActorRef | None:
+    def _start_once(self, spec: ChildSpec) -> pykka.ActorRef[Any] | None:
         try:
             return spec.start(supervisor=self.actor_ref, child_id=spec.id)
         except Exception as e:  # noqa: BLE001 - whatever a child's start raises
@@ -241,7 +247,7 @@ class Supervisor(pykka.ThreadingActor):
                          spec.id, type(e).__name__, e)
             return None
 
-    def _child_stopped(self, child_id: str, ref: pykka.ActorRef) -> None:
+    def _child_stopped(self, child_id: str, ref: pykka.ActorRef[Any]) -> None:
         entry = self.draining.get(child_id)
         if entry is not None and entry[1] == ref:
             del self.draining[child_id]
@@ -249,7 +255,7 @@ class Supervisor(pykka.ThreadingActor):
             logger.info("child %s drained and stopped", child_id)
             self._check_drained()
 
-    def _child_failed(self, child_id: str, error: str, ref: pykka.ActorRef | None = None) -> None:
+    def _child_failed(self, child_id: str, error: str, ref: pykka.ActorRef[Any] | None = None) -> None:
         if ref is not None and self.draining.get(child_id, (None, None))[1] == ref:
             return self._draining_child_failed(child_id, error, ref)
         if ref is not None and self.directory.get(child_id) not in (None, ref):
@@ -268,7 +274,7 @@ class Supervisor(pykka.ThreadingActor):
         self.directory.record(child_id, None)
         self.actor_ref.tell(RestartChild(child_id))
 
-    def _draining_child_failed(self, child_id: str, error: str, ref: pykka.ActorRef) -> None:
+    def _draining_child_failed(self, child_id: str, error: str, ref: pykka.ActorRef[Any]) -> None:
         if self.closing is None:
             logger.error("draining child %s crashed (%s); its workers are left to the sweep at shutdown", child_id, error)
         elif not self._intensity_exceeded(child_id, error):
@@ -324,7 +330,7 @@ def add_restart(restarts: tuple[float, ...], now: float, max_restarts: int,
     return recent, len(recent) <= max_restarts
 
 
-def _stop(child_id: str, ref: pykka.ActorRef, timeout_s: float) -> None:
+def _stop(child_id: str, ref: pykka.ActorRef[Any], timeout_s: float) -> None:
     try:
         if not ref.stop(block=True, timeout=timeout_s):
             logger.info("child %s was already stopped", child_id)

@@ -22,9 +22,10 @@ reason instead of keeping a deaf agent in the call.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from livekit import rtc
 from livekit.agents import AgentSession
@@ -72,29 +73,33 @@ def microphone(p: rtc.RemoteParticipant) -> rtc.RemoteTrackPublication | None:
                  if pub.source == rtc.TrackSource.SOURCE_MICROPHONE and not pub.muted), None)
 
 
-async def watch(room: rtc.Room, session: AgentSession, hearing: Hearing, end: Callable[[str], None]) -> None:
+async def watch(room: rtc.Room, session: AgentSession[Any], hearing: Hearing, end: Callable[[str], None]) -> None:
     loop = asyncio.get_running_loop()
     for event in ("track_subscribed", "track_unsubscribed"):
-        room.on(event, lambda track, pub, who, event=event: pub.source == rtc.TrackSource.SOURCE_MICROPHONE and
-                logger.info("%s: %s's microphone %s", event, who.identity, pub.sid))
+        room.on(event, functools.partial(_log_microphone, event))
     while True:
         await asyncio.sleep(CHECK_S)
         caller = session.room_io.linked_participant or next(iter(users(room)), None)
         mic = microphone(caller) if caller is not None else None
         connected = room.connection_state == rtc.ConnectionState.CONN_CONNECTED
         verdict = hearing.check(loop.time(), expecting=connected and mic is not None)
-        if verdict == "recover":
+        if verdict == "recover" and caller is not None and mic is not None:  # it expected audio: both exist
             logger.warning("no audio from %s for %g s although their microphone is published; subscribing "
                            "to it again (subscribed: %s)", caller.identity, hearing.deaf_s, mic.subscribed)
             _listen_again(session, caller, mic)
         elif verdict == "give up":
             logger.error("still no audio from %s %g s after subscribing again; ending the session rather than "
-                         "staying in the call deaf", caller.identity, hearing.deaf_s)
+                         "staying in the call deaf", caller.identity if caller else "the caller", hearing.deaf_s)
             end("lost the caller's audio")
             return
 
 
-def _listen_again(session: AgentSession, caller: rtc.RemoteParticipant, mic: rtc.RemoteTrackPublication) -> None:
+def _log_microphone(event: str, track: rtc.Track, pub: rtc.RemoteTrackPublication, who: rtc.RemoteParticipant) -> None:
+    if pub.source == rtc.TrackSource.SOURCE_MICROPHONE:
+        logger.info("%s: %s's microphone %s", event, who.identity, pub.sid)
+
+
+def _listen_again(session: AgentSession[Any], caller: rtc.RemoteParticipant, mic: rtc.RemoteTrackPublication) -> None:
     """Ask LiveKit for the caller's microphone again: RoomIO, linked to the caller by
     identity, reads the new track on arrival. Relinking RoomIO as well is not needed, and
     it restarts its echo-cancellation warm-up (3 s in which the caller is not heard)."""

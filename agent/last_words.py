@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from livekit import rtc
 from livekit.agents import JobContext
@@ -16,10 +17,10 @@ from livekit.agents import JobContext
 logger = logging.getLogger("autonomite.agent.session")
 
 LAST_WORDS_TIMEOUT_S = 10.0
-_saying: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
+_saying: set[asyncio.Task[Any]] = set()  # strong references: the loop keeps only weak ones
 
 
-def say_then_end(ctx: JobContext, entry: asyncio.Task | None, reason: str) -> None:
+def say_then_end(ctx: JobContext, entry: asyncio.Task[Any] | None, reason: str) -> None:
     """Say ``reason`` to the caller, then end the session (at once if nobody is there)."""
     try:
         session = ctx.primary_session

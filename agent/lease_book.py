@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from agent.contract import ReportedState, WorkerConfig
+from agent.contract import ReportedState, Status, WorkerConfig
 
 CLAIM_TIMEOUT_S = 30.0  # claimed and no job by then: the runtime lost track of it; exit
 FLAG_CHECK_S = 0.5  # how often a status long poll looks at the LiveKit connection flag
@@ -111,7 +111,7 @@ class LeaseBook:
         and the job request would turn that very job away."""
         return 1.0 if self.state in ("busy", "draining") else 0.0
 
-    def as_json(self) -> dict:
+    def as_json(self) -> Status:
         return {
             "worker_id": self.config.worker_id,
             "client_id": self.config.client_id,

@@ -31,7 +31,7 @@ def compose_reply(messages: list[tuple[str, str]]) -> str:
     instructions = "\n".join(t for r, t in messages if r in ("system", "developer") and not t.startswith(KNOWLEDGE_HEADER))
     passages = [t for r, t in messages if r in ("system", "developer") and t.startswith(KNOWLEDGE_HEADER)]
     user_turns = [t for r, t in messages if r == "user"]
-    context: dict = {}
+    context: dict[str, Any] = {}
     if (block := _CONTEXT_BLOCK.search(instructions)) is not None:
         try:
             context = json.loads(block.group(1))
@@ -70,7 +70,7 @@ class OfflineLLM(llm.LLM):
         self,
         *,
         chat_ctx: llm.ChatContext,
-        tools: list | None = None,
+        tools: list[Any] | None = None,
         conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
         **_: Any,
     ) -> llm.LLMStream:
@@ -82,8 +82,9 @@ class _OfflineStream(llm.LLMStream):
         messages = [(item.role, _text(item)) for item in self._chat_ctx.items if hasattr(item, "role")]
         reply = compose_reply(messages)
         request_id = uuid.uuid4().hex
-        if self._llm.first_token_s:
-            await asyncio.sleep(self._llm.first_token_s)
+        first_token_s = getattr(self._llm, "first_token_s", 0.0)  # an OfflineLLM's, by construction
+        if first_token_s:
+            await asyncio.sleep(first_token_s)
         for i, word in enumerate(reply.split(" ")):
             piece = word if i == 0 else " " + word
             self._event_ch.send_nowait(

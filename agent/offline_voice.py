@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 from livekit import rtc
-from livekit.agents import APIConnectionError, stt, tts, utils
+from livekit.agents import APIConnectionError, LanguageCode, stt, tts, utils
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, NotGivenOr
 
 from agent.spoken_numbers import spoken_variants
@@ -96,8 +96,8 @@ def domain_corpus(texts: list[str], max_words: int = MAX_CORPUS_WORDS) -> list[l
 def bigram_arpa(sentences: list[list[str]]) -> str:
     """A bigram language model in ARPA text: add-one unigrams, bigrams seen in the corpus,
     and a flat back-off, which lets any known word follow any other."""
-    unigrams: collections.Counter = collections.Counter()
-    bigrams: collections.Counter = collections.Counter()
+    unigrams: collections.Counter[str] = collections.Counter()
+    bigrams: collections.Counter[tuple[str, str]] = collections.Counter()
     for words in sentences:
         tokens = ["<s>", *words, "</s>"]
         unigrams.update(tokens)
@@ -207,7 +207,7 @@ class OfflineSTT(stt.STT):
         return stt.SpeechEvent(
             type=stt.SpeechEventType.FINAL_TRANSCRIPT,
             request_id=uuid.uuid4().hex,
-            alternatives=[stt.SpeechData(language="en", text=text)],
+            alternatives=[stt.SpeechData(language=LanguageCode("en"), text=text)],
         )
 
 
@@ -252,6 +252,7 @@ async def speak(text: str, voice: str = TTS_VOICE):  # noqa: ANN201 - an async i
         binary, "--stdout", "-v", voice, "--stdin",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None  # all three are PIPEs
     try:
         proc.stdin.write(text.encode())
         proc.stdin.close()

@@ -73,15 +73,19 @@ class Presence:
         self.attendance = Attendance(grace_s)
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
-        room.on("participant_connected", lambda p: is_user(p) and self._changed(p, "joined"))
-        room.on("participant_disconnected", lambda p: is_user(p) and self._changed(p, "left"))
+        room.on("participant_connected", lambda p: self._changed(p, "joined"))
+        room.on("participant_disconnected", lambda p: self._changed(p, "left"))
         room.on("reconnecting", lambda: logger.warning("the agent's connection to LiveKit dropped; reconnecting"))
         room.on("reconnected", self._back)
         self.check()
 
     def _changed(self, p: rtc.RemoteParticipant, what: str) -> None:
-        logger.info("end user %s %s (%s)", p.identity, what, rtc.DisconnectReason.Name(p.disconnect_reason or 0)
-                    if what == "left" else rtc.ParticipantKind.Name(p.kind))
+        if not is_user(p):
+            return
+        # protobuf's enum stubs want their own value type; these are plain ints at run time
+        reason = (rtc.DisconnectReason.Name(p.disconnect_reason or 0) if what == "left"  # type: ignore[arg-type]
+                  else rtc.ParticipantKind.Name(p.kind))
+        logger.info("end user %s %s (%s)", p.identity, what, reason)
         self.check()
 
     def user_left(self) -> None:

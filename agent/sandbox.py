@@ -43,6 +43,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -101,12 +102,12 @@ class Identity:
     mount_namespace: bool = False  # a fresh /proc, private /tmp and /dev/shm
     seccomp: bool = True
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"uid": self.uid, "gid": self.gid, "cgroup_procs": list(self.cgroup_procs),
                 "mount_namespace": self.mount_namespace, "seccomp": self.seccomp}
 
     @classmethod
-    def from_json(cls, data: dict) -> Identity:
+    def from_json(cls, data: dict[str, Any]) -> Identity:
         return cls(data.get("uid"), data.get("gid"), tuple(data.get("cgroup_procs", ())),
                    bool(data.get("mount_namespace")), bool(data.get("seccomp", True)))
 

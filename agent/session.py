@@ -26,10 +26,11 @@ from collections.abc import AsyncIterable
 from typing import Any
 
 from livekit import api
-from livekit.agents import Agent, AgentSession, JobContext, llm, stt
+from livekit.agents import Agent, AgentSession, JobContext, TurnHandlingOptions, llm, stt
 from livekit.agents.voice.room_io import RoomOptions
 
 from agent import hearing, priming, providers
+from agent.contract import CatalogAgent
 from agent.hearing import Hearing
 from agent.offline_llm import KNOWLEDGE_HEADER
 from agent.presence import Presence, users
@@ -52,7 +53,7 @@ class PrimedAgent(Agent):
         self.greeted = asyncio.Event()
         self.hearing = Hearing()
 
-    async def stt_node(self, audio: AsyncIterable, model_settings: Any) -> AsyncIterable[stt.SpeechEvent]:
+    async def stt_node(self, audio: AsyncIterable[Any], model_settings: Any) -> AsyncIterable[stt.SpeechEvent]:
         # A caller's turn ends when its transcript comes (turn detection "vad" waits for
         # it): held until the greeting has been said, a turn spoken over the greeting ends
         # after it, and is answered instead of skipped (the greeting cannot be interrupted).
@@ -62,14 +63,14 @@ class PrimedAgent(Agent):
                 await self.greeted.wait()
             yield event
 
-    async def _heard(self, audio: AsyncIterable) -> AsyncIterable:
+    async def _heard(self, audio: AsyncIterable[Any]) -> AsyncIterable[Any]:
         """The caller's audio on its way to the recognizer, each frame noted (agent.hearing)."""
         loop = asyncio.get_running_loop()
         async for frame in audio:
             self.hearing.frame(loop.time())
             yield frame
 
-    def llm_node(self, chat_ctx: llm.ChatContext, tools: list, model_settings: Any) -> Any:
+    def llm_node(self, chat_ctx: llm.ChatContext, tools: list[Any], model_settings: Any) -> Any:
         # Here rather than in on_user_turn_completed: that hook runs for spoken turns only,
         # and this node runs for every reply, typed or spoken.
         if self.knowledge is not None:
@@ -80,7 +81,7 @@ class PrimedAgent(Agent):
 def with_passages(chat_ctx: llm.ChatContext, knowledge: KnowledgeBase) -> llm.ChatContext:
     """A copy of the context with the best passages for the last user turn added."""
     user_turns = [m for m in chat_ctx.items if getattr(m, "role", None) == "user"]
-    passages = knowledge.search(user_turns[-1].text_content or "", k=3) if user_turns else []
+    passages = knowledge.search(getattr(user_turns[-1], "text_content", None) or "", k=3) if user_turns else []
     if not passages:
         return chat_ctx
     chat_ctx = chat_ctx.copy()
@@ -92,7 +93,7 @@ _presence: weakref.WeakKeyDictionary[JobContext, Presence] = weakref.WeakKeyDict
 
 
 async def run_session(
-    ctx: JobContext, catalog: list[dict], knowledge: KnowledgeBase | None, user_join_timeout_s: float,
+    ctx: JobContext, catalog: list[CatalogAgent], knowledge: KnowledgeBase | None, user_join_timeout_s: float,
     rejoin_grace_s: float,
 ) -> None:
     """Join, start the agent, and return: the entrypoint never blocks on the end user.
@@ -102,15 +103,15 @@ async def run_session(
     and the no-show timer run as tasks instead.
     """
     info = priming.parse_metadata(ctx.job.metadata)
-    config = next((a for a in catalog if a.get("name") == info.agent_name), None)
-    if config is None:
+    found = next((a for a in catalog if a.name == info.agent_name), None)
+    if found is None:
         logger.warning("agent %r is not in this client's catalog; using the default prompt", info.agent_name)
+    config = found or CatalogAgent(info.agent_name or "")
     for warning in info.warnings:
         logger.warning("dispatch metadata: %s", warning)
     logger.info("enhanced metadata extraction: %s", json.dumps(priming.extraction_log(info), sort_keys=True))
-    config = config or {}
-    instructions = priming.build_prompt(config.get("system_prompt"), info)
-    use_rag = bool(config.get("enable_rag")) and knowledge is not None
+    instructions = priming.build_prompt(config.system_prompt or None, info)
+    use_rag = config.enable_rag and knowledge is not None
 
     typed = TypedTurns(ctx.room)  # before joining: a message may come with the join
     try:
@@ -128,8 +129,8 @@ async def run_session(
         ctx.shutdown("room deleted")
         return
     logger.info("joined room %s", ctx.room.name)
-    stt = providers.make_stt(config.get("stt"))
-    tts = providers.make_tts(config.get("tts"), config.get("voice_id", "alloy"))
+    stt = providers.make_stt(config.stt)
+    tts = providers.make_tts(config.tts, config.voice_id)
     # Without speech input there are no turns to detect: a typed message is a turn. Left to
     # itself, livekit-agents would build its local end-of-turn model for every session
     # (~350 ms of CPU each, measured with py-spy), which a burst of sessions pays in full.
@@ -137,12 +138,12 @@ async def run_session(
     # end_of_turn_s of silence. That is also the endpointing delay: a shorter delay would
     # change nothing, a longer one would add to the window. Cloud STT keeps its own turns.
     pause = providers.silence_window(config)
-    offline_voice = (config.get("stt") or {}).get("provider") == "offline"
-    turns: dict = ({"turn_detection": "manual"} if stt is None else
+    offline_voice = config.offline_speech
+    turns: TurnHandlingOptions = ({"turn_detection": "manual"} if stt is None else
                    {"turn_detection": "vad", "endpointing": {"min_delay": pause}} if offline_voice else {})
     if stt is not None:  # words said over the greeting reach the recognizer (answered after it)
         turns["interruption"] = {"discard_audio_if_uninterruptible": False}
-    session = AgentSession(llm=providers.make_llm(config.get("llm")), stt=stt, tts=tts, turn_handling=turns,
+    session: AgentSession[Any] = AgentSession(llm=providers.make_llm(config.llm), stt=stt, tts=tts, turn_handling=turns,
                            vad=providers.vad(pause) if stt is not None else None)
     agent = PrimedAgent(instructions, knowledge if use_rag else None)
     await session.start(
@@ -163,7 +164,7 @@ async def run_session(
     background(_greet_or_give_up(ctx, session, user_join_timeout_s, agent.greeted))
 
 
-def _log_voice_metrics(session: AgentSession) -> None:
+def _log_voice_metrics(session: AgentSession[Any]) -> None:
     """One log line per stage of each spoken turn: where a voice turn's time goes
     (bench/voice_turn.py reads them). livekit-agents measures them; we only keep them."""
     fields = {"STTMetrics": ("duration", "audio_duration"), "EOUMetrics": ("end_of_utterance_delay",
@@ -177,7 +178,7 @@ def _log_voice_metrics(session: AgentSession) -> None:
             logger.info("voice metric %s", json.dumps({"kind": kind, **values}, sort_keys=True))
 
 
-async def _greet_or_give_up(ctx: JobContext, session: AgentSession, join_timeout_s: float,
+async def _greet_or_give_up(ctx: JobContext, session: AgentSession[Any], join_timeout_s: float,
                             greeted: asyncio.Event) -> None:
     try:
         await asyncio.wait_for(ctx.wait_for_participant(), join_timeout_s)
@@ -199,7 +200,7 @@ async def _greet_or_give_up(ctx: JobContext, session: AgentSession, join_timeout
         greeted.set()  # said, or failed to be: the caller's words must not wait forever
 
 
-def end_session(ctx: JobContext, entry: asyncio.Task | None, reason: str, if_no_users: bool) -> None:
+def end_session(ctx: JobContext, entry: asyncio.Task[Any] | None, reason: str, if_no_users: bool) -> None:
     """From the runtime (a LiveKit webhook): the room ended, or maybe its last user left.
 
     Runs on the job's loop. An entrypoint still joining is cancelled rather than given

@@ -88,7 +88,7 @@ def readings(digits: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _match_readings(match: re.Match) -> list[str]:
+def _match_readings(match: re.Match[str]) -> list[str]:
     if match["hour"] is not None:
         hour, minute = int(match["hour"]), int(match["minute"])
         if minute == 0:

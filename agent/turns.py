@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from livekit import rtc
 from livekit.agents import AgentSession
@@ -26,10 +27,10 @@ logger = logging.getLogger("autonomite.agent.session")
 TOPIC = "lk.chat"
 SENDER_WAIT_S = 10.0  # a message whose sender the room has not listed by then is dropped
 
-_tasks: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
+_tasks: set[asyncio.Task[Any]] = set()  # strong references: the loop keeps only weak ones
 
 
-def background(coro) -> asyncio.Task:  # noqa: ANN001
+def background(coro) -> asyncio.Task[Any]:  # noqa: ANN001
     task = asyncio.create_task(coro)
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
@@ -39,18 +40,18 @@ def background(coro) -> asyncio.Task:  # noqa: ANN001
 class TypedTurns:
     def __init__(self, room: rtc.Room) -> None:
         self.room = room
-        self._queue: asyncio.Queue[tuple[rtc.TextStreamReader, asyncio.Future, str]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[rtc.TextStreamReader, asyncio.Future[Any], str]] = asyncio.Queue()
         room.register_text_stream_handler(TOPIC, self._on_message)
 
     def _on_message(self, reader: rtc.TextStreamReader, identity: str) -> None:
         self._queue.put_nowait((reader, asyncio.ensure_future(reader.read_all()), identity))
 
-    def start(self, session: AgentSession, greeted: asyncio.Event) -> None:
+    def start(self, session: AgentSession[Any], greeted: asyncio.Event) -> None:
         """Answer the messages, those that came already first, once ``greeted`` is set."""
         task = background(self._answer_in_order(session, greeted))
         session.on("close", lambda _: task.cancel())
 
-    async def _answer_in_order(self, session: AgentSession, greeted: asyncio.Event) -> None:
+    async def _answer_in_order(self, session: AgentSession[Any], greeted: asyncio.Event) -> None:
         answer = TextInputOptions().text_input_cb  # livekit-agents' own
         while True:
             reader, reading, identity = await self._queue.get()

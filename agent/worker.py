@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from agent.contract import Env, WorkerConfig
 from agent.lease_book import CLAIM_TIMEOUT_S, LeaseBook
@@ -44,7 +45,7 @@ async def run_worker(config: WorkerConfig) -> int:
     # livekit-agents' job-runner warm-up loads local VAD and end-of-turn models (~250 MB)
     # into every worker. Only cloud speech input uses them (its turns end by that model):
     # text-only and offline voice catalogs skip them (offline turns end on silero's VAD).
-    if not any((agent.get("stt") or {}).get("provider", "offline") != "offline" for agent in config.catalog):
+    if not any(agent.stt is not None and not agent.offline_speech for agent in config.catalog):
         os.environ.setdefault("LIVEKIT_AGENTS_PRELOAD_LOCAL_INFERENCE", "0")
     # Everything a session needs is ready before the worker registers (and so reports idle):
     # the client's documents indexed, the configured provider plugins imported.
@@ -95,9 +96,13 @@ async def run_worker(config: WorkerConfig) -> int:
         ctx.add_shutdown_callback(on_shutdown)
         # The job runs on a loop of its own (thread executor); /end reaches it through here.
         job_loop, entry_task = asyncio.get_running_loop(), asyncio.current_task()
-        state.end_session = lambda reason, if_no_users, say=False: job_loop.call_soon_threadsafe(
-            *(say_then_end, ctx, entry_task, reason) if say else (end_session, ctx, entry_task, reason, if_no_users)
-        )
+        def end_from_any_thread(reason: str, if_no_users: bool, say: bool = False) -> None:
+            if say:
+                job_loop.call_soon_threadsafe(say_then_end, ctx, entry_task, reason)
+            else:
+                job_loop.call_soon_threadsafe(end_session, ctx, entry_task, reason, if_no_users)
+
+        state.end_session = end_from_any_thread
         await run_session(ctx, config.catalog, knowledge, config.user_join_timeout_s, config.rejoin_grace_s)
 
     server.on("worker_registered", lambda *_: _mark_idle(state))
@@ -120,8 +125,8 @@ async def run_worker(config: WorkerConfig) -> int:
 
     runtime_gone = watch_lifeline(loop, state)
     status_runner = await serve_status(state)
-    run_task = asyncio.create_task(server.run(devmode=False))
-    waiters = [asyncio.create_task(e.wait()) for e in (session_over, stop_requested)]
+    run_task: asyncio.Task[Any] = asyncio.create_task(server.run(devmode=False))
+    waiters: list[asyncio.Task[Any]] = [asyncio.create_task(e.wait()) for e in (session_over, stop_requested)]
     waiters += [asyncio.create_task(job_gone()), asyncio.create_task(outlive_runtime(state, runtime_gone))]
     done, _ = await asyncio.wait([run_task, *waiters], return_when=asyncio.FIRST_COMPLETED)
 

@@ -48,6 +48,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Any
 
 from agent.contract import Env
 
@@ -139,7 +140,7 @@ def serve(sock: socket.socket) -> None:
             return
 
 
-def _fork_worker(runtime_pid: int, fds: list[int], pid_namespace: bool = False) -> dict:
+def _fork_worker(runtime_pid: int, fds: list[int], pid_namespace: bool = False) -> dict[str, Any]:
     count = threads()
     if count != 1:
         return {"error": f"zygote has {count} threads; refusing to fork", "fatal": True}
@@ -241,7 +242,7 @@ def _parent(status_fd: int) -> int:
     return int(text.split("\nPPid:", 1)[1].split()[0])
 
 
-def _take_identity(identity: dict) -> None:
+def _take_identity(identity: dict[str, Any]) -> None:
     from agent.sandbox import Identity, enter
 
     taken = enter(Identity.from_json(identity))

@@ -26,6 +26,7 @@ from pathlib import Path
 from agent.sandbox import Identity
 from runtime._proc import prctl
 from runtime.cgroups import CgroupError, CgroupTree, WorkerCgroup
+from runtime.settings import IsolationSettings
 
 logger = logging.getLogger("autonomite.isolation")
 
@@ -101,7 +102,7 @@ class UidPool:
 class Isolation:
     """What this host allows, found once at start; then one :class:`Placement` per worker."""
 
-    def __init__(self, settings, name: str = "") -> None:  # noqa: ANN001
+    def __init__(self, settings: IsolationSettings, name: str = "") -> None:
         # <pid>-<n>: two backends in one process (a benchmark) must not share a parent cgroup.
         name = name or f"autonomite-{os.getpid()}-{next(_instances)}"
         self.settings = settings
@@ -138,7 +139,7 @@ class Isolation:
             if self.cgroups is not None:
                 cgroup = self.cgroups.create(worker_id, memory_mb, pids)
         except OSError:
-            if uid is not None:
+            if self.uids is not None and uid is not None:
                 self.uids.give_back(uid)
             raise
         identity = Identity(uid=uid, gid=uid, cgroup_procs=cgroup.procs_files if cgroup else (),

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from agent.contract import DEFAULT_END_OF_TURN_S, CatalogAgent
 from runtime.secrets import fingerprint
 
 _ID = r"^[a-z0-9][a-z0-9_-]{0,31}$"
@@ -48,18 +49,18 @@ class AuthFailureSettings(_Model):
     """After ``max`` failed authentications from one address within ``window_s``, that
     address gets 429 until its oldest failure is ``window_s`` old."""
 
-    max: int = Field(20, ge=1, le=100_000)
-    window_s: float = Field(60.0, gt=0, le=86_400)
+    max: int = Field(default=20, ge=1, le=100_000)
+    window_s: float = Field(default=60.0, gt=0, le=86_400)
 
 
 class GatewaySettings(_Model):
     host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     # A connection must deliver a complete request head this soon after it opens or after
     # its previous response, or it is closed (slowloris); an idle keep-alive one too.
-    header_timeout_s: float = Field(10.0, gt=0, le=3600)
-    body_timeout_s: float = Field(10.0, gt=0, le=3600)  # reading a request body: else 408
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    body_timeout_s: float = Field(default=10.0, gt=0, le=3600)  # reading a request body: else 408
     auth_failures: AuthFailureSettings = AuthFailureSettings()
 
 
@@ -67,16 +68,16 @@ class MetricsSettings(_Model):
     """A listener of its own for ``/metrics``, which names every client: with it, the public
     gateway no longer serves ``/metrics`` and only who reaches this address can scrape."""
 
-    host: str = Field("127.0.0.1", pattern=r"^[A-Za-z0-9.:-]{1,253}$")  # an address or a host name
+    host: str = Field(default="127.0.0.1", pattern=r"^[A-Za-z0-9.:-]{1,253}$")  # an address or a host name
     port: int = Field(ge=1, le=65535)  # no 0: a scraper must know where to look
 
 
 class ScalerSettings(_Model):
-    interval_s: float = Field(1.0, gt=0, le=3600)
-    high_water: float = Field(0.8, gt=0, le=1)
-    low_water: float = Field(0.3, ge=0, lt=1)
-    scale_down_after_s: float = Field(30.0, ge=0)
-    step: int = Field(1, ge=1, le=100)
+    interval_s: float = Field(default=1.0, gt=0, le=3600)
+    high_water: float = Field(default=0.8, gt=0, le=1)
+    low_water: float = Field(default=0.3, ge=0, lt=1)
+    scale_down_after_s: float = Field(default=30.0, ge=0)
+    step: int = Field(default=1, ge=1, le=100)
 
     @model_validator(mode="after")
     def _waters_ordered(self) -> ScalerSettings:
@@ -86,9 +87,9 @@ class ScalerSettings(_Model):
 
 
 class SupervisorSettings(_Model):
-    max_restarts: int = Field(3, ge=0)
-    within_s: float = Field(10.0, gt=0)
-    shutdown_timeout_s: float = Field(15.0, gt=0)
+    max_restarts: int = Field(default=3, ge=0)
+    within_s: float = Field(default=10.0, gt=0)
+    shutdown_timeout_s: float = Field(default=15.0, gt=0)
 
 
 class ShutdownSettings(_Model):
@@ -96,9 +97,9 @@ class ShutdownSettings(_Model):
     ``drain_timeout_s``; those still running then are ended, their agent saying
     ``end_message`` to the caller first."""
 
-    drain_timeout_s: float = Field(600.0, gt=0, le=86_400)
+    drain_timeout_s: float = Field(default=600.0, gt=0, le=86_400)
     end_message: str = Field(
-        "I'm sorry, this service is restarting and has to end our call now. Please call again in a minute.",
+        default="I'm sorry, this service is restarting and has to end our call now. Please call again in a minute.",
         min_length=1, max_length=500)
 
 
@@ -108,8 +109,8 @@ class UidRange(_Model):
     takes one per worker from ``runtime.isolation.uids``; the docker and swarm backends
     derive one per client from ``runtime.workers.client_uids`` (runtime/backends/uids.py)."""
 
-    first: int = Field(200_000, ge=1000, le=2**31 - 2)
-    count: int = Field(65_536, ge=1, le=2**24)
+    first: int = Field(default=200_000, ge=1000, le=2**31 - 2)
+    count: int = Field(default=65_536, ge=1, le=2**24)
 
     @model_validator(mode="after")
     def _fits(self) -> UidRange:
@@ -125,18 +126,18 @@ CLIENT_UIDS = UidRange(first=300_000, count=2**24)
 class WorkerSettings(_Model):
     """How workers are started, whatever the backend."""
 
-    ready_timeout_s: float = Field(60.0, gt=0)
-    lease_timeout_s: float = Field(60.0, gt=0)  # a leased worker with no job by then is retired
-    user_join_timeout_s: float = Field(120.0, gt=0)  # a session whose user never joins ends then
+    ready_timeout_s: float = Field(default=60.0, gt=0)
+    lease_timeout_s: float = Field(default=60.0, gt=0)  # a leased worker with no job by then is retired
+    user_join_timeout_s: float = Field(default=120.0, gt=0)  # a session whose user never joins ends then
     # A session whose last end user left ends only if none is back within this: a caller
     # whose connection dropped rejoins under the same identity, which LiveKit reports as a
     # leave and a join. LiveKit (v1.13.5) waits 5 s for a dropped participant to resume
     # before it calls them gone, and a client then rejoins within moments: 10 s covers both.
-    rejoin_grace_s: float = Field(10.0, ge=0, le=600)
+    rejoin_grace_s: float = Field(default=10.0, ge=0, le=600)
     log_dir: Path = Path("logs/workers")
     # A worker in a session whose runtime died goes on while a runtime follows it (the next
     # serve adopts it); once none has for this long, it ends the session and exits.
-    orphan_timeout_s: float = Field(300.0, gt=0, le=86_400)
+    orphan_timeout_s: float = Field(default=300.0, gt=0, le=86_400)
     # process backend: fork workers from a pre-imported zygote (agent/zygote.py) instead of
     # starting each with a fresh interpreter; a plain start remains the fallback.
     zygote: bool = True
@@ -167,11 +168,11 @@ class DispatchSettings(_Model):
     another idle worker, ``attempts`` times in all.
     """
 
-    accept_timeout_s: float = Field(4.0, gt=0, le=60)
-    attempts: int = Field(2, ge=1, le=5)
+    accept_timeout_s: float = Field(default=4.0, gt=0, le=60)
+    attempts: int = Field(default=2, ge=1, le=5)
     # A trigger that finds no idle worker while its pool may still grow waits this long for
     # the worker started for it (a burst), first come, first served; then 503. 0 turns it off.
-    max_wait_s: float = Field(3.0, ge=0, le=60)
+    max_wait_s: float = Field(default=3.0, ge=0, le=60)
 
     @property
     def deadline_s(self) -> float:
@@ -231,11 +232,11 @@ class LiveKitSettings(_Model):
 
 
 class PoolSettings(_Model):
-    min_idle: int = Field(1, ge=0, le=100)
-    max_size: int = Field(4, ge=1, le=100)
-    cpu: float = Field(1.0, gt=0, le=64)
-    memory_mb: int = Field(1024, ge=64)
-    pids: int = Field(512, ge=16, le=1_000_000)  # processes and threads per worker
+    min_idle: int = Field(default=1, ge=0, le=100)
+    max_size: int = Field(default=4, ge=1, le=100)
+    cpu: float = Field(default=1.0, gt=0, le=64)
+    memory_mb: int = Field(default=1024, ge=64)
+    pids: int = Field(default=512, ge=16, le=1_000_000)  # processes and threads per worker
     # swarm backend: Swarm placement constraints for this client's workers, for example
     # "node.labels.tier==voice"; none spreads them over the nodes.
     placement: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+\s*(==|!=)\s*[^\s]+$")]] = Field(
@@ -252,13 +253,13 @@ class ProviderSettings(_Model):
     """One model provider for an agent. ``offline`` needs no key and no network."""
 
     provider: str = Field(pattern=r"^[a-z0-9_-]{1,32}$")
-    model: str | None = Field(None, max_length=200)
+    model: str | None = Field(default=None, max_length=200)
     api_key: SecretStr | None = None
-    voice_id: str | None = Field(None, max_length=200)
+    voice_id: str | None = Field(default=None, max_length=200)
     # The offline LLM only: seconds before its first word. It answers at once, where a cloud
     # LLM takes ~0.5-2 s to its first token; this gives the demo and the tests that timing
     # (a caller who speaks before the greeting has come).
-    first_token_s: float | None = Field(None, ge=0, le=30)
+    first_token_s: float | None = Field(default=None, ge=0, le=30)
 
 
 LLM_PROVIDERS = {"offline", "openai"}
@@ -270,7 +271,7 @@ class AgentSettings(_Model):
     name: str = Field(pattern=_ID)
     system_prompt: str = Field(min_length=1, max_length=20_000)
     enable_rag: bool = False
-    voice_id: str = Field("alloy", min_length=1, max_length=100)
+    voice_id: str = Field(default="alloy", min_length=1, max_length=100)
     llm: ProviderSettings = ProviderSettings(provider="offline")
     stt: ProviderSettings | None = None  # none: text-only input
     tts: ProviderSettings | None = None  # none: text-only output
@@ -278,7 +279,7 @@ class AgentSettings(_Model):
     # (silero's silence window and livekit-agents' endpointing delay both). Shorter answers
     # sooner but cuts off a caller who pauses mid-sentence. 0.55 s is silero's own default.
     # A cloud STT keeps livekit-agents' own turn detection and ignores it.
-    end_of_turn_s: float = Field(0.55, ge=0.1, le=5.0)
+    end_of_turn_s: float = Field(default=DEFAULT_END_OF_TURN_S, ge=0.1, le=5.0)
 
     @model_validator(mode="after")
     def _known_providers(self) -> AgentSettings:
@@ -292,14 +293,14 @@ class AgentSettings(_Model):
                 raise ValueError(f"{kind}.first_token_s is for the offline llm only")
         return self
 
-    def for_worker(self) -> dict:
+    def for_worker(self) -> CatalogAgent:
         """The agent as its worker receives it: provider keys revealed (this client's only)."""
         data = self.model_dump(mode="json")
         for kind in ("llm", "stt", "tts"):
             chosen = getattr(self, kind)
             if chosen is not None and chosen.api_key is not None:
                 data[kind]["api_key"] = chosen.api_key.get_secret_value()
-        return data
+        return CatalogAgent.from_json(data)
 
 
 class ClientSettings(_Model):
@@ -339,8 +340,8 @@ class SupabaseSettings(_Model):
 
     url: str = Field(pattern=r"^https?://[^\s/]+(/.*)?$")
     service_key: SecretStr  # a service_role JWT: it reads every client's secrets
-    table: str = Field("clients", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
-    poll_interval_s: float = Field(10.0, gt=0, le=3600)
+    table: str = Field(default="clients", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    poll_interval_s: float = Field(default=10.0, gt=0, le=3600)
     cache_file: Path | None = None  # the set being served, for a start while Supabase is down
     # Optional: the project's Postgres URL. The watcher then LISTENs for the table's NOTIFY
     # (config/supabase/schema.sql) and reads at once on a change instead of at the next poll.
@@ -418,7 +419,7 @@ def placeholders(path: str | Path) -> set[str]:
         return set()
 
 
-def _expand(node: Any, env: Mapping[str, str], path: Path, loc: tuple) -> Any:
+def _expand(node: Any, env: Mapping[str, str], path: Path, loc: tuple[Any, ...]) -> Any:
     if isinstance(node, dict):
         return {k: _expand(v, env, path, loc + (k,)) for k, v in node.items()}
     if isinstance(node, list):
@@ -435,7 +436,7 @@ def _expand(node: Any, env: Mapping[str, str], path: Path, loc: tuple) -> Any:
     return node
 
 
-def _dotted(loc: tuple) -> str:
+def _dotted(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))

@@ -19,8 +19,9 @@ worker says on its status port (with the token recorded for it).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from agent.contract import Status
 from runtime.backends.base import WorkerHandle
 
 Verdict = Literal["adopt", "remove", "gone"]
@@ -46,11 +47,11 @@ class WorkerRecord:
         return WorkerHandle(self.worker_id, self.client_id, self.agent_name, self.status_port, self.credentials_fp,
                             ref=str(self.pid), status_token=self.token)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
     @classmethod
-    def from_json(cls, data: dict) -> WorkerRecord:
+    def from_json(cls, data: dict[str, Any]) -> WorkerRecord:
         """Raises KeyError, TypeError or ValueError for a record that is not one."""
         return cls(
             worker_id=str(data["worker_id"]), client_id=str(data["client_id"]), agent_name=str(data["agent_name"]),
@@ -66,7 +67,7 @@ def runtime_gone(recorded_start: int, current_start: int | None) -> bool:
     return current_start != recorded_start
 
 
-def verdict(record: WorkerRecord, current_start: int | None, status: dict | None) -> Verdict:
+def verdict(record: WorkerRecord, current_start: int | None, status: Status | None) -> Verdict:
     """``current_start``: the start time of the process now at the recorded pid (None: no
     process). ``status``: what its status port answered (None: no answer)."""
     if current_start != record.started:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.models.containers import Container
 
 from runtime.backends import containers
 from runtime.backends.base import LABEL_CLIENT, LABEL_WORKER, BackendError, WorkerHandle, WorkerSpec, short_error
@@ -124,7 +125,8 @@ class DockerBackend:
 
     def logs(self, handle: WorkerHandle, tail: int = 100) -> str:
         try:
-            return self._docker.containers.get(handle.ref).logs(tail=tail).decode(errors="replace")
+            log: bytes = self._docker.containers.get(handle.ref).logs(tail=tail)
+            return log.decode(errors="replace")
         except NotFound:
             return self._logs.tail(handle.client_id, handle.worker_id, tail)
 
@@ -137,7 +139,7 @@ class DockerBackend:
         self._instance.release(forget=not left)
         self._docker.close()
 
-    def _save_and_remove(self, container) -> None:  # noqa: ANN001
+    def _save_and_remove(self, container: Container) -> None:
         """Save the log if it can be, then remove the container in any case: a full or
         read-only log directory must not leave exited containers behind."""
         labels = container.labels

@@ -15,7 +15,7 @@ def free_port(count: int = 1) -> int:
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
+            base: int = s.getsockname()[1]
         if base + count > 65535:
             continue
         if all(_port_free(base + i) for i in range(1, count)):

@@ -37,7 +37,7 @@ import sys
 import threading
 from collections import deque
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from agent.contract import Env, StatusAddress, read_status
 from agent.rag import documents_memfd
@@ -116,7 +116,7 @@ class ProcessBackend:
                     proc, forked = self._plain_start(spec, env, log, lifeline, placement, documents), False
         except BaseException:
             os.close(lifeline_end)
-            if placement is not None:
+            if placement is not None and self.isolation is not None:
                 self.isolation.release(placement)
             raise
         finally:
@@ -138,7 +138,7 @@ class ProcessBackend:
         ))
         return handle
 
-    def _fork(self, env: dict, log: IO[bytes], lifeline: int, placement: Placement | None,
+    def _fork(self, env: dict[str, Any], log: IO[bytes], lifeline: int, placement: Placement | None,
               documents: int | None) -> _Child | None:
         if self.zygote is None:
             return None
@@ -146,7 +146,7 @@ class ProcessBackend:
         return self.zygote.fork(env, log, lifeline, identity.to_json() if identity else None, documents,
                                 pid_namespace=bool(identity and identity.mount_namespace))
 
-    def _plain_start(self, spec: WorkerSpec, env: dict, log: IO[bytes], lifeline: int, placement: Placement | None,
+    def _plain_start(self, spec: WorkerSpec, env: dict[str, Any], log: IO[bytes], lifeline: int, placement: Placement | None,
                      documents: int | None) -> _Child:
         """``python -m agent``: it imports as root, then takes the identity (agent/__main__.py).
         No namespaces here: a pid namespace needs the zygote's middle process."""
@@ -282,6 +282,7 @@ class ProcessBackend:
         what = verdict(record, current, status)
         cgroup = WorkerCgroup(tuple(Path(d) for d in record.cgroups), record.cgroup_version) if record.cgroups else None
         if what == "adopt":
+            assert child is not None  # verdict adopts only a live process that is still the same
             placement = self.isolation.adopt(record.uid, cgroup) if self.isolation is not None else None
             with self._lock:
                 self._procs[record.worker_id] = (record.handle(), child, placement)
@@ -292,7 +293,8 @@ class ProcessBackend:
         if what == "remove":
             logger.info("removing worker %s of client %s (pid %d) left by dead runtime %s: in no session",
                         record.worker_id, record.client_id, record.pid, instance)
-            child.kill()
+            if child is not None:
+                child.kill()
         if cgroup is not None:
             cgroup.remove(timeout=5.0)  # kills what is left in it, as a worker's end does
             self._remove_parents(cgroup)

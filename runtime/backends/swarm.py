@@ -155,7 +155,7 @@ class SwarmBackend:
         for service in self._docker.services.list(filters={"label": containers.owned(self._instance.id, client_id)}):
             task = current_task(service.tasks())
             state = task["Status"]["State"] if task else "none"
-            if (state == "running" or state in STARTING) and not self._node_states.down(task.get("NodeID")):
+            if task and (state == "running" or state in STARTING) and not self._node_states.down(task.get("NodeID")):
                 node = self._node_address(task["NodeID"]) if task.get("NodeID") else "127.0.0.1"
                 handles.append(WorkerHandle.from_labels(service.attrs["Spec"]["Labels"], ref=service.id[:12],
                                                         status_host=node))

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import docker
 
@@ -38,7 +38,7 @@ class Snapshot:
 
     seq: int
     services: frozenset[str] = frozenset()
-    tasks: dict[str, dict] = field(default_factory=dict)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict[str, Any])
 
 
 class Board:
@@ -78,7 +78,7 @@ class Board:
             with self._cond:
                 self._waiters -= 1
 
-    def task(self, service: str) -> dict | None:
+    def task(self, service: str) -> dict[str, Any] | None:
         """The newest task of ``service`` (its id's first 12 characters) in the last listing,
         without waiting for a new one: None if none was listed."""
         with self._cond:
@@ -126,14 +126,14 @@ class Board:
 
 def _list(engine: docker.DockerClient, seq: int, labels: list[str]) -> Snapshot:
     services = frozenset(s["ID"][:12] for s in engine.api.services(filters={"label": labels}))
-    tasks: dict[str, list[dict]] = {}
+    tasks: dict[str, list[dict[str, Any]]] = {}
     for task in engine.api.tasks():
         if (sid := task.get("ServiceID", "")[:12]) in services:
             tasks.setdefault(sid, []).append(task)
-    return Snapshot(seq, services, {sid: current_task(ts) for sid, ts in tasks.items()})
+    return Snapshot(seq, services, {sid: newest for sid, ts in tasks.items() if (newest := current_task(ts)) is not None})
 
 
-def current_task(tasks: list[dict]) -> dict | None:
+def current_task(tasks: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The newest task of a one-replica service (with restart ``none`` there is only one)."""
     return max(tasks, key=lambda t: t.get("CreatedAt", ""), default=None)
 
@@ -176,7 +176,7 @@ def placed(service: str, snap: Snapshot, node_down: Callable[[str | None], bool]
     if task is None:
         return None
     state, err, node = task["Status"]["State"], task["Status"].get("Err", ""), task.get("NodeID")
-    if state == "running":
+    if state == "running" and node:
         return Placed(node)
     if state in ENDED:  # e.g. "No such image" on that node
         return Unplaceable(f"swarm task {state} on node {(node or '?')[:12]}: {err[:200]}")

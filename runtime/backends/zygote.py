@@ -29,7 +29,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from runtime._proc import die_with_parent, prctl
 
@@ -130,7 +130,7 @@ class Zygote:
         self._lock = threading.Lock()  # one fork request at a time on the socket
         self._changed = threading.Condition()
         self._sock: socket.socket | None = None
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._booted_once = False
         self._closed = False
         self.pid: int | None = None  # the serving zygote, for tests and stats
@@ -140,7 +140,7 @@ class Zygote:
         self._keeper = threading.Thread(target=self._keep, name="zygote-keeper", daemon=True)
         self._keeper.start()
 
-    def fork(self, env: Mapping[str, str], log: IO[bytes], lifeline: int, identity: dict | None = None,
+    def fork(self, env: Mapping[str, str], log: IO[bytes], lifeline: int, identity: dict[str, Any] | None = None,
              knowledge: int | None = None, pid_namespace: bool = False) -> ForkedChild | None:
         """Fork a worker with this environment, log file, lifeline (``agent/lifeline.py``),
         identity (``agent/sandbox.py``) and documents (a memfd); None if the zygote cannot now.
@@ -190,7 +190,7 @@ class Zygote:
     def _keep(self) -> None:
         failures = 0
         while not self._closed:
-            started, self._proc = time.monotonic(), None
+            started = time.monotonic()
             try:
                 self._boot()
             except (OSError, ValueError, TimeoutError) as e:
@@ -203,7 +203,7 @@ class Zygote:
                 if not self._closed:
                     logger.warning("zygote %s exited with %s; restarting it, plain starts meanwhile", self.pid, code)
             with self._changed:
-                sock, self._sock, self.pid = self._sock, None, None
+                sock, self._sock, self.pid, self._proc = self._sock, None, None, None
             if sock is not None:
                 sock.close()
             if self._closed:

@@ -33,6 +33,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from runtime.clients.store import (
     AccessRefused,
@@ -46,7 +47,7 @@ from runtime.clients.store import (
 )
 from runtime.errors import describe
 from runtime.metrics import Metrics
-from runtime.settings import ClientSettings, SupabaseSettings
+from runtime.settings import ClientSettings, ReloadSummary, SupabaseSettings
 
 logger = logging.getLogger("autonomite.source")
 
@@ -73,7 +74,7 @@ class SourceWatcher:
         self.settings = settings
         self.metrics = metrics
         self.store = store or SupabaseStore(settings)
-        self.apply: Callable[[list[ClientSettings]], object] = lambda clients: None
+        self.apply: Callable[[list[ClientSettings]], ReloadSummary] = lambda clients: ReloadSummary([], [], [])
         self.clients: dict[str, ClientSettings] = {}
         self.errors: dict[str, RowError] = {}
         self.down: tuple[str, str] | None = None  # (kind, detail) while down, see the module's docstring
@@ -123,7 +124,7 @@ class SourceWatcher:
             self._set_up()
         return list(self.clients.values())
 
-    def start(self, apply: Callable[[list[ClientSettings]], object]) -> None:
+    def start(self, apply: Callable[[list[ClientSettings]], ReloadSummary]) -> None:
         self.apply = apply
         self._thread = threading.Thread(target=self._run, name="client-source", daemon=True)
         self._thread.start()
@@ -150,6 +151,8 @@ class SourceWatcher:
         backstop: a lost connection is retried, and nothing is missed meanwhile for long."""
         import psycopg
 
+        if self.settings.database_url is None:
+            return
         dsn = self.settings.database_url.get_secret_value()
         while not self._stop.is_set():
             try:
@@ -168,7 +171,7 @@ class SourceWatcher:
         """Poll now (a reload, SIGHUP), without waiting for the interval."""
         self._poll_now.set()
 
-    def poll_once(self) -> object:
+    def poll_once(self) -> ReloadSummary | None:
         """Read the table once; return what ``apply`` returned, or None if nothing changed.
 
         Never raises: a crash is logged, counted and shown as the source down until a poll
@@ -181,7 +184,7 @@ class SourceWatcher:
                 self._set_down("crashed", _crash_site(e))
                 return None
 
-    def _poll(self) -> object:
+    def _poll(self) -> ReloadSummary | None:
         try:
             rows = self.store.rows()
         except AccessRefused as e:
@@ -251,7 +254,7 @@ class SourceWatcher:
             return
         self._cached = dict(self.clients)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         """For the admin's stats: is the source up, since when, why not, and which rows are bad."""
         with self._lock:
             errors = {row_id: f"{e.field}: {e.reason}" for row_id, e in sorted(self.errors.items())}
@@ -265,8 +268,9 @@ def _describe(error: BaseException) -> str:
     """Type and first line: enough to act on, and no URL query or key (supabase-py puts
     neither in its errors; the text is cut short all the same). PostgREST's own errors
     (``postgrest.APIError``) carry a code and a message: those, not the proxy's HTML."""
-    if getattr(error, "code", None) and getattr(error, "message", None):
-        return f"{type(error).__name__} {error.code}: {str(error.message)[:160]}"
+    code, message = getattr(error, "code", None), getattr(error, "message", None)
+    if code and message:
+        return f"{type(error).__name__} {code}: {str(message)[:160]}"
     return describe(error, 160)
 
 

@@ -20,11 +20,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import ValidationError
 
 from runtime.settings import ClientSettings, SupabaseSettings
+
+if TYPE_CHECKING:
+    import httpx  # imported when a store is made: only a Supabase source needs it
 
 CALL_TIMEOUT_S = 10.0
 # PostgREST's codes for a key or role that may not read the table: insufficient privilege
@@ -84,12 +87,12 @@ def client_to_row(client: ClientSettings) -> dict[str, Any]:
         "pool": client.pool.model_dump(mode="json"),
         "image": client.image,
         "knowledge_dir": str(client.knowledge_dir) if client.knowledge_dir else None,
-        "agents": [a.for_worker() for a in client.agents],
+        "agents": [a.for_worker().to_json() for a in client.agents],
         "active": True,
     }
 
 
-_COLUMN = {("livekit", "url"): "livekit_url", ("livekit", "api_key"): "livekit_api_key",
+_COLUMN: dict[tuple[int | str, ...], str] = {("livekit", "url"): "livekit_url", ("livekit", "api_key"): "livekit_api_key",
            ("livekit", "api_secret"): "livekit_api_secret"}
 
 
@@ -174,7 +177,7 @@ class SupabaseStore:
         options = SyncClientOptions(httpx_client=http, postgrest_client_retry=False)
         self._client = create_client(settings.url, settings.service_key.get_secret_value(), options)
 
-    def _answered(self, response) -> None:  # noqa: ANN001 - an httpx.Response
+    def _answered(self, response: httpx.Response) -> None:
         self._status = response.status_code
 
     def rows(self) -> list[dict[str, Any]]:
@@ -183,7 +186,8 @@ class SupabaseStore:
 
         self._status = None
         try:
-            return list(self._client.table(self.settings.table).select("*").execute().data)
+            rows = self._client.table(self.settings.table).select("*").execute().data
+            return cast("list[dict[str, Any]]", list(rows))  # select("*") answers objects
         except APIError as e:
             if refused(self._status, e.code):
                 raise AccessRefused(f"HTTP {self._status}, {e.code}: {str(e.message)[:160]}") from None

@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from livekit import rtc
 
@@ -32,7 +32,7 @@ AGENT_WAIT_S = 30.0  # the leased agent joins within moments of the trigger's an
 LEAVE_TIMEOUT_S = 10.0  # closing the audio streams and leaving the room
 
 
-def trigger(gateway: str, token: str, body: dict) -> dict:
+def trigger(gateway: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
     request = urllib.request.Request(
         f"{gateway.rstrip('/')}/api/v1/trigger",
         data=json.dumps(body).encode(),
@@ -41,7 +41,8 @@ def trigger(gateway: str, token: str, body: dict) -> dict:
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as r:
-            return json.loads(r.read())
+            answer: dict[str, Any] = json.loads(r.read())
+            return answer
     except urllib.error.HTTPError as e:
         raise SystemExit(f"trigger refused: {e.code} {e.read().decode(errors='replace')}") from None
 
@@ -54,7 +55,7 @@ def agent_replies(room: rtc.Room) -> asyncio.Queue[tuple[float, str]]:
     start with ``agent-``.
     """
     replies: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
-    reading: set[asyncio.Task] = set()
+    reading: set[asyncio.Task[Any]] = set()
 
     async def read(reader: rtc.TextStreamReader) -> None:
         text = await reader.read_all()
@@ -83,7 +84,12 @@ async def _relay(url: str, token: str, voice_texts: list[str] | None) -> None:
         ears, mouth = Ears(room, Recognizer(voice_texts)), Mouth()
         printers.append(asyncio.create_task(_print(ears.heard, "heard")))
     agent_here = asyncio.Event()  # LiveKit delivers a line only to who is in the room already
-    room.on("participant_connected", lambda p: p.identity.startswith("agent-") and agent_here.set())
+
+    def arrived(p: rtc.RemoteParticipant) -> None:
+        if p.identity.startswith("agent-"):
+            agent_here.set()
+
+    room.on("participant_connected", arrived)
     await room.connect(url, token)
     if any(identity.startswith("agent-") for identity in room.remote_participants):
         agent_here.set()
@@ -126,7 +132,7 @@ async def _bounded(step: Awaitable[None], what: str) -> None:
         print(f"\n{what} took over {LEAVE_TIMEOUT_S:g} s; gave up waiting", file=sys.stderr)
 
 
-async def _print(queue: asyncio.Queue, label: str) -> None:
+async def _print(queue: asyncio.Queue[Any], label: str) -> None:
     while True:
         item = await queue.get()
         text = item[1] if isinstance(item, tuple) else item.text
@@ -142,7 +148,7 @@ def _texts(path: Path | None) -> list[str]:
     return [f.read_text(errors="replace") for f in files]
 
 
-def chat(gateway: str, token: str, client_id: str, agent: str, room: str, context: dict | None,
+def chat(gateway: str, token: str, client_id: str, agent: str, room: str, context: dict[str, Any] | None,
          voice: bool = False, voice_words: Path | None = None) -> int:
     session = trigger(gateway, token, {"client_id": client_id, "agent": agent, "room_name": room, "context": context})
     print(f"session: worker {session['worker_id']} in room {session['room_name']}")

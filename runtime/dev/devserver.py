@@ -14,6 +14,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -59,15 +60,15 @@ class LiveKitServer:
         self.port = port or free_port(3)
         self.log_path = log_path
         self.webhook_urls = webhook_urls or []
-        self._proc: subprocess.Popen | None = None
-        self._config_dir: tempfile.TemporaryDirectory | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._config_dir: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def url(self) -> str:
         return f"ws://{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> LiveKitServer:
-        config = {
+        config: dict[str, Any] = {
             "port": self.port,
             "bind_addresses": [self.host],
             # tcp_port 0 turns off the ICE TCP listener, which would bind every interface.

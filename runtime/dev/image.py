@@ -28,6 +28,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import docker
+    from docker.models.images import Image
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 CACHE = PROJECT_DIR / ".cache" / "image"
@@ -50,8 +55,8 @@ class Built:
     reused: bool
 
 
-def build(engine, tag: str = "autonomite-agent:latest", base: str | None = None) -> Built:  # noqa: ANN001
-    """Build (or find, if its inputs are unchanged) the worker image; ``engine`` is a docker.DockerClient."""
+def build(engine: docker.DockerClient, tag: str = "autonomite-agent:latest", base: str | None = None) -> Built:
+    """Build (or find, if its inputs are unchanged) the worker image."""
     from docker.errors import ImageNotFound
 
     started = time.monotonic()
@@ -67,7 +72,7 @@ def build(engine, tag: str = "autonomite-agent:latest", base: str | None = None)
     return Built(tag, image.id, image.attrs["Size"] / 2**20, time.monotonic() - started, reused)
 
 
-def ensure_base(engine) -> str:  # noqa: ANN001
+def ensure_base(engine: docker.DockerClient) -> str:
     """The mmdebstrap base, imported into the engine once (the tarball is cached too)."""
     from docker.errors import ImageNotFound
 
@@ -118,7 +123,7 @@ def wheelhouse(into: Path) -> None:
          "pip wheel (the project)")
 
 
-def _docker_build(engine, base: str, tag: str):  # noqa: ANN001, ANN202
+def _docker_build(engine: docker.DockerClient, base: str, tag: str) -> Image:
     from docker.errors import BuildError
 
     CACHE.mkdir(parents=True, exist_ok=True)

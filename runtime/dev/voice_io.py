@@ -17,6 +17,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from livekit import rtc
@@ -33,8 +34,8 @@ class Mouth:
 
     def __init__(self) -> None:
         self.source = rtc.AudioSource(TTS_RATE, 1)
-        self._lines: asyncio.Queue[tuple[bytes, asyncio.Future]] = asyncio.Queue()
-        self._pump: asyncio.Task | None = None
+        self._lines: asyncio.Queue[tuple[bytes, asyncio.Future[Any]]] = asyncio.Queue()
+        self._pump: asyncio.Task[Any] | None = None
 
     async def publish(self, room: rtc.Room) -> None:
         track = rtc.LocalAudioTrack.create_audio_track("microphone", self.source)
@@ -51,9 +52,10 @@ class Mouth:
             async with contextlib.aclosing(speak(text)) as speech:
                 parts.append(b"".join([chunk async for chunk in speech]))
         pcm = gap.join(parts)
-        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self._lines.put((pcm, done))
-        return await done
+        played: float = await done
+        return played
 
     async def close(self) -> None:
         if self._pump is not None:  # ended before the source closes: no frame goes to a closed source
@@ -96,7 +98,7 @@ class Ears:
         self.heard: asyncio.Queue[Heard] = asyncio.Queue()
         self.first_audio: asyncio.Queue[float] = asyncio.Queue()  # each utterance's start, as it starts
         self._recognizer = recognizer
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
         @room.on("track_subscribed")
         def _on_track(track: rtc.Track, _pub: rtc.RemoteTrackPublication, who: rtc.RemoteParticipant) -> None:

@@ -20,6 +20,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pykka
 from aiohttp import web
@@ -78,7 +79,7 @@ class Refusal(Exception):
     """Raised by a handler or helper; the middleware answers with this JSON refusal."""
 
     def __init__(self, status: int, code: ErrorCode, detail: str, headers: dict[str, str] | None = None,
-                 extra: dict | None = None, close: bool = False) -> None:
+                 extra: dict[str, Any] | None = None, close: bool = False) -> None:
         super().__init__(code)
         self.status, self.code, self.detail = status, code, detail
         self.headers, self.extra, self.close = headers or {}, extra or {}, close
@@ -246,11 +247,12 @@ async def pool_stats(runtime: Service) -> dict[str, PoolStats]:
     """Every pool's stats, a removed client's still-draining pool included."""
     pools = runtime.directory.with_prefix(pool_id(""), draining=True)
 
-    async def one(ref) -> PoolStats | None:  # noqa: ANN001
+    async def one(ref: pykka.ActorRef[Any]) -> PoolStats | None:
         try:
-            return await bridge.ask(lambda reply: ref.tell(GetStats(reply)), 2.0)
+            stats: PoolStats = await bridge.ask(lambda reply: ref.tell(GetStats(reply)), 2.0)
         except Exception:  # noqa: BLE001 - a restarting pool is left out of this answer
             return None
+        return stats
 
     answers = await asyncio.gather(*(one(ref) for ref in pools.values()))
     return {cid: s for cid, s in zip(pools, answers, strict=True) if s is not None}
@@ -260,7 +262,7 @@ async def stats(request: web.Request) -> web.Response:
     _require_admin(request)
     runtime = request.app[RUNTIME]
     all_stats = await pool_stats(runtime)
-    body: dict = {"clients": {cid: s.as_json() for cid, s in sorted(all_stats.items())}}
+    body: dict[str, Any] = {"clients": {cid: s.as_json() for cid, s in sorted(all_stats.items())}}
     if runtime.source is not None:
         body["source"] = runtime.source.status()
     return web.json_response(body)

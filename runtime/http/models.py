@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -35,7 +35,7 @@ class TriggerBody(BaseModel):
     agent: str = Field(min_length=1, max_length=64)
     room_name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")
     user_email: str | None = Field(None, max_length=320)
-    context: dict | None = None
+    context: dict[str, Any] | None = None
     conversation_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
 
     @field_validator("user_email")
@@ -47,7 +47,7 @@ class TriggerBody(BaseModel):
 
     @field_validator("context")
     @classmethod
-    def _context_sound(cls, v: dict | None) -> dict | None:
+    def _context_sound(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         # pydantic refuses lone surrogates in str fields itself, but not inside a plain dict.
         where = invalid_unicode_path(v) if v is not None else None
         if where:

@@ -31,13 +31,13 @@ ERROR_CODES = [*get_args(ErrorCode), *get_args(DispatchErrorCode)]
 _STR, _BOOL = {"type": "string"}, {"type": "boolean"}
 
 
-def _object(required: dict[str, Any], optional: dict[str, Any] | None = None) -> dict:
+def _object(required: dict[str, Any], optional: dict[str, Any] | None = None) -> dict[str, Any]:
     """A closed JSON object: the answers never carry keys the document does not name."""
     props = {**required, **(optional or {})}
     return {"type": "object", "required": list(required), "properties": props, "additionalProperties": False}
 
 
-def _json(schema: dict, description: str, **headers: str) -> dict:
+def _json(schema: dict[str, Any], description: str, **headers: str) -> dict[str, Any]:
     response: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": schema}}}
     if headers:
         response["headers"] = {name: {"description": text, "required": True, "schema": _STR}
@@ -48,7 +48,7 @@ def _json(schema: dict, description: str, **headers: str) -> dict:
 _RETRY = {"Retry-After": "whole seconds to wait before trying again"}
 
 
-def _refusal(description: str, *codes: str, retry_after: bool = False, fields: bool = False) -> dict:
+def _refusal(description: str, *codes: str, retry_after: bool = False, fields: bool = False) -> dict[str, Any]:
     """A refusal, ``{"error": code, "detail": text}``, with the codes this status can carry."""
     unknown = set(codes) - set(ERROR_CODES)
     assert not unknown, f"not an error code of the gateway: {unknown}"  # a typo here must not pass
@@ -86,7 +86,7 @@ _SOURCE = _object({"kind": {"const": "supabase"}, "up": _BOOL,
 _CLIENT_ID = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,31}$", "description": "a client's `id`"}
 
 
-def _trigger_body() -> dict:
+def _trigger_body() -> dict[str, Any]:
     schema = TriggerBody.model_json_schema()
     schema["properties"]["user_email"]["pattern"] = "^[^@\\s]{1,64}@[^@\\s]{1,255}$"
     schema["properties"]["context"]["description"] = "a JSON object of at most 16 KiB, strings valid Unicode"
@@ -94,7 +94,7 @@ def _trigger_body() -> dict:
     return schema
 
 
-def _operations() -> dict[str, dict[str, dict]]:
+def _operations() -> dict[str, dict[str, dict[str, Any]]]:
     trigger = {
         "operationId": "trigger",
         "summary": "Start a session: lease a warm worker of this client and dispatch it to the room.",
@@ -258,7 +258,7 @@ missing token, a bad webhook signature) are counted per source address: past
 
 
 @functools.cache
-def document() -> dict:
+def document() -> dict[str, Any]:
     """The whole document (built once; it depends on code only, never on the config)."""
     return {
         "openapi": "3.1.0",

@@ -8,7 +8,7 @@ composition root's ``Runtime`` (which is one), so this package never imports
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import pykka
@@ -29,7 +29,7 @@ class Service(Protocol):
     directory: Directory
     source: SourceWatcher | None
     failed: threading.Event
-    supervisor: pykka.ActorRef
+    supervisor: pykka.ActorRef[Any]
 
     def client_by_token(self, token: str) -> ClientSettings | None: ...
 

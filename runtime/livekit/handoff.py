@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
 
@@ -54,7 +54,7 @@ class WorkerControl:
 
     async def call(
         self, method: str, worker: StatusAddress, path: str, timeout: float = CALL_TIMEOUT_S, **params: str
-    ) -> dict | None:
+    ) -> dict[str, Any] | None:
         """The worker's JSON answer (on 200 or 409), or None if it did not answer."""
         if self._session is None:
             self._session = aiohttp.ClientSession()
@@ -76,7 +76,7 @@ class WorkerControl:
 async def hand_off(
     livekit: LiveKitClient,
     control: WorkerControl,
-    lk: LiveKitSettings,
+    project: LiveKitSettings,
     *,
     worker: StatusAddress,
     lease_id: str,
@@ -92,7 +92,7 @@ async def hand_off(
         return Handoff("claimed" if taken else "unregistered")
     try:
         dispatch_id = await asyncio.wait_for(
-            livekit.create_dispatch(lk, agent_name, room, metadata), 2 * CALL_TIMEOUT_S
+            livekit.create_dispatch(project, agent_name, room, metadata), 2 * CALL_TIMEOUT_S
         )
     except Exception as e:  # noqa: BLE001 - any LiveKit failure is a 502, with a safe text
         # LiveKit may have created the dispatch all the same: only a worker that gives its
@@ -105,7 +105,7 @@ async def hand_off(
     if answer is not None and answer["ok"]:
         return Handoff("accepted", dispatch_id)
     try:  # so it can never reach the worker (or any other) later
-        await asyncio.wait_for(livekit.delete_dispatch(lk, dispatch_id, room), 2 * CALL_TIMEOUT_S)
+        await asyncio.wait_for(livekit.delete_dispatch(project, dispatch_id, room), 2 * CALL_TIMEOUT_S)
     except Exception as e:  # noqa: BLE001
         logger.error("deleting unaccepted dispatch %s: %s", dispatch_id, describe(e))
     return Handoff("not_accepted", dispatch_id)

@@ -14,12 +14,22 @@ import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pykka
 from livekit import api
 
 from actors import ChildSpec, Directory, DispatchActor, PoolActor, Restart, ScalerActor, Supervisor, _watch, pool_id
-from actors.messages import DrainChildren, EndSessions, Reconfigure, RoomEvent, ShutdownAll, StartChild, StopChild
+from actors.messages import (
+    DrainChildren,
+    EndSessions,
+    Reconfigure,
+    RoomEvent,
+    RoomEventKind,
+    ShutdownAll,
+    StartChild,
+    StopChild,
+)
 from runtime.backends import BackendError, ProcessBackend, WorkerBackend
 from runtime.clients.source import SourceWatcher
 from runtime.instance import Instance
@@ -114,7 +124,7 @@ class Runtime:
                 self.backend.stop(handle)
 
     def _pool_spec(self, client_id: str) -> ChildSpec:
-        def start(**child):  # noqa: ANN003, ANN202
+        def start(**child: Any) -> pykka.ActorRef[Any]:
             client = self.settings.client(client_id)
             return PoolActor.start(
                 client, self.backend, self.settings.runtime.workers, self.metrics, self.executor,
@@ -125,13 +135,13 @@ class Runtime:
         return ChildSpec(pool_id(client_id), start, Restart.PERMANENT, self.settings.runtime.supervisor.shutdown_timeout_s)
 
     def _scaler_spec(self) -> ChildSpec:
-        def start(**child):  # noqa: ANN003, ANN202
+        def start(**child: Any) -> pykka.ActorRef[Any]:
             return ScalerActor.start(self.directory, self.settings.runtime.scaler, self.metrics, **child)
 
         return ChildSpec("scaler", start)
 
     def _dispatch_spec(self) -> ChildSpec:
-        def start(**child):  # noqa: ANN003, ANN202
+        def start(**child: Any) -> pykka.ActorRef[Any]:
             return DispatchActor.start(self.directory, self.livekit, self.metrics, self.settings.runtime.dispatch, **child)
 
         return ChildSpec("dispatch", start)
@@ -179,7 +189,8 @@ class Runtime:
         if event.event == "room_finished" or (
             event.event == "participant_left" and event.participant.kind != api.ParticipantInfo.Kind.AGENT
         ):
-            self._tell_dispatch(RoomEvent(client_id, event.room.name, event.event))
+            ended: RoomEventKind = "room_finished" if event.event == "room_finished" else "participant_left"
+            self._tell_dispatch(RoomEvent(client_id, event.room.name, ended))
 
     def _tell_dispatch(self, message: object) -> None:
         self._tell(self.directory.get("dispatch"), message)
@@ -188,7 +199,7 @@ class Runtime:
         self._tell(self.directory.get(pool_id(client_id)), message)
 
     @staticmethod
-    def _tell(ref: pykka.ActorRef | None, message: object) -> None:
+    def _tell(ref: pykka.ActorRef[Any] | None, message: object) -> None:
         if ref is not None:  # a dead one is restarting: the new incarnation starts from what it finds
             _watch.tell(ref, message)
 

@@ -17,9 +17,12 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
-from runtime.settings import ConfigError, Settings, load_settings
+from pydantic import SecretStr
+
+from runtime.settings import ClientSettings, ConfigError, Settings, SupabaseSettings, load_settings
 
 logger = logging.getLogger("autonomite")
 
@@ -140,14 +143,14 @@ def clients_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _source_of(path: Path):  # noqa: ANN202
+def _source_of(path: Path) -> SupabaseSettings:
     settings = load_settings(path, allow_both=True)
     if settings.clients_source is None:
         raise ConfigError(f"{path}: clients_source: not set (name a config with clients_source.supabase)")
     return settings.clients_source.supabase
 
 
-def _print_client(c) -> None:  # noqa: ANN001
+def _print_client(c: ClientSettings) -> None:
     print(
         f"client {c.id} ({c.name}): livekit={c.livekit.url} key=sha256:{_fp(c.livekit.api_key)} "
         f"secret=sha256:{_fp(c.livekit.api_secret)} token=sha256:{_fp(c.api_token)} "
@@ -155,7 +158,7 @@ def _print_client(c) -> None:  # noqa: ANN001
     )
 
 
-def _fp(secret) -> str:  # noqa: ANN001
+def _fp(secret: SecretStr) -> str:
     from runtime.secrets import fingerprint
 
     return fingerprint(secret.get_secret_value())
@@ -237,7 +240,7 @@ def _harden(settings: Settings, config_path: Path) -> dict[str, str]:
     return environ
 
 
-def start_local_livekit(settings: Settings) -> list:
+def start_local_livekit(settings: Settings) -> list[Any]:
     from runtime.dev.devserver import LiveKitServer
 
     by_url: dict[str, dict[str, str]] = {}

@@ -17,12 +17,13 @@ through the executor.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -57,6 +58,7 @@ class Listener:
 
     async def start(self) -> None:
         for sock in self.socks:
+            assert self.runner is not None, "set up before it starts"
             site = web.SockSite(self.runner, sock)
             await site.start()
             self.sites.append(site)
@@ -115,10 +117,11 @@ async def serve_http(runtime: Runtime, all_listeners: list[Listener], beside: bo
         loop.add_signal_handler(sig, events.put_nowait, sig.name)
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload(loop, runtime, lifecycle.draining))
     # The supervisor gives up in its own thread; wake the loop from there.
-    runtime.on_failure(lambda reason: loop.call_soon_threadsafe(events.put_nowait, "failed"))
-    tasks: list[asyncio.Task] = []
+    runtime.on_failure(lambda reason: _wake(loop, events, "failed"))
+    tasks: list[asyncio.Task[Any]] = []
     try:
         for listener in all_listeners:
+            assert listener.runner is not None
             await listener.runner.setup()
         if beside:
             logger.info("another runtime listens on %s:%d: warming up before listening beside it (rolling restart)",
@@ -141,10 +144,10 @@ async def serve_http(runtime: Runtime, all_listeners: list[Listener], beside: bo
 
 
 async def _until_stopped(runtime: Runtime, events: asyncio.Queue[str], all_listeners: list[Listener],
-                         lifecycle: Lifecycle, tasks: list[asyncio.Task]) -> None:
+                         lifecycle: Lifecycle, tasks: list[asyncio.Task[Any]]) -> None:
     loop = asyncio.get_running_loop()
     policy = DrainPolicy(runtime.settings.runtime.shutdown.drain_timeout_s)
-    begun: asyncio.Future | None = None
+    begun: asyncio.Future[Any] | None = None
     while True:
         timeout = None if policy.deadline is None else max(0.0, policy.deadline - loop.time())
         try:
@@ -168,7 +171,7 @@ async def _until_stopped(runtime: Runtime, events: asyncio.Queue[str], all_liste
                 case BeginDrain():
                     lifecycle.draining = True
                     listeners.sd_notify("STOPPING=1")
-                    drained = lambda: loop.call_soon_threadsafe(events.put_nowait, "drained")  # noqa: E731
+                    drained = functools.partial(_wake, loop, events, "drained")
                     begun = loop.run_in_executor(None, runtime.begin_drain, drained)
                     tasks.append(asyncio.create_task(_give_way(all_listeners)))
                     await _log_sessions(runtime)
@@ -276,3 +279,8 @@ def _reload(loop: asyncio.AbstractEventLoop, runtime: Runtime, draining: bool) -
             logger.error("reload on SIGHUP refused, nothing changed: %s", e)
 
     loop.run_in_executor(None, run)
+
+
+def _wake(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[str], event: str) -> None:
+    """Put ``event`` on the loop's queue from any thread (the supervisor's, an executor's)."""
+    loop.call_soon_threadsafe(events.put_nowait, event)

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
 
 from agent import priming, providers
+from agent.contract import DEFAULT_END_OF_TURN_S, CatalogAgent, ProviderChoice
 from agent.offline_llm import KNOWLEDGE_HEADER, OfflineLLM, compose_reply
 from agent.rag import KnowledgeBase
 
@@ -45,28 +49,48 @@ def test_knowledge_base_reads_paragraphs_of_text_and_markdown(tmp_path):
 
 
 def test_providers_default_to_offline_and_build_real_plugins_when_configured():
-    assert isinstance(providers.make_llm(None), OfflineLLM)
+    assert isinstance(providers.make_llm(CatalogAgent("a").llm), OfflineLLM)
     assert providers.make_stt(None) is None and providers.make_tts(None, "alloy") is None
     openai = pytest.importorskip("livekit.plugins.openai")
-    assert isinstance(providers.make_llm({"provider": "openai", "api_key": "sk-test", "model": "gpt-4o-mini"}), openai.LLM)
+    assert isinstance(providers.make_llm(ProviderChoice("openai", model="gpt-4o-mini", api_key="sk-test")), openai.LLM)
     elevenlabs = pytest.importorskip("livekit.plugins.elevenlabs")
-    tts = providers.make_tts({"provider": "elevenlabs", "api_key": "el-test"}, "voice-1")
+    tts = providers.make_tts(ProviderChoice("elevenlabs", api_key="el-test"), "voice-1")
     assert isinstance(tts, elevenlabs.TTS)
 
 
 def test_the_offline_stt_hears_the_caller_without_livekit_agents_gain_control():
     """Its start-of-session boost clipped a caller's first words (see providers.audio_input)."""
-    offline = providers.audio_input({"stt": {"provider": "offline"}})
+    offline = providers.audio_input(CatalogAgent("a", stt=ProviderChoice("offline")))
     assert offline.auto_gain_control is False
-    assert providers.audio_input({"stt": {"provider": "deepgram", "api_key": "dg"}}) is True  # livekit-agents' default
-    assert providers.audio_input({"name": "typed"}) is False  # no STT: no audio in
+    cloud = CatalogAgent("a", stt=ProviderChoice("deepgram", api_key="dg"))
+    assert providers.audio_input(cloud) is True  # livekit-agents' default
+    assert providers.audio_input(CatalogAgent("typed")) is False  # no STT: no audio in
 
 
 def test_only_an_offline_stt_agent_chooses_its_silence_window():
-    from agent.providers import DEFAULT_END_OF_TURN_S, silence_window
+    from agent.providers import silence_window
 
-    offline = {"stt": {"provider": "offline"}, "end_of_turn_s": 0.2}
-    cloud = {"stt": {"provider": "deepgram"}, "end_of_turn_s": 0.2}  # its turn detector needs >= 0.25 s
+    offline = CatalogAgent("a", stt=ProviderChoice("offline"), end_of_turn_s=0.2)
+    cloud = CatalogAgent("a", stt=ProviderChoice("deepgram"), end_of_turn_s=0.2)  # its turn detector needs >= 0.25 s
     assert silence_window(offline) == 0.2
     assert silence_window(cloud) == DEFAULT_END_OF_TURN_S
-    assert silence_window({"stt": {"provider": "offline"}}) == DEFAULT_END_OF_TURN_S
+    assert silence_window(CatalogAgent("a", stt=ProviderChoice("offline"))) == DEFAULT_END_OF_TURN_S
+
+
+def test_the_catalog_crosses_to_the_worker_typed_and_whole():
+    """What AgentSettings.for_worker gives is what the worker reads back from its environment."""
+    from agent.contract import WorkerConfig
+    from runtime.settings import AgentSettings
+
+    settings = AgentSettings.model_validate({
+        "name": "support", "system_prompt": "Be brief.", "enable_rag": True, "end_of_turn_s": 0.3,
+        "llm": {"provider": "openai", "api_key": "sk-client", "model": "gpt-4o-mini"},
+        "stt": {"provider": "offline"}, "tts": {"provider": "offline", "voice_id": "en-gb"},
+    })
+    sent = settings.for_worker()
+    assert sent.llm.api_key == "sk-client"  # revealed for this client's own worker only
+    config = WorkerConfig("w1", "acme", "support", 9000, catalog=[sent])
+    with mock.patch.dict(os.environ, config.to_env()):
+        received = WorkerConfig.from_env().catalog
+    assert received == [sent]
+    assert received[0].offline_speech and received[0].end_of_turn_s == 0.3 and received[0].tts.voice_id == "en-gb"
