@@ -18,9 +18,9 @@ import asyncio
 import json
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import pykka
 from aiohttp import web
@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from actors import pool_id
 from actors.messages import Crash, GetStats, PoolStats, Trigger, TriggerRequest, TriggerResult
 from runtime.http import bridge
+from runtime.http.errors import Refusal, error, json_errors
 from runtime.http.guard import (
     MAX_JSON_DEPTH,
     AuthFailureLimiter,
@@ -39,9 +40,10 @@ from runtime.http.guard import (
     nested_deeper_than,
     retry_after_header,
 )
+from runtime.http.metrics_listener import metrics
 from runtime.http.models import ErrorCode, TriggerBody
 from runtime.http.openapi import OPENAPI_PATH, serve_openapi
-from runtime.http.service import Service
+from runtime.http.service import RUNTIME, Service
 from runtime.livekit.client import LIVEKIT_EVENTS, InvalidEvent, parse_webhook, verify_webhook
 from runtime.secrets import same_secret
 from runtime.settings import ConfigError, LiveKitSettings
@@ -59,38 +61,15 @@ class Lifecycle:
     request: Callable[[str], None] = field(default=lambda cause: None)  # "admin" or "admin_now"
 
 
-RUNTIME = web.AppKey("runtime", Service)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 MAX_BODY = web.AppKey("max_body", int)
 BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
 AUTH_FAILURES = web.AppKey("auth_failures", AuthFailureLimiter)
 WEBHOOK_IDS = web.AppKey("webhook_ids", RecentIds)
 
-_HTTP_ERROR_CODES: dict[int, ErrorCode] = {
-    404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "body_too_large",
-}
-
 # Webhooks for an unknown client are checked against this key pair, which nobody holds, so
 # they fail exactly as a bad signature for a known client does, in about the same time.
 _NOBODY = LiveKitSettings(url="ws://unknown.invalid", api_key="unknown-client", api_secret=secrets.token_urlsafe(32))
-
-
-class Refusal(Exception):
-    """Raised by a handler or helper; the middleware answers with this JSON refusal."""
-
-    def __init__(self, status: int, code: ErrorCode, detail: str, headers: dict[str, str] | None = None,
-                 extra: dict[str, Any] | None = None, close: bool = False) -> None:
-        super().__init__(code)
-        self.status, self.code, self.detail = status, code, detail
-        self.headers, self.extra, self.close = headers or {}, extra or {}, close
-
-    def response(self) -> web.Response:
-        body = {"error": self.code, "detail": self.detail, **self.extra}
-        return web.json_response(body, status=self.status, headers=self.headers or None)
-
-
-def error(status: int, code: ErrorCode, detail: str, **headers: str) -> web.Response:
-    return Refusal(status, code, detail, headers).response()
 
 
 DRAINING_RETRY_AFTER_S = 1  # another runtime is, or soon will be, on this address
@@ -109,29 +88,6 @@ async def close_while_draining(request: web.Request, handler: Handler) -> web.St
     if request.app[LIFECYCLE].draining:
         response.force_close()
     return response
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One shape for every refusal, aiohttp's own included; nothing internal leaks out."""
-    try:
-        return await handler(request)
-    except Refusal as r:
-        resp = r.response()
-        if r.close:  # answer, then hang up at once rather than wait for the rest of a slow body
-            resp.force_close()
-            await resp.prepare(request)
-            await resp.write_eof()
-            request.protocol.force_close()
-        return resp
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise  # redirects and the like are not refusals
-        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else {}
-        return error(e.status, _HTTP_ERROR_CODES.get(e.status, "http_error"), e.reason, **allow)
-    except Exception:  # logged here with its traceback; the caller learns nothing
-        logger.exception("unhandled error answering %s %s", request.method, request.path)
-        return error(500, "internal", "the gateway failed to answer this request")
 
 
 # -- authentication and bodies -------------------------------------------------------------
@@ -303,11 +259,6 @@ async def warming(runtime: Service) -> list[str]:
     )
 
 
-async def metrics(request: web.Request) -> web.Response:
-    m = request.app[RUNTIME].metrics
-    return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
-
-
 # -- LiveKit webhooks ---------------------------------------------------------------------
 
 
@@ -392,6 +343,29 @@ async def crash_pool(request: web.Request) -> web.Response:
     return web.json_response({"crashed": request.match_info["client_id"]})
 
 
+@dataclass(frozen=True)
+class Route:
+    method: Literal["GET", "POST"]  # a GET route answers HEAD too
+    path: str
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# The whole API, in one table (docs/openapi.json describes each; tests/unit/test_openapi.py
+# checks that the two agree).
+ROUTES: tuple[Route, ...] = (
+    Route("POST", "/api/v1/trigger", trigger),
+    Route("GET", "/api/v1/containers/pool/stats", stats),
+    Route("POST", "/api/v1/admin/reload", reload),
+    Route("POST", "/api/v1/admin/shutdown", shutdown),
+    Route("POST", "/api/v1/webhooks/livekit/{client_id}", livekit_webhook),
+    Route("POST", "/api/v1/admin/fault/crash-pool/{client_id}", crash_pool),
+    Route("GET", "/metrics", metrics),  # not here when runtime.metrics gives it a listener of its own
+    Route("GET", "/healthz", healthz),
+    Route("GET", "/readyz", readyz),
+    Route("GET", OPENAPI_PATH, serve_openapi),
+)
+
+
 def create_app(runtime: Service) -> web.Application:
     gw = runtime.settings.runtime.gateway
     app = web.Application(client_max_size=gw.max_body_bytes, middlewares=[close_while_draining, json_errors])
@@ -401,17 +375,13 @@ def create_app(runtime: Service) -> web.Application:
     app[BODY_TIMEOUT_S] = gw.body_timeout_s
     app[AUTH_FAILURES] = AuthFailureLimiter(gw.auth_failures.max, gw.auth_failures.window_s)
     app[WEBHOOK_IDS] = RecentIds(per_key=10_000)
-    app.router.add_post("/api/v1/trigger", trigger)
-    app.router.add_get("/api/v1/containers/pool/stats", stats)
-    app.router.add_post("/api/v1/admin/reload", reload)
-    app.router.add_post("/api/v1/admin/shutdown", shutdown)
-    app.router.add_post("/api/v1/webhooks/livekit/{client_id}", livekit_webhook)
-    app.router.add_post("/api/v1/admin/fault/crash-pool/{client_id}", crash_pool)
-    if runtime.settings.runtime.metrics is None:  # else on its own listener only (runtime.metrics_http)
-        app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get(OPENAPI_PATH, serve_openapi)
+    for route in ROUTES:
+        if route.handler is metrics and runtime.settings.runtime.metrics is not None:
+            continue  # on its own listener only (runtime/http/metrics_listener.py)
+        if route.method == "GET":
+            app.router.add_get(route.path, route.handler)
+        else:
+            app.router.add_post(route.path, route.handler)
     return app
 
 

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from runtime.http.gateway import RUNTIME, json_errors, metrics
-from runtime.http.service import Service
+from runtime.http.errors import json_errors
+from runtime.http.service import RUNTIME, Service
+
+
+async def metrics(request: web.Request) -> web.Response:
+    m = request.app[RUNTIME].metrics
+    return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
 
 
 def create_metrics_runner(runtime: Service) -> web.AppRunner:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
+from aiohttp import web
+
 if TYPE_CHECKING:
     import pykka
     from livekit import api
@@ -36,3 +38,6 @@ class Service(Protocol):
     def on_livekit_event(self, client_id: str, event: api.WebhookEvent) -> None: ...
 
     def reload(self) -> ReloadSummary: ...
+
+
+RUNTIME = web.AppKey("runtime", Service)  # where each app keeps the Service it serves

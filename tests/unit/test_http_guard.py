@@ -70,7 +70,8 @@ def test_brackets_inside_strings_are_text_not_nesting():
 
 
 def test_a_deep_body_is_refused_before_json_loads_could_recurse():
-    from runtime.http.gateway import Refusal, parse_trigger
+    from runtime.http.errors import Refusal
+    from runtime.http.gateway import parse_trigger
 
     with pytest.raises(Refusal) as e:
         parse_trigger(b"[" * 100_000)
@@ -167,7 +168,7 @@ async def _serve(app: web.Application, **runner_options) -> tuple[web.AppRunner,
 
 
 def test_the_middleware_answers_json_for_aiohttp_errors_and_hides_crashes():
-    from runtime.http.gateway import json_errors
+    from runtime.http.errors import json_errors
 
     async def crash(request: web.Request) -> web.Response:
         raise RuntimeError("internal detail: /srv/secret/path")
