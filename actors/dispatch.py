@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -35,7 +36,7 @@ from typing import Any
 import pykka
 
 from actors import _watch
-from actors.dispatch_policy import LeaseVerdict, after_handoff, lease_verdict
+from actors.dispatch_policy import LeaseVerdict, after_handoff, lease_verdict, may_stop_idle_pool
 from actors.messages import (
     HandoffDone,
     Lease,
@@ -43,6 +44,9 @@ from actors.messages import (
     LeaseFailed,
     LeaseTimeout,
     NoIdleWorker,
+    PoolIdle,
+    PoolRested,
+    PoolStarted,
     ReturnLease,
     RoomEvent,
     SessionEnded,
@@ -114,11 +118,21 @@ class DispatchActor(Supervised):
         livekit: LiveKitClient,
         metrics: Metrics,
         settings: DispatchSettings = DispatchSettings(),  # noqa: B008 - an immutable model
+        wake_pool: Callable[[str, Callable[[bool], None]], None] = lambda client_id, done: done(False),
+        rest_pool: Callable[[str, pykka.ActorRef[Any], Callable[[bool], None]], None] = lambda cid, pool, done: None,
         supervisor: pykka.ActorRef[Any] | None = None,
         child_id: str = "",
     ) -> None:
         super().__init__(supervisor, child_id)
         self.directory = directory
+        # A client at zero has no pool until a trigger needs one: wake_pool(client, done)
+        # asks the supervisor to start it (done(ok) comes back on its thread); rest_pool
+        # has a pool at rest stopped. Both only tell the supervisor: they never block.
+        self.wake_pool, self.rest_pool = wake_pool, rest_pool
+        self.waking: dict[str, list[int]] = {}  # client -> triggers waiting for its pool to start
+        # Clients whose pool this dispatcher asked to stop at rest: no lease goes to it (their
+        # next trigger wakes a new one), and its PoolIdle is not taken twice.
+        self.resting: dict[str, pykka.ActorRef[Any]] = {}
         self.livekit = livekit
         self.metrics = metrics
         self.settings = settings
@@ -151,20 +165,62 @@ class DispatchActor(Supervised):
                 self._session_ended(client_id, worker_id, failed)
             case RoomEvent(client_id, room, event):
                 self._room_event(client_id, room, event)
+            case PoolStarted(client_id, ok):
+                self._pool_started(client_id, ok)
+            case PoolIdle(client_id, pool):
+                self._pool_idle(client_id, pool)
+            case PoolRested(client_id, pool, stopped):
+                if not stopped and self.resting.get(client_id) == pool:
+                    del self.resting[client_id]  # kept: it may be leased again, and rest later
             case _:
                 raise TypeError(f"dispatch: unexpected message {type(message).__name__}")
         return None
 
-    def _ask_pool(self, trigger_id: int) -> None:
+    def _ask_pool(self, trigger_id: int, may_wake: bool = True) -> None:
         flight = self.in_flight[trigger_id]
-        pool = self.directory.get(pool_id(flight.trigger.client.id))
-        # What is left of the wait budget: a retry after a failed handoff may wait too.
+        client_id = flight.trigger.client.id
+        pool = None if client_id in self.resting else self.directory.get(pool_id(client_id))
+        # What is left of the wait budget: a retry after a failed handoff may wait too. The
+        # timeout is the same whether the pool runs or is woken first: both count from the trigger.
         wait_s = max(0.0, self.settings.max_wait_s - (time.perf_counter() - flight.started_at))
+        timeout = LeaseTimeout(trigger_id, flight.attempt)
+        if pool is None and may_wake:
+            self._wake(client_id, trigger_id)
+            _watch.after(POOL_ANSWER_TIMEOUT_S + wait_s, self.actor_ref, timeout)
+            return
         lease = Lease(trigger_id, flight.trigger.request.room_name, self.actor_ref, wait_s=round(wait_s, 3))
         if pool is None or not _watch.tell(pool, lease):
             self._refuse(trigger_id, "no_idle_worker", "the pool is restarting")
             return
-        _watch.after(POOL_ANSWER_TIMEOUT_S + wait_s, self.actor_ref, LeaseTimeout(trigger_id, flight.attempt))
+        _watch.after(POOL_ANSWER_TIMEOUT_S + wait_s, self.actor_ref, timeout)
+
+    def _wake(self, client_id: str, trigger_id: int) -> None:
+        """No pool (a client at zero, or one restarting): have it started; the trigger waits.
+        One wake per client at a time; triggers that timed out meanwhile do not count (a
+        wake the supervisor never answered must not hold the client's later triggers)."""
+        waiting = [t for t in self.waking.get(client_id, []) if t in self.in_flight and t != trigger_id]
+        self.waking[client_id] = [*waiting, trigger_id]
+        if not waiting:
+            self.wake_pool(client_id, functools.partial(_pool_started, self.actor_ref, client_id))
+
+    def _pool_started(self, client_id: str, ok: bool) -> None:
+        self.resting.pop(client_id, None)
+        for trigger_id in self.waking.pop(client_id, []):
+            if trigger_id not in self.in_flight:
+                continue  # answered meanwhile (the dispatcher's deadline)
+            if ok:
+                self._ask_pool(trigger_id, may_wake=False)
+            else:
+                self._refuse(trigger_id, "no_idle_worker", "the client's pool could not start")
+
+    def _pool_idle(self, client_id: str, pool: pykka.ActorRef[Any]) -> None:
+        in_flight = sum(1 for f in self.in_flight.values() if f.trigger.client.id == client_id)
+        if may_stop_idle_pool(same_pool=self.directory.get(pool_id(client_id)) == pool,
+                              waking=client_id in self.waking, resting=self.resting.get(client_id) == pool,
+                              triggers_in_flight=in_flight):
+            logger.info("pool %s at rest: stopping it until its next trigger", client_id)
+            self.resting[client_id] = pool
+            self.rest_pool(client_id, pool, functools.partial(_pool_rested, self.actor_ref, client_id, pool))
 
     def _leased(self, lease: Leased) -> None:
         flight = self.in_flight.get(lease.trigger_id)
@@ -309,3 +365,12 @@ def _log_failure(what: str, future: Future[Any]) -> None:
     """A best-effort call's end: logged if it failed, nothing else (runs on the adapter's thread)."""
     if (error := future.exception()) is not None:
         logger.error("%s: %s", what, describe(error))
+
+
+def _pool_started(dispatcher: pykka.ActorRef[Any], client_id: str, ok: bool) -> None:
+    """The supervisor's answer to a wake, back to the dispatcher as a message (its thread)."""
+    _watch.tell(dispatcher, PoolStarted(client_id, ok))
+
+
+def _pool_rested(dispatcher: pykka.ActorRef[Any], client_id: str, pool: pykka.ActorRef[Any], stopped: bool) -> None:
+    _watch.tell(dispatcher, PoolRested(client_id, pool, stopped))

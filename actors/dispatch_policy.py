@@ -51,3 +51,13 @@ def lease_verdict(outcome: Outcome, released: bool) -> LeaseVerdict:
         return outcome
     # Not accepted, or a claim that could not be released (the job may have reached the worker).
     return "not_accepted"
+
+
+def may_stop_idle_pool(*, same_pool: bool, waking: bool, resting: bool, triggers_in_flight: int) -> bool:
+    """A pool at rest asked to be stopped (PoolIdle). The dispatcher is the only one that
+    sends it leases, so it alone can say that none is on its way: yes when the asking pool
+    is the current one (not an older incarnation), no trigger of its client is in flight,
+    and the client's pool is neither being started nor stopped already. A no puts it off:
+    the pool asks again after another idle grace."""
+    return same_pool and not waking and not resting and triggers_in_flight == 0
+

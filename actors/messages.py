@@ -118,6 +118,12 @@ class PoolStats:
     workers: tuple[WorkerInfo, ...]
     last_error: str | None = None  # why the last worker start failed, until one succeeds
     waiting: int = 0  # leases queued for a worker being started (a burst)
+    running: bool = True  # False: a client at zero whose pool is stopped until its next trigger
+
+    @classmethod
+    def stopped(cls, client_id: str, min_idle: int, max_size: int) -> PoolStats:
+        """What a client at zero without a pool looks like: nothing at all."""
+        return cls(client_id, 0, 0, 0, 0, min_idle, max_size, 0, 0, 0.0, (), running=False)
 
     @property
     def total(self) -> int:
@@ -130,6 +136,7 @@ class PoolStats:
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "pool": "running" if self.running else "stopped",
             "total": self.total,
             "starting": self.starting,
             "idle": self.idle,
@@ -156,12 +163,16 @@ class Reconfigure:
     client: ClientSettings
 
 
+DrainCause = Literal["removed", "shutdown", "idle"]
+
+
 @dataclass(frozen=True)
 class Drain:
     """The pool is going: stop idle workers now, leased ones after their session, then stop.
-    ``why``: the client was ``removed``, or the runtime is shutting down (``shutdown``)."""
+    ``why``: the client was ``removed``, the runtime is shutting down (``shutdown``), or
+    the pool was at rest (``idle``: it starts again on its client's next trigger)."""
 
-    why: Literal["removed", "shutdown"] = "removed"
+    why: DrainCause = "removed"
 
 
 @dataclass(frozen=True)
@@ -298,6 +309,33 @@ class RoomEvent:
 
 
 @dataclass(frozen=True)
+class PoolIdle:
+    """From a pool at rest (no worker, nothing waiting) past its idle grace: the dispatcher,
+    the only one that sends it leases, may have it stopped (see actors/dispatch.py)."""
+
+    client_id: str
+    pool: ActorRef = field(compare=False)
+
+
+@dataclass(frozen=True)
+class PoolRested:
+    """The supervisor's answer to the dispatcher's stop of a pool at rest: ``stopped`` is
+    False when it kept the pool (a reload raised its client above min_idle 0 meanwhile)."""
+
+    client_id: str
+    pool: ActorRef = field(compare=False)
+    stopped: bool
+
+
+@dataclass(frozen=True)
+class PoolStarted:
+    """The supervisor answered a StartChild the dispatcher asked for: ``ok`` if the pool runs."""
+
+    client_id: str
+    ok: bool
+
+
+@dataclass(frozen=True)
 class SessionEnded:
     """From a pool: a leased worker is gone. If its session failed, its dispatch is deleted,
     since LiveKit keeps a dispatch active after its worker died (livekit/agents#1472)."""
@@ -350,13 +388,25 @@ class ChildStopped:
 
 @dataclass(frozen=True)
 class StartChild:
+    """Start this child unless it runs already; ``reply`` then gets its ref, or None if it
+    could not start (the runtime is shutting down, the supervisor gave up, its start failed)."""
+
     spec: ChildSpec
+    reply: Callable[[ActorRef | None], None] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
 class StopChild:
+    """Stop this child. With ``ref``, only if that incarnation still runs; with
+    ``only_if``, only if it still says yes on the supervisor's thread (a pool at rest whose
+    client was raised above min_idle 0 meanwhile stays). ``reply`` gets whether it stopped."""
+
     child_id: str
     graceful: bool = True  # a pool drains (sessions finish) instead of stopping at once
+    why: DrainCause = "removed"  # what the draining child is told (a shutdown says "shutdown")
+    ref: ActorRef | None = field(default=None, compare=False)
+    only_if: Callable[[], bool] | None = field(default=None, compare=False)
+    reply: Callable[[bool], None] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from actors.messages import (
     CheckLease,
     Crash,
     Drain,
+    DrainCause,
     EndSessions,
     GetStats,
     Lease,
@@ -39,6 +40,7 @@ from actors.messages import (
     LeaseFailed,
     LeaseUnused,
     NoIdleWorker,
+    PoolIdle,
     PoolStats,
     Reconfigure,
     Resize,
@@ -52,10 +54,12 @@ from actors.messages import (
     WorkerStatus,
 )
 from actors.pool_effects import (
+    AtRest,
     BecameReady,
     CheckLeaseAt,
     Drained,
     Effect,
+    ExitCause,
     Exited,
     GaveUp,
     Granted,
@@ -77,6 +81,12 @@ from runtime.settings import ClientSettings, LiveKitSettings, WorkerSettings
 
 logger = logging.getLogger("autonomite.pool")
 
+_DRAIN_SAYS: dict[DrainCause, str] = {
+    "removed": "the client was removed", "shutdown": "the runtime is shutting down",
+    "idle": "at rest; it starts again on the client's next trigger",
+}
+_DRAIN_CAUSE: dict[DrainCause, ExitCause] = {"removed": "removed", "shutdown": "shutdown", "idle": "scaled_down"}
+
 
 def config_fingerprint(client: ClientSettings) -> str:
     """Changes when the credentials, the agent catalog or the placement change: then idle
@@ -93,13 +103,18 @@ class PoolActor(Supervised):
         settings: WorkerSettings,
         metrics: Metrics,
         executor: Executor,
-        on_session_end: Callable[[SessionEnded], None] = lambda _: None,
+        tell_dispatch: Callable[[object], None] = lambda _: None,
         status_key: str = "",
+        rest_after_s: float | None = None,
+        forget_metrics: Callable[[str], None] | None = None,
         supervisor: pykka.ActorRef[Any] | None = None,
         child_id: str = "",
     ) -> None:
         super().__init__(supervisor, child_id)
-        self.on_session_end = on_session_end
+        self.tell_dispatch = tell_dispatch  # a session ended; the pool is at rest
+        # Its client's series go when it stops; the runtime's hook keeps those of a new
+        # incarnation already started (woken by a trigger as this one drained).
+        self.forget_metrics = forget_metrics or metrics.forget_client
         self.status_key = status_key  # workers' status tokens are derived from it (agent/contract.py)
         self.client = client
         self.backend = backend
@@ -109,7 +124,9 @@ class PoolActor(Supervised):
         self.machine = PoolMachine(
             client.id, client.pool.min_idle, client.pool.max_size, config_fingerprint(client),
             lease_timeout_s=settings.lease_timeout_s, lost_timeout_s=settings.ready_timeout_s,
+            rest_after_s=rest_after_s if client.pool.min_idle == 0 else None,
         )
+        self.rest_after_s = rest_after_s
         self.handles: dict[str, WorkerHandle] = {}
         self.addresses: dict[str, StatusAddress] = {}  # known once the backend started the worker
         # The LiveKit project each worker registered with: a dispatch must go there, even
@@ -179,10 +196,10 @@ class PoolActor(Supervised):
             case Reconfigure(client):
                 self.client = client
                 m.reconfigure(client.pool.min_idle, client.pool.max_size, config_fingerprint(client))
+                m.rest_after_s = self.rest_after_s if client.pool.min_idle == 0 else None
             case Drain(why):
-                logger.info("pool %s draining: %s", self.client.id,
-                            "the client was removed" if why == "removed" else "the runtime is shutting down")
-                m.drain(why)
+                logger.info("pool %s draining: %s", self.client.id, _DRAIN_SAYS[why])
+                m.drain(_DRAIN_CAUSE[why])
             case EndSessions(reason):
                 self._end_sessions(reason)
             case Tick():
@@ -280,7 +297,7 @@ class PoolActor(Supervised):
                 case CheckLeaseAt(worker_id, lease_no, at):
                     _watch.after(max(0.0, at - time.monotonic()), self.actor_ref, CheckLease(worker_id, lease_no))
                 case SessionOver(worker_id, failed):
-                    self.on_session_end(SessionEnded(cid, worker_id, failed))
+                    self.tell_dispatch(SessionEnded(cid, worker_id, failed))
                 case Exited(worker_id, cause, code):
                     self.metrics.worker_exits.labels(cid, cause).inc()
                     logger.info("pool %s: worker %s exited (%s, code %s)", cid, worker_id, cause, code)
@@ -298,9 +315,11 @@ class PoolActor(Supervised):
                     _watch.tell(message.reply_to, NoIdleWorker(message.trigger_id, cid))
                 case LostRegistration(worker_id):
                     logger.warning("pool %s: worker %s lost its LiveKit registration; not idle until it is back", cid, worker_id)
+                case AtRest():
+                    self.tell_dispatch(PoolIdle(cid, self.actor_ref))
                 case Drained():
                     logger.info("pool %s drained and stopped", cid)
-                    self.metrics.forget_client(cid)
+                    self.forget_metrics(cid)
                     self.actor_ref.stop(block=False)
                     return
         self._publish()

@@ -97,7 +97,13 @@ class Drained:
     last worker is gone: the pool may stop."""
 
 
+@dataclass(frozen=True)
+class AtRest:
+    """The pool has had nothing to do (no worker, no waiting lease, no target) for the
+    idle grace: it may be stopped until its client's next trigger."""
+
+
 Effect = (
     Spawn | Stop | WakeAt | CheckLeaseAt | SessionOver | Exited | StartFailed | BecameReady | LostRegistration
-    | Granted | GaveUp | Drained
+    | Granted | GaveUp | Drained | AtRest
 )

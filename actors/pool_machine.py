@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from actors.pool_effects import (  # the effects are this machine's output
+    AtRest,
     BecameReady,
     CheckLeaseAt,
     Drained,
@@ -81,6 +82,7 @@ class PoolMachine:
     config_fp: str
     lease_timeout_s: float = 60.0
     lost_timeout_s: float = 60.0  # a worker unregistered this long is replaced
+    rest_after_s: float | None = None  # at rest this long: say AtRest (None: never)
     workers: dict[str, Worker] = field(default_factory=dict)
     waiters: list[Waiter] = field(default_factory=list)  # first come, first served
     target: int = -1  # set from min_idle below
@@ -90,6 +92,7 @@ class PoolMachine:
     next_start_at: float = 0.0
     leaving: ExitCause | None = None  # draining: why its workers stop ("removed" or "shutdown")
     new_id: Callable[[], str] = _new_id
+    rest_since: float | None = None  # when the pool last came to rest (see _note_rest)
     _outbox: list[Effect] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -103,6 +106,7 @@ class PoolMachine:
         self.workers[worker_id] = Worker(worker_id, agent_name, config_fp, started_at=now, adopting=True)
 
     def lease(self, lease_id: str, now: float) -> Worker | None:
+        self.rest_since = None  # a trigger came: the idle grace starts again (see _note_rest)
         """Take an idle worker: fresh settings first, then the longest idle. None is a miss
         (the scaler reads ``missed_total``), even if the caller then waits."""
         worker = self._best_idle()
@@ -295,7 +299,23 @@ class PoolMachine:
             if len(fresh_now) >= desired and idle - 1 >= self.min_idle:
                 self._retire(w, "reconfigured")
                 idle -= 1
+        self._note_rest(now)
         return self._take()
+
+    def _note_rest(self, now: float) -> None:
+        """At rest: no worker at all, no lease waiting, and nothing to keep (min_idle and
+        the scaler's target both 0). After ``rest_after_s`` of it, say AtRest; said again
+        after as long if the pool is still there (its stop was put off: a trigger came)."""
+        if self.rest_after_s is None or self.workers or self.waiters or self.desired() > 0:
+            self.rest_since = None
+            return
+        if self.rest_since is None:
+            self.rest_since = now
+        due = self.rest_since + self.rest_after_s
+        if now >= due:
+            self._outbox.append(AtRest())
+            self.rest_since, due = now, now + self.rest_after_s
+        self._outbox.append(WakeAt(due))
 
     # -- what the pool looks like ------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from actors.messages import (
     ChildFailed,
     ChildStopped,
     Drain,
+    DrainCause,
     DrainChildren,
     RestartChild,
     ShutdownAll,
@@ -46,6 +47,11 @@ from actors.messages import (
 )
 
 logger = logging.getLogger("autonomite.supervisor")
+
+
+class ChildGone(Exception):
+    """Raised by a child spec's start when what the child was for is gone (a pool woken for
+    a trigger just as a reload removed its client): not a crash, nothing to restart."""
 
 
 class Restart(enum.Enum):
@@ -163,13 +169,22 @@ class Supervisor(pykka.ThreadingActor):
         self.gave_up = False
         self.closing: DrainChildren | None = None  # shutting down: these children drain, none starts
         self.told_drained = False
+        self.shut = False  # ShutdownAll ran: nothing starts any more
 
     def on_receive(self, message: object) -> object:
         match message:
-            case StartChild(spec):
-                self._start_child(spec)
-            case StopChild(child_id, graceful):
-                self._stop_child(child_id, graceful)
+            case StartChild(spec, reply):
+                ref = self._start_child(spec)
+                if reply is not None:
+                    reply(ref)
+            case StopChild(child_id, graceful, why, ref, only_if, reply):
+                stopping = self.directory.get(child_id)
+                if (ref is None or stopping == ref) and (only_if is None or only_if()):
+                    self._stop_child(child_id, graceful, why)
+                else:
+                    stopping = None
+                if reply is not None:
+                    reply(stopping is not None)
             case ChildFailed(child_id, error, ref):
                 self._child_failed(child_id, error, ref)
             case RestartChild(child_id):
@@ -184,27 +199,39 @@ class Supervisor(pykka.ThreadingActor):
                 raise TypeError(f"supervisor: unexpected message {type(message).__name__}")
         return None
 
-    def _start_child(self, spec: ChildSpec) -> None:
-        if self._closed_to(spec.id):
+    def _start_child(self, spec: ChildSpec) -> pykka.ActorRef[Any] | None:
+        """Start it, or leave it be if it runs already (two triggers may wake one pool).
+        One that is failing and due a restart is started now; the restart then finds it."""
+        if self._closed_to(spec.id) or self.gave_up or self.shut:
             logger.info("not starting %s: the runtime is shutting down", spec.id)
-            return
+            return None
+        running = self.directory.get(spec.id)
+        if running is not None and running.is_alive():
+            return running
         self.specs[spec.id] = spec
         self._start(spec)
+        return self.directory.get(spec.id)
 
     def _closed_to(self, child_id: str) -> bool:
         return self.closing is not None and child_id.startswith(self.closing.prefix)
 
     def _start(self, spec: ChildSpec) -> None:
-        """Guarded: a start that raises is reported like a crash, and so retried or given up."""
+        """Guarded: a start that raises is reported like a crash, and so retried or given up;
+        one that raises ChildGone is dropped (what it was for no longer exists)."""
         try:
             ref = spec.start(supervisor=self.actor_ref, child_id=spec.id)
+        except ChildGone as e:
+            logger.info("not starting %s: %s", spec.id, e)
+            self.specs.pop(spec.id, None)
+            self.directory.record(spec.id, None)
+            return
         except Exception as e:  # noqa: BLE001 - whatever a child's start raises
             self.directory.record(spec.id, None)
             self.actor_ref.tell(ChildFailed(spec.id, f"start failed: {type(e).__name__}: {e}"))
             return
         self.directory.record(spec.id, ref)
 
-    def _stop_child(self, child_id: str, graceful: bool) -> None:
+    def _stop_child(self, child_id: str, graceful: bool, why: DrainCause = "removed") -> None:
         spec = self.specs.pop(child_id, None)
         ref = self.directory.get(child_id)
         self.directory.record(child_id, None)
@@ -213,15 +240,15 @@ class Supervisor(pykka.ThreadingActor):
         if spec is None or ref is None:
             return
         if graceful:
-            self._drain(spec, ref)
+            self._drain(spec, ref, why)
         else:
             _stop(child_id, ref, spec.shutdown_timeout_s)
 
-    def _drain(self, spec: ChildSpec, ref: pykka.ActorRef[Any]) -> None:
+    def _drain(self, spec: ChildSpec, ref: pykka.ActorRef[Any], why: DrainCause = "removed") -> None:
         self.draining[spec.id] = (spec, ref)
         self.directory.record_draining(spec.id, ref)
         # The child stops itself once its work is done.
-        _watch.tell(ref, Drain("shutdown" if self.closing is not None else "removed"))
+        _watch.tell(ref, Drain("shutdown" if self.closing is not None else why))
 
     def _drain_children(self, message: DrainChildren) -> None:
         self.closing = message
@@ -306,10 +333,15 @@ class Supervisor(pykka.ThreadingActor):
         spec = self.specs.get(child_id)
         if spec is None or self.gave_up:
             return
+        running = self.directory.get(child_id)
+        if running is not None and running.is_alive():
+            self.on_restart(child_id)  # restarted all the same: a StartChild got to it first
+            return
         self._start(spec)  # first, so that whoever sees the restart counted finds the new child
         self.on_restart(child_id)
 
     def _shutdown_all(self) -> None:
+        self.shut = True
         children = [(cid, self.specs.pop(cid), self.directory.get(cid)) for cid in reversed(list(self.specs))]
         children += [(cid, spec, ref) for cid, (spec, ref) in self.draining.items()]
         self.draining.clear()

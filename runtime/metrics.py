@@ -1,6 +1,14 @@
 """Prometheus metrics: one registry per runtime, so tests can run several side by side.
 
 Labels are client ids, states, outcomes and causes: never a token, key or email.
+
+Series per client exist only while the client is active. When a client's pool stops (the
+client was removed, or it rested at zero for ``runtime.scaler.stop_idle_pool_after_s``),
+every series labelled with it goes, counters and histograms included: ten thousand
+clients at zero cost a scrape nothing. Its next activity starts its counters from zero,
+which Prometheus reads as a counter reset (``rate`` and ``increase`` account for it). A
+pool stops at least that grace after its client's last activity, so a scrape interval
+shorter than the grace (60 s by default) loses no increment.
 """
 
 from __future__ import annotations
@@ -47,6 +55,10 @@ class Metrics:
             "autonomite_client_source_bad_rows", "1 for a client row that fails validation (skipped, or its last good "
             "configuration kept).", ["client"], registry=r,
         )
+        self.source_rows_read = Counter(
+            "autonomite_client_source_rows_read", "Rows of the clients table read: all of them at start, then "
+            "only changed ones (runtime/clients/changes.py).", registry=r,
+        )
         self.source_watcher_crashes = Counter(
             "autonomite_client_source_watcher_crashes", "Polls of the client source that crashed (a bug; the watcher "
             "polls on and the source shows down until a poll succeeds).", registry=r,
@@ -74,17 +86,32 @@ class Metrics:
         self.scaler_threshold.labels("low_water").set(low_water)
 
     def forget_client(self, client_id: str) -> None:
-        """A removed client's gauges go away instead of freezing at their last value."""
-        for state in WORKER_STATES:
-            _remove(self.workers, client_id, state)
-        for gauge in (self.utilization, self.min_idle, self.max_size, self.target, self.backoff):
-            _remove(gauge, client_id)
+        """Every series of this client goes (its pool stopped): see the module's docstring.
+        Runs on the stopping pool's thread; prometheus_client's families are thread-safe."""
+        per_client = (
+            self.workers, self.utilization, self.min_idle, self.max_size, self.target, self.backoff, self.triggers,
+            self.handoff_failures, self.scale_events, self.worker_exits, self.worker_start_failures, self.webhooks,
+            self.dispatch_latency, self.start_to_ready,
+        )
+        for family in per_client:
+            for labels in _label_sets(family, client_id):
+                _remove(family, *labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-def _remove(metric: Gauge, *labels: str) -> None:
+def _label_sets(family: Counter | Gauge | Histogram, client_id: str) -> set[tuple[str, ...]]:
+    """The label values of each of ``family``'s children labelled with this client."""
+    found = set()
+    for metric in family.collect():
+        for sample in metric.samples:
+            if sample.labels.get("client") == client_id:
+                found.add(tuple(v for k, v in sample.labels.items() if k != "le"))  # a histogram's bucket
+    return found
+
+
+def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
     try:
         metric.remove(*labels)
     except KeyError:

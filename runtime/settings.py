@@ -78,6 +78,9 @@ class ScalerSettings(_Model):
     low_water: float = Field(default=0.3, ge=0, lt=1)
     scale_down_after_s: float = Field(default=30.0, ge=0)
     step: int = Field(default=1, ge=1, le=100)
+    # A client at zero (min_idle 0, no worker, nothing leased or starting) for this long has
+    # its pool stopped: no thread, no timer, no metrics series. Its next trigger starts it.
+    stop_idle_pool_after_s: float = Field(default=60.0, ge=1, le=86_400)
 
     @model_validator(mode="after")
     def _waters_ordered(self) -> ScalerSettings:
@@ -368,7 +371,18 @@ class Settings(_Model):
         return clients
 
     def client(self, client_id: str) -> ClientSettings | None:
-        return next((c for c in self.clients if c.id == client_id), None)
+        return self._index()[1].get(client_id)
+
+    def _index(self) -> tuple[list[ClientSettings], dict[str, ClientSettings]]:
+        """Every client by id, built once per client list: the gateway looks one up per
+        request, among up to thousands. Kept beside the fields (pydantic leaves it out of
+        equality); a ``model_copy`` with new clients carries the old index, so it is
+        checked against the list it was built from."""
+        index: tuple[list[ClientSettings], dict[str, ClientSettings]] | None = self.__dict__.get("_client_index")
+        if index is None or index[0] is not self.clients:
+            index = (self.clients, {c.id: c for c in self.clients})
+            self.__dict__["_client_index"] = index
+        return index
 
 
 def _reject_duplicates(values: list[str], what: str) -> None:

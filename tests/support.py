@@ -243,7 +243,10 @@ class Serve:
         return r.body["clients"]
 
     def pool(self, client_id: str) -> dict:
-        return self.stats().get(client_id, {})
+        """This client's pool alone (``?client=``); {} for a client the runtime does not know."""
+        r = self.get(f"/api/v1/containers/pool/stats?client={client_id}", token=self.admin)
+        assert r.status in (200, 404), r
+        return r.body["clients"][client_id] if r.status == 200 else {}
 
     def metrics(self) -> str:
         return self.get("/metrics").body

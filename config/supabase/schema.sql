@@ -36,18 +36,31 @@ drop trigger if exists clients_touch on public.clients;
 create trigger clients_touch before update on public.clients
     for each row execute function public.clients_touch();
 
--- One NOTIFY per changing statement: a runtime configured with the database URL reads the
--- table at once instead of at its next poll (the payload says nothing; it reads the rows).
+-- The runtime reads only rows changed since its last read (runtime/clients/changes.py).
+create index if not exists clients_updated_at on public.clients (updated_at);
+
+-- One NOTIFY per changed row, naming it: a runtime configured with the database URL reads
+-- that row at once instead of waiting for its next poll (a truncate names none: the
+-- runtime's periodic resync finds what went).
 create or replace function public.clients_notify() returns trigger
 language plpgsql as $$
 begin
-    perform pg_notify('autonomite_clients', '');
+    if tg_level = 'STATEMENT' then
+        perform pg_notify('autonomite_clients', '');
+    elsif tg_op = 'DELETE' then
+        perform pg_notify('autonomite_clients', old.id);
+    else
+        perform pg_notify('autonomite_clients', new.id);
+    end if;
     return null;
 end;
 $$;
 
 drop trigger if exists clients_notify on public.clients;
-create trigger clients_notify after insert or update or delete or truncate on public.clients
+create trigger clients_notify after insert or update or delete on public.clients
+    for each row execute function public.clients_notify();
+drop trigger if exists clients_notify_truncate on public.clients;
+create trigger clients_notify_truncate after truncate on public.clients
     for each statement execute function public.clients_notify();
 
 alter table public.clients enable row level security;

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from runtime.clients.changes import Changes, Plan
 from runtime.clients.store import (
     AccessRefused,
     RowError,
@@ -82,6 +83,8 @@ class SourceWatcher:
         self._cached: dict[str, ClientSettings] | None = None  # what the cache file holds, if this run wrote it
         self._lock = threading.Lock()
         self._polling = threading.Lock()  # the watcher's thread and a reload may both poll
+        self.changes = Changes()  # what to read next (under _polling)
+        self._recheck_bad = False  # the last poll changed the served set: read the bad rows again
         self._stop = threading.Event()
         self._poll_now = threading.Event()
         self._thread: threading.Thread | None = None
@@ -118,8 +121,10 @@ class SourceWatcher:
             self._take(cached)
             self._cached = dict(self.clients)
         else:
+            self.metrics.source_rows_read.inc(len(rows))
             self.clients = dict(cached.clients) if cached is not None else {}
             self._take(parse_rows(rows, self.clients))
+            self.changes.took(rows, (), whole=True)
             self._save_cache()
             self._set_up()
         return list(self.clients.values())
@@ -161,7 +166,9 @@ class SourceWatcher:
                     logger.info("client source: listening for changes to the clients table")
                     self.refresh()  # whatever changed while we were not listening
                     while not self._stop.is_set():
-                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                        for note in conn.notifies(timeout=1.0, stop_after=1):
+                            if note.payload:  # the row's id; none (a truncate): the resync finds it
+                                self.changes.named(note.payload)
                             self.refresh()
             except Exception as e:  # noqa: BLE001 - the DSN's password is never in psycopg's text
                 logger.warning("client source: LISTEN failed (%s); polling meanwhile", type(e).__name__)
@@ -171,12 +178,15 @@ class SourceWatcher:
         """Poll now (a reload, SIGHUP), without waiting for the interval."""
         self._poll_now.set()
 
-    def poll_once(self) -> ReloadSummary | None:
-        """Read the table once; return what ``apply`` returned, or None if nothing changed.
+    def poll_once(self, whole: bool = False) -> ReloadSummary | None:
+        """Read the table once (what changed, or ``whole``: every row, as an operator's
+        reload asks); return what ``apply`` returned, or None if nothing changed.
 
         Never raises: a crash is logged, counted and shown as the source down until a poll
         succeeds, and the caller (the watcher's loop, a reload) goes on."""
         with self._polling:
+            if whole:
+                self.changes.forget()
             try:
                 return self._poll()
             except Exception as e:  # noqa: BLE001 - a bug; the next poll may well succeed
@@ -185,16 +195,27 @@ class SourceWatcher:
                 return None
 
     def _poll(self) -> ReloadSummary | None:
+        plan = self.changes.plan()
         try:
-            rows = self.store.rows()
+            rows, gone, whole, by_id = self._read(plan)
         except AccessRefused as e:
             self._set_down("refused", str(e))
             return None
         except Exception as e:  # noqa: BLE001 - an outage: keep serving the last good set
             self._set_down("unreachable", _describe(e))
             return None
+        self.metrics.source_rows_read.inc(len(rows))
+        if not (whole or rows or gone):
+            self.changes.took([], (), whole=False)
+            self._set_up()
+            return None  # nothing changed: the common case, and it cost one small request
         before = self.clients
-        self._take(parse_rows(rows, before))
+        self._take(self._snapshot(rows, gone, whole))
+        # Only once taken: a poll that crashed before this reads the same rows again.
+        self.changes.took(rows, gone, whole, by_id)
+        # A client that moved to another token frees the old one only at the next read
+        # (store._shared_tokens): the bad rows are read again then.
+        self._recheck_bad = bool(self.errors) and self.clients != before
         self._save_cache()
         self._set_up()  # only once the read is taken: a poll that crashes on it leaves the source down
         if self.clients == before:
@@ -204,6 +225,35 @@ class SourceWatcher:
         except Exception:  # a set the runtime refused: say so, poll on
             logger.exception("applying the clients read from Supabase failed")
             return None
+
+    def _read(self, plan: Plan) -> tuple[list[dict[str, Any]], set[str], bool, set[str]]:
+        """This poll's rows, the ids gone from the table, whether the rows are all of it, and
+        which were read by id (see runtime/clients/changes.py for what is read when)."""
+        if plan.since is None:
+            return self.store.rows(), set(), True, set()
+        rows = self.store.changed_since(plan.since)
+        named: set[str] = set(plan.by_id)
+        gone: set[str] = set()
+        if plan.resync:
+            named, gone = self.changes.stale(self.store.versions())
+            named |= plan.by_id
+        if rows or named or gone or self._recheck_bad:
+            named |= set(self.errors)  # something changed: a bad row may be good now (a token freed)
+        named -= {str(row.get("id")) for row in rows}
+        if named:
+            more = self.store.rows_by_id(named)
+            gone |= named - {str(row.get("id")) for row in more}
+            rows += more
+        return rows, gone, False, named
+
+    def _snapshot(self, rows: list[dict[str, Any]], gone: set[str], whole: bool) -> Snapshot:
+        if whole:
+            return parse_rows(rows, self.clients)
+        read = {str(row.get("id")) for row in rows} | gone
+        unchanged = {cid: c for cid, c in self.clients.items() if cid not in read}
+        snapshot = parse_rows(rows, self.clients, unchanged=unchanged)
+        kept = {row_id: e for row_id, e in self.errors.items() if row_id not in read}
+        return Snapshot(snapshot.clients, {**kept, **snapshot.errors}, snapshot.inactive)
 
     def _take(self, snapshot: Snapshot) -> None:
         merged = merge(self.clients, snapshot)

@@ -15,9 +15,10 @@ and unit-tested.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -96,10 +97,14 @@ _COLUMN: dict[tuple[int | str, ...], str] = {("livekit", "url"): "livekit_url", 
            ("livekit", "api_secret"): "livekit_api_secret"}
 
 
-def parse_rows(rows: list[Any], last_good: Mapping[str, ClientSettings] | None = None) -> Snapshot:
+def parse_rows(rows: list[Any], last_good: Mapping[str, ClientSettings] | None = None,
+               unchanged: Mapping[str, ClientSettings] | None = None) -> Snapshot:
     """Validate each row on its own, then settle shared tokens against ``last_good`` (the
-    set being served): the result does not depend on the order of ``rows``."""
-    valid: dict[str, ClientSettings] = {}
+    set being served): the result does not depend on the order of ``rows``.
+
+    ``unchanged``: served clients whose rows were not read again (an incremental read).
+    They are taken as they are, and weigh in the token checks like any valid row."""
+    valid: dict[str, ClientSettings] = dict(unchanged or {})
     errors: dict[str, RowError] = {}
     inactive: set[str] = set()
     for row in rows:
@@ -182,12 +187,32 @@ class SupabaseStore:
 
     def rows(self) -> list[dict[str, Any]]:
         """Every row; raise AccessRefused if the key may not read them, anything else in an outage."""
+        return self._select(lambda table: table.select("*"))
+
+    def changed_since(self, stamp: str) -> list[dict[str, Any]]:
+        """The rows whose ``updated_at`` is after ``stamp`` (ISO 8601, as the table gave it)."""
+        return self._select(lambda table: table.select("*").gt("updated_at", stamp))
+
+    def rows_by_id(self, ids: Iterable[str]) -> list[dict[str, Any]]:
+        """These rows (those that still exist), a hundred ids per request."""
+        wanted, found = sorted(ids), []
+        for i in range(0, len(wanted), 100):
+            chunk = wanted[i:i + 100]
+            found += self._select(functools.partial(_with_ids, chunk))
+        return found
+
+    def versions(self) -> dict[str, str]:
+        """Every row's id and ``updated_at``, and nothing else: what a resync compares."""
+        rows = self._select(lambda table: table.select("id,updated_at"))
+        return {str(r.get("id")): str(r.get("updated_at")) for r in rows}
+
+    def _select(self, query: Callable[[Any], Any]) -> list[dict[str, Any]]:
         from postgrest import APIError
 
         self._status = None
         try:
-            rows = self._client.table(self.settings.table).select("*").execute().data
-            return cast("list[dict[str, Any]]", list(rows))  # select("*") answers objects
+            rows = query(self._client.table(self.settings.table)).execute().data
+            return cast("list[dict[str, Any]]", list(rows))  # a select answers objects
         except APIError as e:
             if refused(self._status, e.code):
                 raise AccessRefused(f"HTTP {self._status}, {e.code}: {str(e.message)[:160]}") from None
@@ -195,6 +220,10 @@ class SupabaseStore:
 
     def upsert(self, clients: list[ClientSettings]) -> None:
         self._client.table(self.settings.table).upsert([client_to_row(c) for c in clients]).execute()
+
+
+def _with_ids(ids: list[str], table: Any) -> Any:
+    return table.select("*").in_("id", ids)
 
 
 def refused(status: int | None, code: str | None) -> bool:

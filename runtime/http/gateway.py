@@ -15,6 +15,7 @@ connection that dawdles over its request head is closed (see ``create_runner``).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import secrets
@@ -41,7 +42,7 @@ from runtime.http.guard import (
     retry_after_header,
 )
 from runtime.http.metrics_listener import metrics
-from runtime.http.models import ErrorCode, TriggerBody
+from runtime.http.models import ErrorCode, TriggerBody, parse_stats_query, summarize
 from runtime.http.openapi import OPENAPI_PATH, serve_openapi
 from runtime.http.service import RUNTIME, Service
 from runtime.livekit.client import LIVEKIT_EVENTS, InvalidEvent, parse_webhook, verify_webhook
@@ -203,25 +204,57 @@ async def pool_stats(runtime: Service) -> dict[str, PoolStats]:
     """Every pool's stats, a removed client's still-draining pool included."""
     pools = runtime.directory.with_prefix(pool_id(""), draining=True)
 
-    async def one(ref: pykka.ActorRef[Any]) -> PoolStats | None:
-        try:
-            stats: PoolStats = await bridge.ask(lambda reply: ref.tell(GetStats(reply)), 2.0)
-        except Exception:  # noqa: BLE001 - a restarting pool is left out of this answer
-            return None
-        return stats
-
-    answers = await asyncio.gather(*(one(ref) for ref in pools.values()))
+    answers = await asyncio.gather(*(_ask_stats(ref) for ref in pools.values()))
     return {cid: s for cid, s in zip(pools, answers, strict=True) if s is not None}
 
 
 async def stats(request: web.Request) -> web.Response:
+    """One client's pool (``?client=``), or a page of clients in id order (``?limit=`` up to
+    1,000, ``?cursor=`` from the last page's ``next_cursor``) with totals over every pool.
+    Only running pools are asked (a client at zero has none): the answer costs what the
+    active clients cost, however many are configured."""
     _require_admin(request)
     runtime = request.app[RUNTIME]
-    all_stats = await pool_stats(runtime)
-    body: dict[str, Any] = {"clients": {cid: s.as_json() for cid, s in sorted(all_stats.items())}}
+    try:
+        query = parse_stats_query(request.query)
+    except ValueError as e:
+        raise Refusal(400, "invalid_query", str(e)) from None
+    if query.client is not None:
+        client = runtime.settings.client(query.client)
+        ref = runtime.directory.get(pool_id(query.client), draining=True)  # a removed client's pool drains
+        one = await _ask_stats(ref) if ref is not None else None
+        if one is None and client is not None:
+            one = PoolStats.stopped(client.id, client.pool.min_idle, client.pool.max_size)
+        if one is None:
+            raise Refusal(404, "unknown_client", f"no client {query.client!r}")
+        return web.json_response({"clients": {query.client: one.as_json()}})
+    running = await pool_stats(runtime)
+    ids = sorted({c.id for c in runtime.settings.clients} | running.keys())  # a removed client's pool drains
+    start = bisect.bisect_right(ids, query.cursor) if query.cursor is not None else 0
+    page = ids[start:start + query.limit]
+    clients = {}
+    for cid in page:
+        client = runtime.settings.client(cid)
+        stopped = PoolStats.stopped(cid, client.pool.min_idle, client.pool.max_size) if client else None
+        found = running.get(cid) or stopped
+        if found is not None:
+            clients[cid] = found.as_json()
+    body: dict[str, Any] = {
+        "clients": clients,
+        "next_cursor": page[-1] if start + query.limit < len(ids) else None,
+        "summary": summarize(len(runtime.settings.clients), running.values()),
+    }
     if runtime.source is not None:
         body["source"] = runtime.source.status()
     return web.json_response(body)
+
+
+async def _ask_stats(ref: pykka.ActorRef[Any]) -> PoolStats | None:
+    try:
+        stats: PoolStats = await bridge.ask(lambda reply: ref.tell(GetStats(reply)), 2.0)
+    except Exception:  # noqa: BLE001 - a restarting pool is left out of this answer
+        return None
+    return stats
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -252,10 +285,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def warming(runtime: Service) -> list[str]:
-    """The clients whose pool is below ``min_idle`` idle workers; none: the runtime is ready."""
+    """The clients whose pool is below ``min_idle`` idle workers; none: the runtime is ready.
+    A client at zero is never warming: it has nothing to warm."""
     all_stats = await pool_stats(runtime)
     return sorted(
-        c.id for c in runtime.settings.clients if c.id not in all_stats or all_stats[c.id].idle < c.pool.min_idle
+        c.id for c in runtime.settings.clients
+        if c.pool.min_idle > 0 and (c.id not in all_stats or all_stats[c.id].idle < c.pool.min_idle)
     )
 
 

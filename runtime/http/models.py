@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from runtime.http.guard import invalid_unicode_path
+
+if TYPE_CHECKING:
+    from actors.messages import PoolStats
 
 MAX_CONTEXT_BYTES = 16 * 1024
 _EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}")  # used with fullmatch: "x@y\n" is no address
@@ -21,7 +26,7 @@ _EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}")  # used with fullmatch: "x@y\
 ErrorCode = Literal[
     "unauthorized", "forbidden", "too_many_failures", "invalid_signature",  # who is asking
     "unknown_client", "unknown_agent", "not_found", "method_not_allowed",  # what is asked for
-    "body_too_large", "request_timeout", "malformed_json", "invalid_body",  # how it is asked
+    "body_too_large", "request_timeout", "malformed_json", "invalid_body", "invalid_query",  # how it is asked
     "restarting", "draining", "timeout", "failed", "config_error", "http_error", "internal",  # what went wrong
 ]
 # Refusals the dispatcher itself words (actors/dispatch.py) and the gateway passes through.
@@ -55,3 +60,40 @@ class TriggerBody(BaseModel):
         if v is not None and len(json.dumps(v)) > MAX_CONTEXT_BYTES:
             raise ValueError(f"larger than {MAX_CONTEXT_BYTES} bytes as JSON")
         return v
+
+
+@dataclass(frozen=True)
+class StatsQuery:
+    client: str | None = None
+    limit: int = 100
+    cursor: str | None = None
+
+
+STATS_MAX_LIMIT = 1000
+
+
+def parse_stats_query(query: Mapping[str, str]) -> StatsQuery:
+    """The stats route's query; ValueError says what is wrong (the gateway answers 400)."""
+    unknown = sorted(set(query) - {"client", "limit", "cursor"})
+    if unknown:
+        raise ValueError(f"unknown parameter {unknown[0]!r}: the parameters are client, limit and cursor")
+    limit = query.get("limit", "100")
+    if not limit.isascii() or not limit.isdigit() or not 1 <= int(limit) <= STATS_MAX_LIMIT:
+        raise ValueError(f"limit must be a whole number from 1 to {STATS_MAX_LIMIT}")
+    for name in ("client", "cursor"):
+        value = query.get(name)
+        if value is not None and not 1 <= len(value) <= 64:
+            raise ValueError(f"{name} must be a client id (1 to 64 characters)")
+    return StatsQuery(query.get("client"), int(limit), query.get("cursor"))
+
+
+def summarize(configured: int, running: Iterable[PoolStats]) -> dict[str, int]:
+    """Totals over the running pools (a client at zero adds nothing) and the client counts."""
+    totals = {"clients": configured, "running_pools": 0, "starting": 0, "idle": 0, "leased": 0, "draining": 0,
+              "waiting": 0, "missed_total": 0}
+    for s in running:
+        totals["running_pools"] += 1
+        for key in ("starting", "idle", "leased", "draining", "waiting", "missed_total"):
+            totals[key] += getattr(s, key)
+    return totals
+

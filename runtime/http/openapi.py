@@ -23,7 +23,7 @@ from typing import Any, get_args
 from aiohttp import web
 
 from actors.pool_effects import WorkerState
-from runtime.http.models import DispatchErrorCode, ErrorCode, TriggerBody
+from runtime.http.models import STATS_MAX_LIMIT, DispatchErrorCode, ErrorCode, TriggerBody
 
 OPENAPI_PATH = "/api/v1/openapi.json"
 ERROR_CODES = [*get_args(ErrorCode), *get_args(DispatchErrorCode)]
@@ -70,6 +70,8 @@ _BODY_REFUSALS = {
 _WORKER = _object({"id": _STR, "state": {"type": "string", "enum": list(get_args(WorkerState))},
                    "agent_name": _STR, "ref": {"type": "string", "description": "pid or container id"}})
 _POOL = _object({
+    "pool": {"type": "string", "enum": ["running", "stopped"],
+             "description": "`stopped`: a client at zero, whose pool starts on its next trigger"},
     **{k: {"type": "integer", "minimum": 0} for k in ("total", "starting", "idle", "leased", "draining", "min_idle",
                                                      "max_size", "target", "missed_total", "waiting")},
     "utilization": {"type": "number", "minimum": 0, "maximum": 1},
@@ -77,6 +79,8 @@ _POOL = _object({
     "last_error": {"type": ["string", "null"], "description": "why the last worker start failed, until one succeeds"},
     "workers": {"type": "array", "items": _WORKER},
 })
+_SUMMARY = _object({k: {"type": "integer", "minimum": 0} for k in (
+    "clients", "running_pools", "starting", "idle", "leased", "draining", "waiting", "missed_total")})
 _SOURCE = _object({"kind": {"const": "supabase"}, "up": _BOOL,
                    "down_reason": {"type": ["string", "null"], "description": "while down: `unreachable: …`, "
                                    "`refused: …` (the key may not read the table) or `crashed: …` (a poll raised); "
@@ -122,12 +126,28 @@ def _operations() -> dict[str, dict[str, dict[str, Any]]]:
     }
     stats = {
         "operationId": "poolStats",
-        "summary": "Every pool's workers and counters, a removed client's still-draining pool included.",
+        "summary": "One client's pool, or a page of clients in id order with totals over every running pool.",
+        "description": "A removed client's still-draining pool is listed too. Only running pools are asked: "
+                       "the answer costs what the active clients cost, however many are configured.",
         "security": [{"adminToken": []}],
+        "parameters": [
+            {"name": "client", "in": "query", "required": False, "schema": {"type": "string", "minLength": 1,
+             "maxLength": 64}, "description": "this client alone (no `summary`, no paging)"},
+            {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": STATS_MAX_LIMIT, "default": 100}},
+            {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string", "minLength": 1,
+             "maxLength": 64}, "description": "the `next_cursor` of the page before"},
+        ],
         "responses": {
-            "200": _json(_object({"clients": {"type": "object", "additionalProperties": _POOL}}, {"source": _SOURCE}),
-                         "Pools by client id; `source` with a Supabase client source."),
-            "401": _NEEDS_ADMIN, "429": _THROTTLED,
+            "200": _json(_object({"clients": {"type": "object", "additionalProperties": _POOL}},
+                                 {"next_cursor": {"type": ["string", "null"]}, "summary": _SUMMARY,
+                                  "source": _SOURCE}),
+                         "Pools by client id; `next_cursor` (null on the last page) and `summary` unless "
+                         "`client` was given; `source` with a Supabase client source."),
+            "400": _refusal("An unknown parameter, or a `limit` outside 1 to 1000.", "invalid_query"),
+            "401": _NEEDS_ADMIN,
+            "404": _refusal("No such client (with `client`).", "unknown_client"),
+            "429": _THROTTLED,
         },
     }
     reload = {

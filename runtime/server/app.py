@@ -8,6 +8,7 @@ settings.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -30,6 +31,7 @@ from actors.messages import (
     StartChild,
     StopChild,
 )
+from actors.supervisor import ChildGone
 from runtime.backends import BackendError, ProcessBackend, WorkerBackend
 from runtime.clients.source import SourceWatcher
 from runtime.instance import Instance
@@ -93,6 +95,8 @@ class Runtime:
         self.failed = threading.Event()
         self._failure_callbacks: list[Callable[[str], None]] = []
         self._reload_lock = threading.Lock()
+        self._by_token: dict[str, ClientSettings] = {}
+        self._index_tokens(self.settings)
         sup = settings.runtime.supervisor
         self.supervisor = Supervisor.start(
             self.directory,
@@ -105,30 +109,43 @@ class Runtime:
     # -- the tree ------------------------------------------------------------------------
 
     def start(self) -> Runtime:
+        """Start a pool for each client that keeps warm workers or has live ones to adopt;
+        a client at zero gets its pool on its first trigger (the dispatcher wakes it)."""
         if self.source is not None:
             self.source.start(self.apply_clients)
-        self._remove_strays()
+        with_workers = self._remove_strays()
+        started = 0
         for client in self.settings.clients:
-            self.supervisor.ask(StartChild(self._pool_spec(client.id)))
+            if client.pool.min_idle > 0 or client.id in with_workers:
+                self.supervisor.ask(StartChild(self._pool_spec(client.id)))
+                started += 1
         self.supervisor.ask(StartChild(self._scaler_spec()))
         self.supervisor.ask(StartChild(self._dispatch_spec()))
-        logger.info("runtime started with %d clients on the %s backend", len(self.settings.clients), self.backend.name)
+        logger.info("runtime started with %d clients (%d pools running, the rest at zero) on the %s backend",
+                    len(self.settings.clients), started, self.backend.name)
         return self
 
-    def _remove_strays(self) -> None:
-        """Workers left by an earlier runtime for clients no longer configured."""
-        known = {c.id for c in self.settings.clients}
+    def _remove_strays(self) -> set[str]:
+        """Workers left by an earlier runtime for clients no longer configured go; returns
+        the clients that still have live workers (their pools start, to adopt them)."""
+        with_workers = set()
         for handle in self.backend.list():
-            if handle.client_id not in known:
+            if self.settings.client(handle.client_id) is None:
                 logger.info("removing stray worker %s of unknown client %s", handle.worker_id, handle.client_id)
                 self.backend.stop(handle)
+            else:
+                with_workers.add(handle.client_id)
+        return with_workers
 
     def _pool_spec(self, client_id: str) -> ChildSpec:
         def start(**child: Any) -> pykka.ActorRef[Any]:
             client = self.settings.client(client_id)
+            if client is None:  # removed since the start was asked for (a reload raced a trigger)
+                raise ChildGone(f"client {client_id} is no longer configured")
             return PoolActor.start(
                 client, self.backend, self.settings.runtime.workers, self.metrics, self.executor,
-                on_session_end=self._tell_dispatch, status_key=self.settings.runtime.admin_token.get_secret_value(),
+                tell_dispatch=self._tell_dispatch, status_key=self.settings.runtime.admin_token.get_secret_value(),
+                rest_after_s=self.settings.runtime.scaler.stop_idle_pool_after_s, forget_metrics=self._forget_metrics,
                 **child,
             )
 
@@ -142,7 +159,8 @@ class Runtime:
 
     def _dispatch_spec(self) -> ChildSpec:
         def start(**child: Any) -> pykka.ActorRef[Any]:
-            return DispatchActor.start(self.directory, self.livekit, self.metrics, self.settings.runtime.dispatch, **child)
+            return DispatchActor.start(self.directory, self.livekit, self.metrics, self.settings.runtime.dispatch,
+                                       wake_pool=self._wake_pool, rest_pool=self._rest_pool, **child)
 
         return ChildSpec("dispatch", start)
 
@@ -161,7 +179,7 @@ class Runtime:
                 raise ConfigError(f"{self.config_path}: clients_source: this section changes only with a restart")
             if self.source is None:
                 return self.apply(new)
-        return self.source.poll_once() or ReloadSummary([], [], [])
+        return self.source.poll_once(whole=True) or ReloadSummary([], [], [])
 
     def apply_clients(self, clients: list[ClientSettings]) -> ReloadSummary:
         """A new client set from the source (its watcher's thread): the same path as a reload."""
@@ -173,13 +191,18 @@ class Runtime:
             raise ConfigError(f"{self.config_path}: runtime: this section changes only with a restart")
         summary = ReloadSummary.between(self.settings.clients, new.clients)
         new_clients = {c.id: c for c in new.clients}
+        self._index_tokens(new)  # first: a removed or rotated token stops working with the swap
         self.settings = new  # before any (re)start, so new pools read the new settings
         for cid in summary.removed:
-            self.supervisor.ask(StopChild(pool_id(cid), graceful=True))
+            self.supervisor.ask(StopChild(pool_id(cid), graceful=True))  # nothing to do for one at zero
         for cid in summary.added:
-            self.supervisor.ask(StartChild(self._pool_spec(cid)))
+            if new_clients[cid].pool.min_idle > 0:  # else its first trigger starts it
+                self.supervisor.ask(StartChild(self._pool_spec(cid)))
         for cid in summary.changed:
-            self._tell_pool(cid, Reconfigure(new_clients[cid]))
+            if self.directory.get(pool_id(cid)) is not None:
+                self._tell_pool(cid, Reconfigure(new_clients[cid]))
+            elif new_clients[cid].pool.min_idle > 0:  # a stopped pool reads its settings when it starts
+                self.supervisor.ask(StartChild(self._pool_spec(cid)))
         logger.info("reloaded: %s", summary.as_json())
         return summary
 
@@ -191,6 +214,31 @@ class Runtime:
         ):
             ended: RoomEventKind = "room_finished" if event.event == "room_finished" else "participant_left"
             self._tell_dispatch(RoomEvent(client_id, event.room.name, ended))
+
+    def _wake_pool(self, client_id: str, done: Callable[[bool], None]) -> None:
+        """The dispatcher's: start a client's pool for a trigger. Only tells the supervisor
+        (this runs on the dispatcher's thread); ``done(ok)`` runs on the supervisor's."""
+        if self.settings.client(client_id) is None:  # removed since its trigger came in
+            done(False)
+            return
+        self.supervisor.tell(StartChild(self._pool_spec(client_id), reply=lambda ref: done(ref is not None)))
+
+    def _rest_pool(self, client_id: str, pool: pykka.ActorRef[Any], done: Callable[[bool], None]) -> None:
+        """The dispatcher's: stop a pool at rest; it starts again on its client's next trigger.
+        Decided again on the supervisor's thread: a reload may have raised the client above
+        min_idle 0 meanwhile (it saw the pool running, so it started no other)."""
+
+        def still_at_zero() -> bool:
+            client = self.settings.client(client_id)
+            return client is not None and client.pool.min_idle == 0
+
+        self.supervisor.tell(StopChild(pool_id(client_id), graceful=True, why="idle", ref=pool,
+                                       only_if=still_at_zero, reply=done))
+
+    def _forget_metrics(self, client_id: str) -> None:
+        """A pool stopped: its client's series go, unless a new pool of it runs already."""
+        if self.directory.get(pool_id(client_id)) is None:
+            self.metrics.forget_client(client_id)
 
     def _tell_dispatch(self, message: object) -> None:
         self._tell(self.directory.get("dispatch"), message)
@@ -221,11 +269,16 @@ class Runtime:
     # -- failure and shutdown ------------------------------------------------------------
 
     def client_by_token(self, token: str) -> ClientSettings | None:
-        found = None
-        for client in self.settings.clients:  # no early exit: timing says nothing about which
-            if same_secret(token, client.api_token.get_secret_value()):
-                found = client
-        return found
+        """The client whose api_token this is. Found by the token's digest (a dict lookup,
+        not a walk over thousands of clients), then compared in constant time: how long it
+        takes says nothing about which tokens exist."""
+        client = self._by_token.get(_digest(token))
+        if client is not None and same_secret(token, client.api_token.get_secret_value()):
+            return client
+        return None
+
+    def _index_tokens(self, settings: Settings) -> None:
+        self._by_token = {_digest(c.api_token.get_secret_value()): c for c in settings.clients}
 
     def on_failure(self, callback: Callable[[str], None]) -> None:
         """``callback(reason)`` runs, in the supervisor's thread, if the supervisor gives up."""
@@ -255,3 +308,7 @@ class Runtime:
         self.livekit.close()
         self.backend.close()
         logger.info("runtime stopped")
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()

@@ -328,3 +328,27 @@ def test_clients_push_then_list_round_trips_a_yaml_file(table, stack, lk_a, lk_b
         assert secret not in listed.stdout + listed.stderr + pushed.stdout + pushed.stderr
     rows = {r["id"]: r for r in table.select("*").execute().data}
     assert rows["beta"]["api_token"] == beta.token and rows["alpha"]["livekit_url"] == lk_a.url
+
+
+def test_with_two_thousand_rows_a_change_to_one_is_read_alone_within_the_poll_interval(table, serve_from, lk_a):
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    rows = [row(Client("warm", lk_a, min_idle=1, max_size=1))]
+    rows += [row(Client(f"c{i:04d}", lk_a, min_idle=0, max_size=1)) for i in range(1999)]
+    long_ago = datetime.now(UTC) - timedelta(hours=2)
+    for i, r in enumerate(rows):  # written over the last two hours, a second apart
+        r["updated_at"] = (long_ago + timedelta(seconds=i)).isoformat()
+    for i in range(0, len(rows), 500):
+        table.insert(rows[i:i + 500]).execute()
+    serve = serve_from(poll_interval_s=2.0)
+    read = lambda: metric_value(serve.metrics(), "autonomite_client_source_rows_read_total")  # noqa: E731
+    assert read() >= 2000 and serve.pool("c1234")["max_size"] == 1
+
+    before, changed_at = read(), time.monotonic()
+    table.update({"pool": {"min_idle": 0, "max_size": 3}}).eq("id", "c1234").execute()
+    wait_until(lambda: serve.pool("c1234")["max_size"] == 3, 2.0 + 5, "the change, at the next poll")
+    assert time.monotonic() - changed_at < 2.0 + 5
+    # The read that found it, and every poll since, read that row (and at most the few
+    # written within the overlap: runtime/clients/changes.py): never the other 1,999.
+    assert read() - before <= 10, read() - before

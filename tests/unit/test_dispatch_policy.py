@@ -27,3 +27,14 @@ def test_a_workers_own_failure_is_tried_on_another_worker_then_refused(outcome):
     last = after_handoff(outcome, released=False, attempt=2, attempts=2)
     assert first == AfterHandoff(outcome, "retry") and last == AfterHandoff(outcome, "handoff_failed")
     assert after_handoff(outcome, released=False, attempt=1, attempts=1).trigger == "handoff_failed"
+
+
+def test_a_pool_at_rest_is_stopped_only_when_no_lease_can_be_on_its_way():
+    from actors.dispatch_policy import may_stop_idle_pool
+
+    quiet = {"same_pool": True, "waking": False, "resting": False, "triggers_in_flight": 0}
+    assert may_stop_idle_pool(**quiet)
+    assert not may_stop_idle_pool(**{**quiet, "triggers_in_flight": 1})  # a lease may be in its mailbox
+    assert not may_stop_idle_pool(**{**quiet, "same_pool": False})  # an older incarnation asked
+    assert not may_stop_idle_pool(**{**quiet, "waking": True})  # a trigger is starting it
+    assert not may_stop_idle_pool(**{**quiet, "resting": True})  # being stopped already

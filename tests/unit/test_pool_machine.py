@@ -7,6 +7,7 @@ import itertools
 import pytest
 
 from actors.pool_machine import (
+    AtRest,
     BecameReady,
     CheckLeaseAt,
     Drained,
@@ -444,3 +445,48 @@ def test_nothing_waits_while_the_pool_has_lost_livekit():
     m.status("w2", False, "idle", None, 2)
     m.reconcile(2)
     assert m.lease("L1", 2.5) is None and not m.wait("L1", 2.5, 5.5)
+
+
+# -- a client at zero: the pool at rest ----------------------------------------------------
+
+
+def resting(rest_after_s: float = 30.0, min_idle: int = 0) -> PoolMachine:
+    m = machine(min_idle=min_idle)
+    m.rest_after_s = rest_after_s
+    return m
+
+
+def test_a_pool_at_zero_says_it_is_at_rest_after_its_grace_and_again_if_it_is_kept():
+    m = resting(30.0)
+    first = m.reconcile(0.0)
+    assert not any(isinstance(e, AtRest) for e in first)
+    assert WakeAt(30.0) in first  # a timer, so the grace is noticed with nothing else happening
+    assert any(isinstance(e, AtRest) for e in m.reconcile(30.0))
+    assert not any(isinstance(e, AtRest) for e in m.reconcile(45.0))  # said once per grace
+    assert any(isinstance(e, AtRest) for e in m.reconcile(60.0))  # still here: said again
+
+
+def test_any_work_puts_rest_off_and_the_grace_counts_from_when_it_ends():
+    m = resting(30.0)
+    m.reconcile(0.0)
+    lease_id = "L1"
+    assert m.lease(lease_id, 10.0) is None and m.wait(lease_id, 10.0, 40.0)  # a trigger: a worker starts
+    effects = m.reconcile(10.0)
+    assert spawned(effects) and not any(isinstance(e, AtRest) for e in m.reconcile(31.0))
+    worker = next(iter(m.workers))
+    m.status(worker, True, "idle", None, 12.0)
+    m.reconcile(12.0)  # the waiting lease gets it
+    m.exited(worker, 0, 20.0)  # its session ended, and with it the worker
+    assert not any(isinstance(e, AtRest) for e in m.reconcile(20.0))
+    assert not any(isinstance(e, AtRest) for e in m.reconcile(49.0))
+    assert any(isinstance(e, AtRest) for e in m.reconcile(50.0))
+
+
+def test_a_pool_that_keeps_warm_workers_or_has_a_target_is_never_at_rest():
+    warm_pool = resting(1.0, min_idle=1)
+    assert not any(isinstance(e, AtRest) for e in warm_pool.reconcile(0.0) + warm_pool.reconcile(100.0))
+    scaled = resting(1.0)
+    scaled.resize(1)  # the scaler keeps one warm after a busy spell
+    assert not any(isinstance(e, AtRest) for e in scaled.reconcile(0.0) + scaled.reconcile(100.0))
+    never = machine(min_idle=0)  # no rest_after_s: it stays
+    assert not any(isinstance(e, AtRest) for e in never.reconcile(0.0) + never.reconcile(1e6))

@@ -146,3 +146,18 @@ def test_clients_in_the_file_and_a_source_is_an_error_naming_the_field(tmp_path)
 def test_a_bad_source_setting_names_its_field(tmp_path):
     with pytest.raises(ConfigError, match=r"clients_source\.supabase\.table: "):
         load_settings(write(tmp_path, SOURCE.replace("5}", "5, table: Bad-Name}")), {"SB_KEY": "k"})
+
+
+def test_a_client_is_found_by_id_and_a_copy_with_other_clients_finds_only_its_own():
+    from runtime.settings import Settings
+
+    def client(cid: str) -> dict:
+        return {"id": cid, "name": cid, "api_token": f"{cid}-" + "t" * 32,
+                "livekit": {"url": "ws://127.0.0.1:7880", "api_key": "k", "api_secret": "s" * 32},
+                "agents": [{"name": "a", "system_prompt": "p"}]}
+
+    s = Settings.model_validate({"runtime": {"admin_token": "x" * 32}, "clients": [client("a"), client("b")]})
+    assert s.client("a").id == "a" and s.client("nope") is None
+    fewer = s.model_copy(update={"clients": [s.client("b")]})  # how a reload swaps the clients
+    assert fewer.client("a") is None and fewer.client("b").id == "b"
+    assert s == s.model_copy()  # the index is no field

@@ -229,3 +229,39 @@ def test_restart_intensity_counts_only_the_window_and_allows_up_to_the_limit():
     kept, allowed = add_restart((100.0, 110.0), now=165.0, max_restarts=2, within_s=60)
     assert kept == (110.0, 165.0) and allowed  # the one at 100 is out of the window
     assert add_restart((), now=0.0, max_restarts=0, within_s=60)[1] is False
+
+
+def test_starting_a_running_child_again_leaves_it_be_and_answers_its_ref(tree):
+    """Two triggers may wake one client's pool at once: one pool, both told so."""
+    sup, directory, *_ = tree
+    answers: list = []
+    sup.ask(StartChild(ChildSpec("a", Child.start), reply=answers.append))
+    sup.ask(StartChild(ChildSpec("a", Child.start), reply=answers.append))
+    assert answers == [directory.get("a"), directory.get("a")] and answers[0] is not None
+
+
+def test_a_start_refused_while_shutting_down_answers_none(tree):
+    sup, directory, *_ = tree
+    sup.ask(DrainChildren("pool:", lambda: None))
+    answers: list = []
+    sup.ask(StartChild(ChildSpec("pool:late", Child.start), reply=answers.append))
+    assert answers == [None] and directory.get("pool:late") is None
+
+
+def test_a_child_stopped_at_rest_is_told_why_and_can_be_started_again(tree):
+    sup, directory, *_ = tree
+    told: list = []
+
+    class Drains(Supervised):
+        def on_receive(self, message):
+            if isinstance(message, Drain):
+                told.append(message.why)
+                self.actor_ref.stop(block=False)
+
+    sup.ask(StartChild(ChildSpec("pool:a", Drains.start)))
+    first = directory.get("pool:a")
+    sup.ask(StopChild("pool:a", graceful=True, why="idle"))
+    assert directory.get("pool:a") is None
+    wait_until(lambda: told == ["idle"], 5, "the drain")
+    sup.ask(StartChild(ChildSpec("pool:a", Drains.start)))
+    assert directory.get("pool:a") not in (None, first)
