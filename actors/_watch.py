@@ -145,11 +145,3 @@ def end_session(executor: Executor, address: StatusAddress, worker_id: str, reas
             logger.info("ending the session of %s: %s", worker_id, e)
 
     executor.submit(run)
-
-
-def after(seconds: float, actor: pykka.ActorRef[Any], message: object) -> threading.Timer:
-    """Send ``message`` to ``actor`` once, ``seconds`` from now."""
-    timer = threading.Timer(seconds, tell, (actor, message))
-    timer.daemon = True
-    timer.start()
-    return timer

@@ -35,7 +35,7 @@ from typing import Any
 
 import pykka
 
-from actors import _watch
+from actors import _watch, timers
 from actors.dispatch_policy import LeaseVerdict, after_handoff, lease_verdict, may_stop_idle_pool
 from actors.messages import (
     HandoffDone,
@@ -186,13 +186,13 @@ class DispatchActor(Supervised):
         timeout = LeaseTimeout(trigger_id, flight.attempt)
         if pool is None and may_wake:
             self._wake(client_id, trigger_id)
-            _watch.after(POOL_ANSWER_TIMEOUT_S + wait_s, self.actor_ref, timeout)
+            timers.after(POOL_ANSWER_TIMEOUT_S + wait_s, self.actor_ref, timeout)
             return
         lease = Lease(trigger_id, flight.trigger.request.room_name, self.actor_ref, wait_s=round(wait_s, 3))
         if pool is None or not _watch.tell(pool, lease):
             self._refuse(trigger_id, "no_idle_worker", "the pool is restarting")
             return
-        _watch.after(POOL_ANSWER_TIMEOUT_S + wait_s, self.actor_ref, timeout)
+        timers.after(POOL_ANSWER_TIMEOUT_S + wait_s, self.actor_ref, timeout)
 
     def _wake(self, client_id: str, trigger_id: int) -> None:
         """No pool (a client at zero, or one restarting): have it started; the trigger waits.

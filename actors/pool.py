@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from typing import Any
 
 import pykka
 
-from actors import _watch
+from actors import _watch, timers
 from actors.messages import (
     Adopted,
     CheckLease,
@@ -132,7 +131,8 @@ class PoolActor(Supervised):
         # The LiveKit project each worker registered with: a dispatch must go there, even
         # while a reload that moved the client to another project rolls its workers over.
         self.projects: dict[str, LiveKitSettings] = {}
-        self.wake_timer: threading.Timer | None = None
+        self.wake_timer: timers.Timer | None = None
+        self.published: tuple[float, ...] = ()  # what the gauges show (see _publish)
         self.wake_at = 0.0
         self.waiting: dict[str, Lease] = {}  # queued leases by lease id, until Granted or GaveUp
         # Until the workers a previous incarnation left are known, what the pool is told
@@ -295,7 +295,7 @@ class PoolActor(Supervised):
                 case WakeAt(at):
                     self._wake(at)
                 case CheckLeaseAt(worker_id, lease_no, at):
-                    _watch.after(max(0.0, at - time.monotonic()), self.actor_ref, CheckLease(worker_id, lease_no))
+                    timers.after(max(0.0, at - time.monotonic()), self.actor_ref, CheckLease(worker_id, lease_no))
                 case SessionOver(worker_id, failed):
                     self.tell_dispatch(SessionEnded(cid, worker_id, failed))
                 case Exited(worker_id, cause, code):
@@ -330,7 +330,7 @@ class PoolActor(Supervised):
         if self.wake_timer is not None:
             self.wake_timer.cancel()
         self.wake_at = at
-        self.wake_timer = _watch.after(max(0.0, at - time.monotonic()), self.actor_ref, Tick())
+        self.wake_timer = timers.after(max(0.0, at - time.monotonic()), self.actor_ref, Tick())
 
     def _spawn(self, worker_id: str, agent_name: str) -> None:
         port = free_port()
@@ -380,7 +380,14 @@ class PoolActor(Supervised):
         }
 
     def _publish(self) -> None:
+        """The pool's gauges, set only when they changed: every message ends here, and a
+        storm of refused leases changes none of them."""
         stats = self._stats()
+        shown = (stats.starting, stats.idle, stats.leased, stats.draining, stats.utilization, stats.min_idle,
+                 stats.max_size, stats.target, stats.backoff_s)
+        if shown == self.published:
+            return
+        self.published = shown
         cid = self.client.id
         for state in WORKER_STATES:
             self.metrics.workers.labels(cid, state).set(getattr(stats, state))

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import pykka
 
-from actors import _watch
+from actors import _watch, timers
 from actors.dispatch import pool_id
 from actors.messages import GetStats, PoolStats, PoolStatsReport, Resize, ScaleTick
 from actors.supervisor import Directory, Supervised
@@ -66,16 +65,16 @@ class ScalerActor(Supervised):
         self.metrics = metrics
         self.missed_seen: dict[str, int] = {}
         self.low_since: dict[str, float | None] = {}
-        self.timer: threading.Timer | None = None
+        self.timer: timers.Timer | None = None
 
     def setup(self) -> None:
-        self.timer = _watch.after(self.policy.interval_s, self.actor_ref, ScaleTick())
+        self.timer = timers.after(self.policy.interval_s, self.actor_ref, ScaleTick())
 
     def on_receive(self, message: object) -> object:
         match message:
             case ScaleTick():
                 self._tick()
-                self.timer = _watch.after(self.policy.interval_s, self.actor_ref, ScaleTick())
+                self.timer = timers.after(self.policy.interval_s, self.actor_ref, ScaleTick())
                 return None
             case PoolStatsReport(client_id, stats):
                 self._decide(client_id, stats)
