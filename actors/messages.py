@@ -212,6 +212,11 @@ class Crash:
 
 
 @dataclass(frozen=True)
+class ListWorkers:
+    """To a pool still adopting: list its workers again (the last listing failed)."""
+
+
+@dataclass(frozen=True)
 class Adopted:
     """The workers a previous incarnation of this pool left running, listed on a helper
     thread (a swarm backend asks the manager once per worker); ``error``: the listing failed."""

@@ -38,6 +38,7 @@ from actors.messages import (
     Leased,
     LeaseFailed,
     LeaseUnused,
+    ListWorkers,
     NoIdleWorker,
     PoolIdle,
     PoolStats,
@@ -79,6 +80,7 @@ from runtime.secrets import fingerprint
 from runtime.settings import ClientSettings, LiveKitSettings, WorkerSettings
 
 logger = logging.getLogger("autonomite.pool")
+LIST_RETRY_S = 1.0  # after a failed listing of the workers to adopt
 
 _DRAIN_SAYS: dict[DrainCause, str] = {
     "removed": "the client was removed", "shutdown": "the runtime is shutting down",
@@ -148,7 +150,13 @@ class PoolActor(Supervised):
 
     def _adopted(self, message: Adopted) -> None:
         if message.error is not None:
-            raise RuntimeError(f"pool {self.client.id}: listing its workers failed: {message.error}")
+            # Not a crash: a restart would only list again, and count against the restart
+            # intensity every pool shares (a backend blip while clients at zero are woken
+            # must not stop the runtime). Leases wait meanwhile; each has its deadline.
+            logger.warning("pool %s: listing its workers failed (%s); trying again in %g s", self.client.id,
+                           message.error, LIST_RETRY_S)
+            timers.after(LIST_RETRY_S, self.actor_ref, ListWorkers())
+            return
         now = time.monotonic()
         for handle in message.handles:
             self.machine.adopt(handle.worker_id, handle.agent_name, handle.credentials_fp, now)
@@ -166,6 +174,9 @@ class PoolActor(Supervised):
     def on_receive(self, message: object) -> object:
         if isinstance(message, Adopted):
             self._adopted(message)
+            return None
+        if isinstance(message, ListWorkers):
+            _watch.list_workers(self.executor, self.backend, self.client.id, self.actor_ref)
             return None
         if self.deferred is not None:  # still adopting: stats answer, the rest waits
             if not isinstance(message, GetStats):
@@ -384,7 +395,7 @@ class PoolActor(Supervised):
         storm of refused leases changes none of them."""
         stats = self._stats()
         shown = (stats.starting, stats.idle, stats.leased, stats.draining, stats.utilization, stats.min_idle,
-                 stats.max_size, stats.target, stats.backoff_s)
+                 stats.max_size, stats.target, stats.backoff_s, self.metrics.forgotten(self.client.id))
         if shown == self.published:
             return
         self.published = shown

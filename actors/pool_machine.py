@@ -106,9 +106,9 @@ class PoolMachine:
         self.workers[worker_id] = Worker(worker_id, agent_name, config_fp, started_at=now, adopting=True)
 
     def lease(self, lease_id: str, now: float) -> Worker | None:
-        self.rest_since = None  # a trigger came: the idle grace starts again (see _note_rest)
         """Take an idle worker: fresh settings first, then the longest idle. None is a miss
         (the scaler reads ``missed_total``), even if the caller then waits."""
+        self.rest_since = None  # a trigger came: the idle grace starts again (see _note_rest)
         worker = self._best_idle()
         if worker is None or self.leaving or self.waiters:  # nobody jumps the queue
             self.missed_total += 1

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 import time
 from typing import Any
 
 import pykka
+
+logger = logging.getLogger("autonomite.timers")
 
 
 class Timer:
@@ -67,6 +70,8 @@ class _Clock:
                     timer.actor.tell(timer.message)
                 except pykka.ActorDeadError:
                     pass  # the actor stopped meanwhile: nobody is waiting for this
+                except Exception:  # every actor's timers hang on this thread: it must not die
+                    logger.exception("telling a timer's message failed")
 
 
 _clock = _Clock()

@@ -24,6 +24,7 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self._forgotten: dict[str, int] = {}
         self.workers = Gauge("autonomite_pool_workers", "Workers by state.", ["client", "state"], registry=r)
         self.utilization = Gauge("autonomite_pool_utilization", "Leased / live workers.", ["client"], registry=r)
         self.min_idle = Gauge("autonomite_pool_min_idle", "Configured minimum idle workers.", ["client"], registry=r)
@@ -85,9 +86,15 @@ class Metrics:
         self.scaler_threshold.labels("high_water").set(high_water)
         self.scaler_threshold.labels("low_water").set(low_water)
 
+    def forgotten(self, client_id: str) -> int:
+        """How many times this client's series were removed: a running pool that sees it
+        change sets its gauges again (an old incarnation's stop may remove the new one's)."""
+        return self._forgotten.get(client_id, 0)
+
     def forget_client(self, client_id: str) -> None:
         """Every series of this client goes (its pool stopped): see the module's docstring.
         Runs on the stopping pool's thread; prometheus_client's families are thread-safe."""
+        self._forgotten[client_id] = self._forgotten.get(client_id, 0) + 1
         per_client = (
             self.workers, self.utilization, self.min_idle, self.max_size, self.target, self.backoff, self.triggers,
             self.handoff_failures, self.scale_events, self.worker_exits, self.worker_start_failures, self.webhooks,

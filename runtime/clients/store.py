@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import httpx  # imported when a store is made: only a Supabase source needs it
 
 CALL_TIMEOUT_S = 10.0
+PAGE_ROWS = 1000  # Supabase's default db-max-rows: a request answers no more
 # PostgREST's codes for a key or role that may not read the table: insufficient privilege
 # (the anon key), and a JWT that is invalid, missing or whose claims fail.
 REFUSAL_CODES = frozenset({"42501", "PGRST301", "PGRST302", "PGRST303"})
@@ -207,12 +208,19 @@ class SupabaseStore:
         return {str(r.get("id")): str(r.get("updated_at")) for r in rows}
 
     def _select(self, query: Callable[[Any], Any]) -> list[dict[str, Any]]:
+        """Every row the query selects, a page at a time in id order: Supabase answers at
+        most ``db-max-rows`` (1,000 by default) rows to one request."""
         from postgrest import APIError
 
-        self._status = None
+        found: list[dict[str, Any]] = []
         try:
-            rows = query(self._client.table(self.settings.table)).execute().data
-            return cast("list[dict[str, Any]]", list(rows))  # a select answers objects
+            while True:
+                self._status = None
+                page = query(self._client.table(self.settings.table)).order("id").range(
+                    len(found), len(found) + PAGE_ROWS - 1).execute().data
+                found += cast("list[dict[str, Any]]", list(page))  # a select answers objects
+                if len(page) < PAGE_ROWS:
+                    return found
         except APIError as e:
             if refused(self._status, e.code):
                 raise AccessRefused(f"HTTP {self._status}, {e.code}: {str(e.message)[:160]}") from None

@@ -84,3 +84,33 @@ def test_a_slow_listing_of_workers_never_blocks_the_pool_nor_starts_workers_besi
     finally:
         released.set()
         rt.stop()
+
+
+def test_a_failed_listing_is_tried_again_without_a_crash_and_the_waiting_lease_is_served(tmp_path, lk_a):
+    """A backend that cannot list for a moment (an engine blip as a client at zero is
+    woken) must not crash the pool: each crash counts against the restart intensity that
+    every pool shares, and three in ten seconds stop the runtime."""
+    from runtime.server.app import make_backend
+
+    env = write_config(tmp_path / "clients.yaml", [Client("alpha", lk_a, min_idle=1, max_size=2)])
+    settings = load_settings(tmp_path / "clients.yaml", env)
+    backend = make_backend(settings)
+    failures, real_list = [1, 2], backend.list
+
+    def flaky_list(client_id=None):
+        if client_id == "alpha" and failures:
+            failures.pop()
+            raise OSError("the engine did not answer")
+        return real_list(client_id)
+
+    backend.list = flaky_list
+    rt = Runtime(settings, backend=backend).start()
+    try:
+        pool = wait_until(lambda: rt.directory.get(pool_id("alpha")), 10, "the pool actor")
+        answers: queue.Queue = queue.Queue()
+        pool.tell(Lease(1, "room-after-a-blip", reply_to=Inbox(answers), wait_s=30))
+        assert isinstance(answers.get(timeout=60), Leased)
+        assert failures == [] and rt.directory.get(pool_id("alpha")) is pool  # listed again, never restarted
+        assert metric_value(rt.metrics.render().decode(), "autonomite_actor_restarts_total", actor="pool") == 0
+    finally:
+        rt.stop()
