@@ -53,24 +53,29 @@ def test_a_lease_whose_job_never_arrives_is_retired(runtime):
     assert lease.worker_id not in {w.id for w in stats(runtime).workers}
 
 
-def test_a_slow_listing_of_workers_never_blocks_the_pool_nor_starts_workers_beside_them(tmp_path, lk_a):
-    """PoolActor.setup lists the workers a previous incarnation left (a swarm manager is
-    asked once per worker): meanwhile the pool answers stats, and decides nothing."""
+def runtime_listing_with(tmp_path, lk_a, listing):
+    """A runtime with alpha (min_idle 1) whose backend lists alpha's workers through
+    ``listing(real_list)`` (the pool's own listing); returns it and the real list."""
     from runtime.server.app import make_backend
 
     env = write_config(tmp_path / "clients.yaml", [Client("alpha", lk_a, min_idle=1, max_size=2)])
     settings = load_settings(tmp_path / "clients.yaml", env)
     backend = make_backend(settings)
-    released = threading.Event()
     real_list = backend.list
+    backend.list = lambda client_id=None: listing(real_list) if client_id == "alpha" else real_list(client_id)
+    return Runtime(settings, backend=backend).start(), real_list
 
-    def slow_list(client_id=None):
-        if client_id == "alpha":  # the pool's own listing hangs until the test lets it go
-            released.wait(30)
-        return real_list(client_id)
 
-    backend.list = slow_list
-    rt = Runtime(settings, backend=backend).start()
+def test_a_slow_listing_of_workers_never_blocks_the_pool_nor_starts_workers_beside_them(tmp_path, lk_a):
+    """PoolActor.setup lists the workers a previous incarnation left (a swarm manager is
+    asked once per worker): meanwhile the pool answers stats, and decides nothing."""
+    released = threading.Event()
+
+    def slow_list(real_list):  # the pool's own listing hangs until the test lets it go
+        released.wait(30)
+        return real_list("alpha")
+
+    rt, real_list = runtime_listing_with(tmp_path, lk_a, slow_list)
     try:
         pool = wait_until(lambda: rt.directory.get(pool_id("alpha")), 10, "the pool actor")
         answers: queue.Queue = queue.Queue()
@@ -90,21 +95,15 @@ def test_a_failed_listing_is_tried_again_without_a_crash_and_the_waiting_lease_i
     """A backend that cannot list for a moment (an engine blip as a client at zero is
     woken) must not crash the pool: each crash counts against the restart intensity that
     every pool shares, and three in ten seconds stop the runtime."""
-    from runtime.server.app import make_backend
+    failures = [1, 2]
 
-    env = write_config(tmp_path / "clients.yaml", [Client("alpha", lk_a, min_idle=1, max_size=2)])
-    settings = load_settings(tmp_path / "clients.yaml", env)
-    backend = make_backend(settings)
-    failures, real_list = [1, 2], backend.list
-
-    def flaky_list(client_id=None):
-        if client_id == "alpha" and failures:
+    def flaky_list(real_list):
+        if failures:
             failures.pop()
             raise OSError("the engine did not answer")
-        return real_list(client_id)
+        return real_list("alpha")
 
-    backend.list = flaky_list
-    rt = Runtime(settings, backend=backend).start()
+    rt, _ = runtime_listing_with(tmp_path, lk_a, flaky_list)
     try:
         pool = wait_until(lambda: rt.directory.get(pool_id("alpha")), 10, "the pool actor")
         answers: queue.Queue = queue.Queue()
