@@ -125,9 +125,8 @@ class PoolActor(Supervised):
         self.machine = PoolMachine(
             client.id, client.pool.min_idle, client.pool.max_size, config_fingerprint(client),
             lease_timeout_s=settings.lease_timeout_s, lost_timeout_s=settings.ready_timeout_s,
-            rest_after_s=rest_after_s if client.pool.min_idle == 0 else None,
+            rest_after_s=rest_after_s,  # never at rest while min_idle keeps a worker (desired > 0)
         )
-        self.rest_after_s = rest_after_s
         self.handles: dict[str, WorkerHandle] = {}
         self.addresses: dict[str, StatusAddress] = {}  # known once the backend started the worker
         # The LiveKit project each worker registered with: a dispatch must go there, even
@@ -207,7 +206,6 @@ class PoolActor(Supervised):
             case Reconfigure(client):
                 self.client = client
                 m.reconfigure(client.pool.min_idle, client.pool.max_size, config_fingerprint(client))
-                m.rest_after_s = self.rest_after_s if client.pool.min_idle == 0 else None
             case Drain(why):
                 logger.info("pool %s draining: %s", self.client.id, _DRAIN_SAYS[why])
                 m.drain(_DRAIN_CAUSE[why])

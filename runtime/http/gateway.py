@@ -52,7 +52,6 @@ from runtime.settings import ConfigError, LiveKitSettings
 logger = logging.getLogger("autonomite.gateway")
 
 
-
 @dataclass
 class Lifecycle:
     """The gateway's side of a shutdown (``runtime/server/serve.py`` owns the other): whether this
