@@ -105,7 +105,7 @@ class SqliteStore:
                                    (session_id,)).fetchone()
         return _record(row) if row else None
 
-    def list(self, client: str | None = None, since: float | None = None, until: float | None = None,
+    def page(self, client: str | None = None, since: float | None = None, until: float | None = None,
              after: tuple[float, str] | None = None, limit: int = 100) -> list[SessionRecord]:
         """Records in the order they were received; ``after``: the (received_at, id) of the
         last one of the page before (a stable cursor)."""

@@ -16,7 +16,7 @@ PROJECT = Path(__file__).resolve().parents[2]
 LAYERS: list[set[str]] = [
     {"agent"},
     {"runtime"},  # the foundation: runtime/*.py
-    {"runtime.backends", "runtime.livekit", "runtime.clients"},
+    {"runtime.backends", "runtime.livekit", "runtime.clients", "runtime.sessions"},
     {"actors"},
     {"runtime.http"},
     {"runtime.server"},

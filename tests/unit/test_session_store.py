@@ -27,11 +27,11 @@ def test_pages_by_client_and_time_with_a_stable_cursor(tmp_path):
     store = SqliteStore(tmp_path / "sessions.db")
     for i in range(7):
         store.put(SessionRecord(f"s{i}", "acme" if i % 2 == 0 else "globex", received_at=float(i // 2)))
-    acme = store.list(client="acme", limit=2)
+    acme = store.page(client="acme", limit=2)
     assert [r.id for r in acme] == ["s0", "s2"]
-    rest = store.list(client="acme", after=(acme[-1].received_at, acme[-1].id), limit=10)
+    rest = store.page(client="acme", after=(acme[-1].received_at, acme[-1].id), limit=10)
     assert [r.id for r in rest] == ["s4", "s6"]
-    assert [r.id for r in store.list(since=1.0, until=3.0)] == ["s2", "s3", "s4", "s5"]
+    assert [r.id for r in store.page(since=1.0, until=3.0)] == ["s2", "s3", "s4", "s5"]
 
 
 def test_usage_counts_sessions_by_cause_their_seconds_and_the_refused(tmp_path):
@@ -60,4 +60,4 @@ def test_a_sigkill_of_the_writer_loses_no_committed_record(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ}, cwd=os.getcwd())
     assert done.returncode == -9
-    assert len(SqliteStore(path).list(limit=1000)) == 50
+    assert len(SqliteStore(path).page(limit=1000)) == 50
