@@ -2,21 +2,29 @@
 
 Why SQLite: it needs no setting and no server, survives a SIGKILL of ``serve`` (a
 committed row is on disk), and answers the history and usage queries an operator bills
-from. One writer thread owns the connection; readers open their own (WAL lets them read
-while it writes). A record arrives in parts (the trigger, its answer, the agent's join,
-the end): each part is an upsert that fills what it knows and keeps what was there.
+from. It is also the outage buffer when records go on to Supabase: every change bumps a
+row's ``version``, and the shipper (``runtime/sessions/shipper.py``) sends the rows whose
+``version`` is past their ``shipped`` one, so a row written while Supabase is down is sent
+when it returns, and one sent twice is the same upsert.
+
+One connection writes, one reads, each behind its own lock (WAL lets a reader read while
+the writer writes); other processes (``autonomite usage``, the shipper) open their own.
+A record arrives in parts (the trigger, its answer, the agent's join, the end): each part
+is an upsert that fills what it knows and keeps what was there.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 EndCause = Literal["user_left", "room_finished", "no_show", "room_deleted", "worker_failed", "drained",
                    "runtime_restart"]
+FILE_NAME = "sessions.sqlite"  # in runtime.state_dir
 
 _SCHEMA = """
 create table if not exists sessions (
@@ -27,7 +35,7 @@ create table if not exists sessions (
     worker_id      text,
     backend        text,
     livekit_url    text,
-    email_hash     text,
+    user_hash      text,
     status         integer,
     error          text,
     end_cause      text,
@@ -35,16 +43,27 @@ create table if not exists sessions (
     answered_at    real,
     joined_at      real,
     user_joined_at real,
-    ended_at       real
+    ended_at       real,
+    version        integer not null default 1,
+    shipped        integer not null default 0
 );
 create index if not exists sessions_client_received on sessions (client, received_at);
+create index if not exists sessions_received on sessions (received_at);
+create index if not exists sessions_unshipped on sessions (id) where version > shipped;
+create table if not exists idle_seconds (
+    client  text not null,
+    minute  integer not null,  -- Unix time // 60: usage sums whole minutes
+    seconds real not null,
+    primary key (client, minute)
+);
 """
 
 
 @dataclass(frozen=True)
 class SessionRecord:
     """What is known of one trigger's session; None: not known (yet). Times are Unix seconds.
-    Never a secret, an email in clear or a context value: the email as the logs hash it."""
+    Never a secret, an email in clear or a context value: ``user_hash`` is the caller's
+    participant identity, a hash of the email, as the logs have it."""
 
     id: str
     client: str
@@ -52,15 +71,15 @@ class SessionRecord:
     room: str | None = None
     worker_id: str | None = None
     backend: str | None = None
-    livekit_url: str | None = None
-    email_hash: str | None = None
+    livekit_url: str | None = None  # the LiveKit project the worker registered with: its URL only
+    user_hash: str | None = None
     status: int | None = None  # the trigger's HTTP answer
     error: str | None = None  # its error code, if refused
     end_cause: EndCause | None = None
     received_at: float | None = None
     answered_at: float | None = None
-    joined_at: float | None = None
-    user_joined_at: float | None = None
+    joined_at: float | None = None  # the agent joined the room
+    user_joined_at: float | None = None  # the first end user did
     ended_at: float | None = None
 
     @property
@@ -70,45 +89,65 @@ class SessionRecord:
             return None
         return max(0.0, self.ended_at - self.joined_at)
 
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "seconds": self.seconds}
 
-_COLUMNS = [f.name for f in fields(SessionRecord)]
+
+COLUMNS = tuple(f.name for f in fields(SessionRecord))
+_SELECT = f"select {', '.join(COLUMNS)} from sessions"
+_UPSERT = (
+    f"insert into sessions ({', '.join(COLUMNS)}) values ({', '.join('?' * len(COLUMNS))}) "
+    "on conflict(id) do update set "
+    + ", ".join(f"{c} = coalesce(excluded.{c}, sessions.{c})" for c in COLUMNS if c != "id")
+    + ", version = sessions.version + 1"
+)
 
 
 class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # one writer connection, used from any thread in turn
-        self._db = self._connect()
+        self._write_lock, self._read_lock = threading.Lock(), threading.Lock()
+        self._db = connect(path)
         self._db.executescript(_SCHEMA)
+        self._reader = connect(path)
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.execute("pragma journal_mode=wal")
-        db.execute("pragma synchronous=normal")  # WAL: a crash of serve loses nothing committed
-        return db
+    # -- writing (the session log's thread) ------------------------------------------------
 
     def put(self, record: SessionRecord) -> None:
-        """Insert, or fill in what this part of the record knows (None keeps what is there)."""
-        values = asdict(record)
-        updates = ", ".join(f"{c} = coalesce(excluded.{c}, sessions.{c})" for c in _COLUMNS if c != "id")
-        with self._lock:
-            self._db.execute(
-                f"insert into sessions ({', '.join(_COLUMNS)}) values ({', '.join('?' * len(_COLUMNS))}) "
-                f"on conflict(id) do update set {updates}",
-                [values[c] for c in _COLUMNS],
-            )
+        self.write([record], {})
+
+    def write(self, records: Iterable[SessionRecord], idle: dict[tuple[str, int], float]) -> None:
+        """Parts of records and idle seconds by (client, minute), in one transaction: a batch
+        costs one fsync of the WAL, not one per part."""
+        with self._write_lock:
+            self._db.execute("begin")
+            try:
+                self._db.executemany(_UPSERT, [tuple(asdict(r).values()) for r in records])
+                self._db.executemany(
+                    "insert into idle_seconds values (?, ?, ?) "
+                    "on conflict(client, minute) do update set seconds = seconds + excluded.seconds",
+                    [(client, minute, s) for (client, minute), s in idle.items()],
+                )
+            except BaseException:
+                self._db.execute("rollback")
+                raise
+            self._db.execute("commit")
+
+    # -- reading (any thread) ----------------------------------------------------------------
+
+    def _read(self, query: str, args: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._read_lock:
+            return self._reader.execute(query, tuple(args)).fetchall()
 
     def get(self, session_id: str) -> SessionRecord | None:
-        with self._lock:
-            row = self._db.execute(f"select {', '.join(_COLUMNS)} from sessions where id = ?",
-                                   (session_id,)).fetchone()
-        return _record(row) if row else None
+        rows = self._read(f"{_SELECT} where id = ?", (session_id,))
+        return record(rows[0]) if rows else None
 
     def page(self, client: str | None = None, since: float | None = None, until: float | None = None,
              after: tuple[float, str] | None = None, limit: int = 100) -> list[SessionRecord]:
         """Records in the order they were received; ``after``: the (received_at, id) of the
-        last one of the page before (a stable cursor)."""
+        last one of the page before (a stable cursor: later records do not shift it)."""
         where, args = ["1 = 1"], []
         for clause, value in (("client = ?", client), ("received_at >= ?", since), ("received_at < ?", until)):
             if value is not None:
@@ -117,36 +156,55 @@ class SqliteStore:
         if after is not None:
             where.append("(received_at, id) > (?, ?)")
             args += list(after)
-        query = (f"select {', '.join(_COLUMNS)} from sessions where {' and '.join(where)} "
-                 "order by received_at, id limit ?")
-        with self._lock:
-            rows = self._db.execute(query, [*args, limit]).fetchall()
-        return [_record(r) for r in rows]
+        rows = self._read(f"{_SELECT} where {' and '.join(where)} order by received_at, id limit ?", [*args, limit])
+        return [record(r) for r in rows]
 
     def open_sessions(self) -> list[SessionRecord]:
         """Answered 200 and not ended: what a start after a crash must close or adopt."""
-        with self._lock:
-            rows = self._db.execute(f"select {', '.join(_COLUMNS)} from sessions "
-                                    "where status = 200 and ended_at is null").fetchall()
-        return [_record(r) for r in rows]
+        return [record(r) for r in self._read(f"{_SELECT} where status = 200 and ended_at is null")]
 
-    def usage(self, client: str, since: float, until: float) -> dict[str, Any]:
-        """Sessions by end cause, session seconds and refused triggers, received in [since, until)."""
-        with self._lock:
-            rows = self._db.execute(
-                "select coalesce(end_cause, case when status = 200 then 'open' else 'refused' end), count(*), "
-                "sum(case when joined_at is not null and ended_at is not null then max(0, ended_at - joined_at) "
-                "else 0 end) from sessions where client = ? and received_at >= ? and received_at < ? group by 1",
-                (client, since, until),
-            ).fetchall()
-        by_cause = {cause: count for cause, count, _ in rows}
-        return {"client": client, "sessions": by_cause, "session_seconds": sum(s or 0.0 for _, _, s in rows),
-                "refused": by_cause.get("refused", 0)}
+    def usage(self, client: str | None, since: float, until: float) -> dict[str, dict[str, Any]]:
+        """Per client: sessions by end cause, session seconds, idle worker seconds and refused
+        triggers, for sessions received in [since, until) and idle minutes in it."""
+        who, args = ("client = ? and ", [client]) if client is not None else ("", [])
+        rows = self._read(
+            "select client, coalesce(end_cause, case when status = 200 then 'open' when status is null "
+            "then 'pending' else 'refused' end), count(*), "
+            "sum(case when joined_at is not null and ended_at is not null then max(0, ended_at - joined_at) "
+            f"else 0 end) from sessions where {who}received_at >= ? and received_at < ? group by 1, 2",
+            [*args, since, until],
+        )
+        idle = self._read(f"select client, sum(seconds) from idle_seconds where {who}minute >= ? and minute < ? "
+                          "group by 1", [*args, int(since // 60), int(-(-until // 60))])
+        out: dict[str, dict[str, Any]] = {}
+        for cid, cause, count, seconds in rows:
+            u = out.setdefault(cid, _empty_usage())
+            u["sessions"][cause] = count
+            u["session_seconds"] = round(u["session_seconds"] + (seconds or 0.0), 3)
+            if cause == "refused":
+                u["refused"] = count
+        for cid, seconds in idle:
+            out.setdefault(cid, _empty_usage())["idle_worker_seconds"] = round(seconds or 0.0, 3)
+        return out
 
     def close(self) -> None:
-        with self._lock:
+        with self._write_lock, self._read_lock:
             self._db.close()
+            self._reader.close()
 
 
-def _record(row: tuple[Any, ...]) -> SessionRecord:
-    return SessionRecord(**dict(zip(_COLUMNS, row, strict=True)))
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection as every user of the file needs it: WAL, and waiting (not failing) on a
+    lock another process holds for a moment (the shipper, ``autonomite usage``)."""
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
+    db.execute("pragma journal_mode=wal")
+    db.execute("pragma synchronous=normal")  # WAL: a crash of serve loses nothing committed
+    return db
+
+
+def record(row: tuple[Any, ...]) -> SessionRecord:
+    return SessionRecord(**dict(zip(COLUMNS, row, strict=True)))
+
+
+def _empty_usage() -> dict[str, Any]:
+    return {"sessions": {}, "session_seconds": 0.0, "idle_worker_seconds": 0.0, "refused": 0}

@@ -21,6 +21,8 @@ def test_a_record_arrives_in_parts_and_each_part_keeps_what_the_others_said(tmp_
                                 end_cause="user_left", received_at=100.0, answered_at=100.3, joined_at=100.4,
                                 user_joined_at=101.0, ended_at=160.4)
     assert got.seconds == 60.0
+    version, shipped = store._read("select version, shipped from sessions where id = 's1'")[0]
+    assert (version, shipped) == (4, 0)  # each part is a change the shipper must send
 
 
 def test_pages_by_client_and_time_with_a_stable_cursor(tmp_path):
@@ -41,9 +43,12 @@ def test_usage_counts_sessions_by_cause_their_seconds_and_the_refused(tmp_path):
     store.put(SessionRecord("c", "acme", status=503, error="no_idle_worker", received_at=30))
     store.put(SessionRecord("d", "acme", status=200, received_at=40, joined_at=41))  # still going
     store.put(SessionRecord("e", "globex", status=200, received_at=15, joined_at=16, ended_at=99, end_cause="user_left"))
-    usage = store.usage("acme", 0, 100)
+    store.write([], {("acme", 0): 30.0, ("acme", 1): 12.5, ("acme", 5): 99.0})  # minute 5: after the range
+    usage = store.usage("acme", 0, 100)["acme"]
     assert usage["sessions"] == {"user_left": 1, "no_show": 1, "refused": 1, "open": 1}
     assert usage["session_seconds"] == 90.0 and usage["refused"] == 1
+    assert usage["idle_worker_seconds"] == 42.5
+    assert set(store.usage(None, 0, 100)) == {"acme", "globex"}
     assert [r.id for r in store.open_sessions()] == ["d"]
 
 
