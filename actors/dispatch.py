@@ -60,6 +60,7 @@ from runtime.errors import describe
 from runtime.livekit.client import LiveKitClient, participant_token
 from runtime.livekit.handoff import Handoff, WorkerControl, hand_off
 from runtime.metrics import Metrics
+from runtime.sessions.log import SessionLog, user_hash
 from runtime.settings import AgentSettings, ClientSettings, DispatchSettings, LiveKitSettings
 
 logger = logging.getLogger("autonomite.dispatch")
@@ -120,11 +121,13 @@ class DispatchActor(Supervised):
         settings: DispatchSettings = DispatchSettings(),  # noqa: B008 - an immutable model
         wake_pool: Callable[[str, Callable[[bool], None]], None] = lambda client_id, done: done(False),
         rest_pool: Callable[[str, pykka.ActorRef[Any], Callable[[bool], None]], None] = lambda cid, pool, done: None,
+        sessions: SessionLog | None = None,
         supervisor: pykka.ActorRef[Any] | None = None,
         child_id: str = "",
     ) -> None:
         super().__init__(supervisor, child_id)
         self.directory = directory
+        self.records = sessions  # every trigger's record (only told: a queue, never waited on)
         # A client at zero has no pool until a trigger needs one: wake_pool(client, done)
         # asks the supervisor to start it (done(ok) comes back on its thread); rest_pool
         # has a pool at rest stopped. Both only tell the supervisor: they never block.
@@ -149,6 +152,10 @@ class DispatchActor(Supervised):
             case Trigger():
                 trigger_id = next(self.ids)
                 self.in_flight[trigger_id] = _InFlight(message, 1, time.perf_counter())
+                if self.records is not None:
+                    r = message.request
+                    self.records.received(message.session_id, r.client_id, r.agent, r.room_name,
+                                           user_hash(r.user_email), message.received_at or time.time())
                 self._ask_pool(trigger_id)
             case Leased():
                 self._leased(message)
@@ -228,6 +235,8 @@ class DispatchActor(Supervised):
             self._tell_pool(lease.client_id, ReturnLease(lease.worker_id, lease.lease_id))
             return
         self.in_flight[lease.trigger_id] = replace(flight, leased=True)
+        if self.records is not None:
+            self.records.leased(flight.trigger.session_id, lease.client_id, lease.worker_id, lease.project.url)
         request, client = flight.trigger.request, flight.trigger.client
         agent = client.agent(request.agent)
         assert agent is not None  # the gateway found it in this same snapshot of the client
@@ -285,6 +294,7 @@ class DispatchActor(Supervised):
         identity = _user_identity(trigger.request.user_email)
         logger.info("dispatched %s to room %s (%s), accepted", lease.agent_name, room, handoff.dispatch_id)
         body = {
+            "session_id": trigger.session_id,
             "dispatch_id": handoff.dispatch_id,
             "room_name": room,
             "worker_id": lease.worker_id,
@@ -329,6 +339,9 @@ class DispatchActor(Supervised):
             return
         self.metrics.triggers.labels(flight.trigger.client.id, outcome).inc()
         flight.trigger.reply(result)
+        if self.records is not None:
+            error = None if result.status == 200 else str(result.body.get("error"))
+            self.records.answered(flight.trigger.session_id, flight.trigger.client.id, result.status, error)
 
     def _tell_pool(self, client_id: str, message: object) -> None:
         pool = self.directory.get(pool_id(client_id), draining=True)
@@ -357,8 +370,7 @@ def _to_pool(lease: Leased, verdict: LeaseVerdict) -> ReturnLease | LeaseFailed:
 
 def _user_identity(email: str | None) -> str:
     # The email is personal data; the identity LiveKit sees and logs is a hash of it.
-    seed = email.lower() if email else f"{time.time_ns()}"
-    return "user-" + hashlib.sha256(seed.encode()).hexdigest()[:12]
+    return user_hash(email) or "user-" + hashlib.sha256(f"{time.time_ns()}".encode()).hexdigest()[:12]
 
 
 def _log_failure(what: str, future: Future[Any]) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pykka
 
 from actors.pool_effects import LeaseFailure, WorkerState
-from agent.contract import ReportedState, StatusAddress
+from agent.contract import Milestones, ReportedState, StatusAddress
 from runtime.backends.base import WorkerHandle
 from runtime.settings import ClientSettings, LiveKitSettings
 
@@ -239,6 +239,7 @@ class WorkerStatus:
     registered: bool
     state: ReportedState
     lease_id: str | None = None
+    session: Milestones = Milestones()
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,8 @@ class Trigger:
     request: TriggerRequest
     client: ClientSettings
     reply: Reply = field(compare=False)
+    session_id: str = ""  # names its session record (and the 200's session_id)
+    received_at: float = 0.0  # Unix seconds, when the gateway read it
 
 
 @dataclass(frozen=True)

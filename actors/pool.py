@@ -77,6 +77,7 @@ from runtime.backends.base import WorkerBackend, WorkerHandle, WorkerSpec
 from runtime.backends.ports import free_port
 from runtime.metrics import WORKER_STATES, Metrics
 from runtime.secrets import fingerprint
+from runtime.sessions.log import SessionLog
 from runtime.settings import ClientSettings, LiveKitSettings, WorkerSettings
 
 logger = logging.getLogger("autonomite.pool")
@@ -108,10 +109,15 @@ class PoolActor(Supervised):
         status_key: str = "",
         rest_after_s: float | None = None,
         forget_metrics: Callable[[str], None] | None = None,
+        sessions: SessionLog | None = None,
         supervisor: pykka.ActorRef[Any] | None = None,
         child_id: str = "",
     ) -> None:
         super().__init__(supervisor, child_id)
+        # Where its workers' sessions and idle time are recorded (off this thread: a queue).
+        self.sessions = sessions
+        self.idle_clock = (time.monotonic(), 0)  # since when, how many workers were idle
+        self.idle_owed = 0.0  # idle worker seconds not told yet (told a second's worth at a time)
         self.tell_dispatch = tell_dispatch  # a session ended; the pool is at rest
         # Its client's series go when it stops; the runtime's hook keeps those of a new
         # incarnation already started (woken by a trigger as this one drained).
@@ -217,8 +223,10 @@ class PoolActor(Supervised):
                 self.handles[worker_id], self.addresses[worker_id] = handle, self._address(handle)
                 if not m.started(worker_id):  # retired before the backend even answered
                     _watch.stop_worker(self.executor, self.backend, handle)
-            case WorkerStatus(worker_id, registered, state, lease_id):
+            case WorkerStatus(worker_id, registered, state, lease_id, session):
                 m.status(worker_id, registered, state, lease_id, now)
+                if self.sessions is not None and session != (False, False, None):
+                    self.sessions.progress(self.client.id, worker_id, session)
             case WorkerStartFailed(worker_id, reason, started):
                 m.start_failed(worker_id, reason, started, now)
             case WorkerExited(worker_id, exit_code, oom):
@@ -307,6 +315,8 @@ class PoolActor(Supervised):
                     timers.after(max(0.0, at - time.monotonic()), self.actor_ref, CheckLease(worker_id, lease_no))
                 case SessionOver(worker_id, failed):
                     self.tell_dispatch(SessionEnded(cid, worker_id, failed))
+                    if self.sessions is not None:
+                        self.sessions.worker_gone(cid, worker_id, failed)
                 case Exited(worker_id, cause, code):
                     self.metrics.worker_exits.labels(cid, cause).inc()
                     logger.info("pool %s: worker %s exited (%s, code %s)", cid, worker_id, cause, code)
@@ -328,6 +338,7 @@ class PoolActor(Supervised):
                     self.tell_dispatch(PoolIdle(cid, self.actor_ref))
                 case Drained():
                     logger.info("pool %s drained and stopped", cid)
+                    self._count_idle(0, flush_below_s=0)  # before its series go
                     self.forget_metrics(cid)
                     self.actor_ref.stop(block=False)
                     return
@@ -392,6 +403,7 @@ class PoolActor(Supervised):
         """The pool's gauges, set only when they changed: every message ends here, and a
         storm of refused leases changes none of them."""
         stats = self._stats()
+        self._count_idle(stats.idle)
         shown = (stats.starting, stats.idle, stats.leased, stats.draining, stats.utilization, stats.min_idle,
                  stats.max_size, stats.target, stats.backoff_s, self.metrics.forgotten(self.client.id))
         if shown == self.published:
@@ -406,8 +418,21 @@ class PoolActor(Supervised):
         self.metrics.target.labels(cid).set(stats.target)
         self.metrics.backoff.labels(cid).set(stats.backoff_s)
 
+    def _count_idle(self, idle: int, flush_below_s: float = 1.0) -> None:
+        """Idle worker seconds: what this client's warm capacity cost (a counter, and usage)."""
+        now = time.monotonic()
+        since, count = self.idle_clock
+        self.idle_owed += count * max(0.0, now - since)
+        self.idle_clock = (now, idle)
+        if self.idle_owed >= flush_below_s or (flush_below_s == 0 and self.idle_owed > 0):
+            self.metrics.idle_worker_seconds.labels(self.client.id).inc(self.idle_owed)
+            if self.sessions is not None:
+                self.sessions.idle(self.client.id, self.idle_owed)
+            self.idle_owed = 0.0
+
     def on_stop(self) -> None:
         """A normal stop (shutdown or drained, not a crash): the workers go with the pool."""
+        self._count_idle(0, flush_below_s=0)
         if self.wake_timer is not None:
             self.wake_timer.cancel()
         held = [m for m in self.deferred or [] if isinstance(m, Lease)]  # stopped while adopting

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.contract import ReportedState, Status
+from agent.contract import Milestones, ReportedState, Status
 
-Seen = tuple[bool, ReportedState, str | None]  # registered, state, lease id
+Seen = tuple[bool, ReportedState, str | None, Milestones]  # registered, state, lease id, session
 SILENT: Status = {"registered": False, "state": "starting"}  # what a silent worker counts as
 
 
@@ -41,7 +41,8 @@ class Debounce:
             status = SILENT
         if status is None:
             return None
-        seen: Seen = (bool(status.get("registered")), status.get("state", "starting"), status.get("lease_id"))
+        session = Milestones(bool(status.get("in_room")), bool(status.get("user_joined")), status.get("end_cause"))
+        seen: Seen = (bool(status.get("registered")), status.get("state", "starting"), status.get("lease_id"), session)
         due = seen != self.last or self.sent_at is None or now - self.sent_at >= self.resend_s
         tell = (self.ever_registered or seen[0]) and due
         if tell:

@@ -23,9 +23,13 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, TypedDict, cast, get_args
+from typing import Any, Literal, NamedTuple, TypedDict, cast, get_args
 
 ReportedState = Literal["starting", "idle", "claimed", "busy", "draining"]
+# Why a session ended, as its record and its webhook say it. The worker reports the first
+# five; the runtime knows the rest (a worker that died, a restart that found it gone).
+EndCause = Literal["user_left", "room_finished", "no_show", "room_deleted", "drained", "worker_failed",
+                   "runtime_restart"]
 DEFAULT_END_OF_TURN_S = 0.55  # silero's own silence window; AgentSettings.end_of_turn_s defaults to it
 
 
@@ -93,7 +97,18 @@ class Status(TypedDict, total=False):
     registered: bool  # with LiveKit, right now
     lease_id: str | None  # the lease it holds, if any
     job_id: str | None  # the LiveKit job it accepted, if any
+    in_room: bool  # its agent joined the session's room
+    user_joined: bool  # an end user did
+    end_cause: EndCause | None  # the session is over, and why
     etag: str  # changes whenever anything above does (long polls wait on it)
+
+
+class Milestones(NamedTuple):
+    """How far a worker's session got, from its status: what the session's record is made of."""
+
+    in_room: bool = False
+    user_joined: bool = False
+    end_cause: EndCause | None = None
 
 
 class Env:
@@ -205,6 +220,8 @@ def parse_status(raw: object) -> Status | None:
     its answer is checked before the pool acts on it."""
     if not isinstance(raw, dict) or raw.get("state", "starting") not in get_args(ReportedState):
         return None
-    if not isinstance(raw.get("registered", False), bool):
+    if not all(isinstance(raw.get(k, False), bool) for k in ("registered", "in_room", "user_joined")):
+        return None
+    if raw.get("end_cause") not in (None, *get_args(EndCause)):
         return None
     return cast(Status, {k: v for k, v in raw.items() if k in Status.__annotations__})

@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from agent.contract import ReportedState, Status, WorkerConfig
+from agent.contract import EndCause, ReportedState, Status, WorkerConfig
 
 CLAIM_TIMEOUT_S = 30.0  # claimed and no job by then: the runtime lost track of it; exit
 FLAG_CHECK_S = 0.5  # how often a status long poll looks at the LiveKit connection flag
@@ -39,6 +39,10 @@ class LeaseBook:
         self.is_connected = is_connected  # set to the LiveKit connection once the server exists
         self.runtime_gone = False  # the runtime that started it died: never claimed again
         self.heard_at = time.monotonic()  # the last authenticated status call: a runtime follows us
+        # The session's milestones, for its record (the runtime stamps the time it hears them).
+        self.in_room = False
+        self.user_joined = False
+        self.end_cause: EndCause | None = None
 
     @property
     def state(self) -> ReportedState:
@@ -51,7 +55,23 @@ class LeaseBook:
 
     def etag(self) -> str:
         """Names what the runtime follows: a status long poll answers when it changes."""
-        return f"{self.state}:{int(self.registered)}:{self.lease_id or ''}"
+        return (f"{self.state}:{int(self.registered)}:{self.lease_id or ''}:{int(self.in_room)}"
+                f"{int(self.user_joined)}:{self.end_cause or ''}")
+
+    def joined(self) -> None:
+        self.in_room = True
+        self.changed.set()
+
+    def user_came(self) -> None:
+        self.user_joined = True
+        self.changed.set()
+
+    def ended(self, cause: EndCause) -> None:
+        """The first cause is the one: an end that follows an end (a drain after the caller
+        left) does not rename it."""
+        if self.end_cause is None:
+            self.end_cause = cause
+            self.changed.set()
 
     async def changed_from(self, etag: str, wait: float) -> None:
         """Return once the status differs from ``etag``, or after ``wait`` seconds. State
@@ -120,5 +140,8 @@ class LeaseBook:
             "registered": self.registered,
             "lease_id": self.lease_id,
             "job_id": self.accepted_job,
+            "in_room": self.in_room,
+            "user_joined": self.user_joined,
+            "end_cause": self.end_cause,
             "etag": self.etag(),
         }

@@ -22,15 +22,15 @@ import asyncio
 import json
 import logging
 import weakref
-from collections.abc import AsyncIterable
-from typing import Any
+from collections.abc import AsyncIterable, Callable
+from typing import Any, Literal
 
 from livekit import api
 from livekit.agents import Agent, AgentSession, JobContext, TurnHandlingOptions, llm, stt
 from livekit.agents.voice.room_io import RoomOptions
 
 from agent import hearing, priming, providers
-from agent.contract import CatalogAgent
+from agent.contract import CatalogAgent, EndCause
 from agent.hearing import Hearing
 from agent.offline_llm import KNOWLEDGE_HEADER
 from agent.presence import Presence, users
@@ -41,6 +41,24 @@ logger = logging.getLogger("autonomite.agent.session")
 
 GREETING_RELEASE_S = 2.0  # the session lets go of a said greeting within this (agent_activity)
 CONNECT_TIMEOUT_S = 10.0  # joining takes well under a second; longer means the room is gone
+
+Milestone = Literal["in_room", "user_joined"]  # what a session's record notes as it happens
+
+# Why each end of a session happens, as its record says it: the reasons passed to
+# ctx.shutdown here, livekit-agents' own, and the room events the runtime passes on.
+_CAUSES: dict[str, EndCause] = {
+    "user left": "user_left", "participant_left": "user_left",
+    "no user joined": "no_show",
+    "room deleted": "room_deleted", "could not join the room": "room_deleted",
+    "room disconnected": "room_deleted",  # livekit-agents: the server closed the agent's connection
+    "room_finished": "room_finished",
+}
+
+
+def end_cause(reason: str) -> EndCause:
+    """Anything else ended the session from inside the worker (a deaf agent, a crash of
+    livekit-agents' job): the worker failed it."""
+    return _CAUSES.get(reason, "worker_failed")
 
 
 class PrimedAgent(Agent):
@@ -94,7 +112,7 @@ _presence: weakref.WeakKeyDictionary[JobContext, Presence] = weakref.WeakKeyDict
 
 async def run_session(
     ctx: JobContext, catalog: list[CatalogAgent], knowledge: KnowledgeBase | None, user_join_timeout_s: float,
-    rejoin_grace_s: float,
+    rejoin_grace_s: float, milestone: Callable[[Milestone], None] = lambda _: None,
 ) -> None:
     """Join, start the agent, and return: the entrypoint never blocks on the end user.
 
@@ -129,6 +147,7 @@ async def run_session(
         ctx.shutdown("room deleted")
         return
     logger.info("joined room %s", ctx.room.name)
+    milestone("in_room")
     stt = providers.make_stt(config.stt)
     tts = providers.make_tts(config.tts, config.voice_id)
     # Without speech input there are no turns to detect: a typed message is a turn. Left to
@@ -161,7 +180,7 @@ async def run_session(
         _log_voice_metrics(session)
         watching = background(hearing.watch(ctx.room, session, agent.hearing, ctx.shutdown))
         session.on("close", lambda _: watching.cancel())
-    background(_greet_or_give_up(ctx, session, user_join_timeout_s, agent.greeted))
+    background(_greet_or_give_up(ctx, session, user_join_timeout_s, agent.greeted, milestone))
 
 
 def _log_voice_metrics(session: AgentSession[Any]) -> None:
@@ -179,13 +198,14 @@ def _log_voice_metrics(session: AgentSession[Any]) -> None:
 
 
 async def _greet_or_give_up(ctx: JobContext, session: AgentSession[Any], join_timeout_s: float,
-                            greeted: asyncio.Event) -> None:
+                            greeted: asyncio.Event, milestone: Callable[[Milestone], None]) -> None:
     try:
         await asyncio.wait_for(ctx.wait_for_participant(), join_timeout_s)
     except TimeoutError:
         logger.info("no end user joined within %g s; ending the session", join_timeout_s)
         ctx.shutdown("no user joined")
         return
+    milestone("user_joined")
     # The first words: a greeting that already knows the user. Nothing the caller says
     # interrupts it; what they said meanwhile is answered once it has been said.
     try:

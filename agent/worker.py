@@ -39,7 +39,7 @@ async def run_worker(config: WorkerConfig) -> int:
     from agent import providers
     from agent.last_words import say_then_end
     from agent.rag import KnowledgeBase
-    from agent.session import end_session, run_session
+    from agent.session import Milestone, end_cause, end_session, run_session
 
     state = LeaseBook(config)
     # livekit-agents' job-runner warm-up loads local VAD and end-of-turn models (~250 MB)
@@ -90,20 +90,26 @@ async def run_worker(config: WorkerConfig) -> int:
     async def entry(ctx: JobContext) -> None:
         async def on_shutdown(reason: str) -> None:
             logger.info("session over: %s", reason)
-            # Shutdown callbacks run on the job's loop; the event belongs to ours.
+            # Shutdown callbacks run on the job's loop; the lease book and the event are ours.
+            loop.call_soon_threadsafe(state.ended, end_cause(reason))
             loop.call_soon_threadsafe(session_over.set)
+
+        def milestone(what: Milestone) -> None:  # from the job's loop, like on_shutdown
+            loop.call_soon_threadsafe(state.joined if what == "in_room" else state.user_came)
 
         ctx.add_shutdown_callback(on_shutdown)
         # The job runs on a loop of its own (thread executor); /end reaches it through here.
         job_loop, entry_task = asyncio.get_running_loop(), asyncio.current_task()
         def end_from_any_thread(reason: str, if_no_users: bool, say: bool = False) -> None:
-            if say:
+            if say:  # the runtime ends its sessions: it is shutting down, or the pool draining
+                state.ended("drained")  # (called on our loop, by the status port)
                 job_loop.call_soon_threadsafe(say_then_end, ctx, entry_task, reason)
             else:
                 job_loop.call_soon_threadsafe(end_session, ctx, entry_task, reason, if_no_users)
 
         state.end_session = end_from_any_thread
-        await run_session(ctx, config.catalog, knowledge, config.user_join_timeout_s, config.rejoin_grace_s)
+        await run_session(ctx, config.catalog, knowledge, config.user_join_timeout_s, config.rejoin_grace_s,
+                          milestone)
 
     server.on("worker_registered", lambda *_: _mark_idle(state))
 
@@ -136,6 +142,8 @@ async def run_worker(config: WorkerConfig) -> int:
         logger.error("worker stopped unexpectedly: %s", exc)
         exit_code = 1
     else:
+        if stop_requested.is_set() and state.accepted_job:
+            state.ended("drained")  # stopped mid-session (no cause yet: its session was not over)
         state.state = "draining"
         if stop_requested.is_set() or state.runtime_gone:
             _exit_hard_after(DRAIN_TIMEOUT_S + 5)  # whoever stopped us may not be there to kill us

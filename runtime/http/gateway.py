@@ -19,6 +19,8 @@ import bisect
 import json
 import logging
 import secrets
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,22 +33,22 @@ from pydantic import ValidationError
 from actors import pool_id
 from actors.messages import Crash, GetStats, PoolStats, Trigger, TriggerRequest, TriggerResult
 from runtime.http import bridge
+from runtime.http.auth import AUTH_FAILURES, auth_failed, bearer, is_admin, peer, refuse_if_blocked, require_admin
 from runtime.http.errors import Refusal, error, json_errors
 from runtime.http.guard import (
     MAX_JSON_DEPTH,
     AuthFailureLimiter,
     RecentIds,
-    bearer_token,
     is_json_object,
     nested_deeper_than,
-    retry_after_header,
 )
 from runtime.http.metrics_listener import metrics
 from runtime.http.models import ErrorCode, TriggerBody, parse_stats_query, summarize
 from runtime.http.openapi import OPENAPI_PATH, serve_openapi
 from runtime.http.service import RUNTIME, Service
+from runtime.http.sessions import sessions, usage
 from runtime.livekit.client import LIVEKIT_EVENTS, InvalidEvent, parse_webhook, verify_webhook
-from runtime.secrets import same_secret
+from runtime.sessions.log import user_hash
 from runtime.settings import ConfigError, LiveKitSettings
 
 logger = logging.getLogger("autonomite.gateway")
@@ -64,7 +66,6 @@ class Lifecycle:
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 MAX_BODY = web.AppKey("max_body", int)
 BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
-AUTH_FAILURES = web.AppKey("auth_failures", AuthFailureLimiter)
 WEBHOOK_IDS = web.AppKey("webhook_ids", RecentIds)
 
 # Webhooks for an unknown client are checked against this key pair, which nobody holds, so
@@ -90,41 +91,7 @@ async def close_while_draining(request: web.Request, handler: Handler) -> web.St
     return response
 
 
-# -- authentication and bodies -------------------------------------------------------------
-
-
-def _peer(request: web.Request) -> str:
-    """The TCP peer. Behind a proxy that is the proxy: X-Forwarded-For is anyone's to forge."""
-    return request.remote or "unknown"
-
-
-def _refuse_if_blocked(request: web.Request) -> None:
-    """429 for an address with too many recent failures, before its token is even looked at."""
-    wait = request.app[AUTH_FAILURES].retry_after(_peer(request))
-    if wait:
-        raise Refusal(429, "too_many_failures", "too many failed authentications from this address",
-                      {"Retry-After": retry_after_header(wait)})
-
-
-def _auth_failed(request: web.Request, code: ErrorCode, detail: str) -> Refusal:
-    request.app[AUTH_FAILURES].failed(_peer(request))
-    return Refusal(401, code, detail)
-
-
-def _bearer(request: web.Request) -> str | None:
-    return bearer_token(request.headers.get("Authorization", ""))
-
-
-def _is_admin(request: web.Request) -> bool:
-    token = _bearer(request)
-    expected = request.app[RUNTIME].settings.runtime.admin_token.get_secret_value()
-    return token is not None and same_secret(token, expected)
-
-
-def _require_admin(request: web.Request) -> None:
-    _refuse_if_blocked(request)
-    if not _is_admin(request):
-        raise _auth_failed(request, "unauthorized", "the admin token is required")
+# -- bodies ----------------------------------------------------------------------------------
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -165,30 +132,42 @@ def parse_trigger(raw: bytes) -> TriggerBody:
 
 async def trigger(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    _refuse_if_blocked(request)
-    token = _bearer(request)
+    refuse_if_blocked(request)
+    token = bearer(request)
     caller = runtime.client_by_token(token) if token else None
     if caller is None:
-        raise _auth_failed(request, "unauthorized", "a valid client bearer token is required")
+        raise auth_failed(request, "unauthorized", "a valid client bearer token is required")
     body = parse_trigger(await _read_body(request))
     if body.client_id != caller.id:
         if runtime.settings.client(body.client_id) is None:
             return error(404, "unknown_client", f"no client {body.client_id!r}")
         return error(403, "forbidden", "this token belongs to another client")
+    session_id, received_at = uuid.uuid4().hex, time.time()  # from here on, the trigger has a record
+
+    def refused(status: int, code: ErrorCode) -> None:
+        if runtime.sessions is not None:
+            runtime.sessions.refused(session_id, caller.id, body.agent, body.room_name, user_hash(body.user_email),
+                                     received_at, status, code)
+
     if caller.agent(body.agent) is None:
+        refused(404, "unknown_agent")
         return error(404, "unknown_agent", f"client {caller.id!r} has no agent {body.agent!r}")
     if request.app[LIFECYCLE].draining:
+        refused(503, "draining")
         raise _draining(request)
     dispatch = runtime.directory.get("dispatch")
     if dispatch is None:
+        refused(503, "restarting")
         return error(503, "restarting", "the dispatcher is restarting", **{"Retry-After": "1"})
     req = TriggerRequest(
         body.client_id, body.agent, body.room_name, body.user_email, body.context, body.conversation_id
     )
     deadline_s = runtime.settings.runtime.dispatch.deadline_s  # the dispatcher answers by then
     try:
-        result: TriggerResult = await bridge.ask(lambda reply: dispatch.tell(Trigger(req, caller, reply)), deadline_s)
+        result: TriggerResult = await bridge.ask(
+            lambda reply: dispatch.tell(Trigger(req, caller, reply, session_id, received_at)), deadline_s)
     except pykka.ActorDeadError:  # it died between the look-up and the tell
+        refused(503, "restarting")
         return error(503, "restarting", "the dispatcher is restarting", **{"Retry-After": "1"})
     except TimeoutError:
         return error(504, "timeout", "the dispatch did not complete in time")
@@ -212,7 +191,7 @@ async def stats(request: web.Request) -> web.Response:
     1,000, ``?cursor=`` from the last page's ``next_cursor``) with totals over every pool.
     Only running pools are asked (a client at zero has none): the answer costs what the
     active clients cost, however many are configured."""
-    _require_admin(request)
+    require_admin(request)
     runtime = request.app[RUNTIME]
     try:
         query = parse_stats_query(request.query)
@@ -271,10 +250,10 @@ async def readyz(request: web.Request) -> web.Response:
     """
     admin = False
     if "Authorization" in request.headers:
-        _refuse_if_blocked(request)
-        admin = _is_admin(request)
+        refuse_if_blocked(request)
+        admin = is_admin(request)
         if not admin:
-            request.app[AUTH_FAILURES].failed(_peer(request))
+            request.app[AUTH_FAILURES].failed(peer(request))
     if request.app[LIFECYCLE].draining:
         return web.json_response({"status": "draining"}, status=503)
     waiting = await warming(request.app[RUNTIME])
@@ -307,7 +286,7 @@ async def livekit_webhook(request: web.Request) -> web.Response:
     Verified events are counted per client and event: the usage record billing starts from.
     """
     runtime = request.app[RUNTIME]
-    _refuse_if_blocked(request)
+    refuse_if_blocked(request)
     client = runtime.settings.client(request.match_info["client_id"])
     raw = await _read_body(request)
     try:
@@ -317,7 +296,7 @@ async def livekit_webhook(request: web.Request) -> web.Response:
             raise ValueError("no such client")  # unreachable: nobody holds _NOBODY's secret
     except Exception:  # noqa: BLE001 - any failure to verify is the same answer, and says nothing more
         logger.warning("rejected a LiveKit webhook for %r: signature did not verify", request.match_info["client_id"])
-        raise _auth_failed(request, "invalid_signature", "the webhook is not signed with this client's key") from None
+        raise auth_failed(request, "invalid_signature", "the webhook is not signed with this client's key") from None
     if not is_json_object(raw):  # signed, but no event: counted nowhere (found by tests/integration/test_fuzz.py)
         raise Refusal(400, "malformed_json", "the webhook body must be a JSON object (a LiveKit WebhookEvent)")
     try:
@@ -341,7 +320,7 @@ async def livekit_webhook(request: web.Request) -> web.Response:
 
 
 async def reload(request: web.Request) -> web.Response:
-    _require_admin(request)
+    require_admin(request)
     if request.app[LIFECYCLE].draining:
         raise _draining(request)
     runtime = request.app[RUNTIME]
@@ -355,7 +334,7 @@ async def reload(request: web.Request) -> web.Response:
 
 async def shutdown(request: web.Request) -> web.Response:
     """Drain, as on SIGTERM; with ``now=1``, end every session and stop at once."""
-    _require_admin(request)
+    require_admin(request)
     now = request.query.get("now", "0")
     if now not in ("0", "1"):
         raise Refusal(422, "invalid_body", "the query failed validation",
@@ -369,7 +348,7 @@ async def crash_pool(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     if not runtime.settings.runtime.fault_injection:
         raise web.HTTPNotFound()
-    _require_admin(request)
+    require_admin(request)
     ref = runtime.directory.get(pool_id(request.match_info["client_id"]))
     if ref is None:
         return error(404, "unknown_client", "no such pool")
@@ -389,6 +368,8 @@ class Route:
 ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/v1/trigger", trigger),
     Route("GET", "/api/v1/containers/pool/stats", stats),
+    Route("GET", "/api/v1/sessions", sessions),
+    Route("GET", "/api/v1/usage", usage),
     Route("POST", "/api/v1/admin/reload", reload),
     Route("POST", "/api/v1/admin/shutdown", shutdown),
     Route("POST", "/api/v1/webhooks/livekit/{client_id}", livekit_webhook),

@@ -7,10 +7,12 @@ the document cannot drift from the validation it describes.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -97,3 +99,82 @@ def summarize(configured: int, running: Iterable[PoolStats]) -> dict[str, int]:
             totals[key] += getattr(s, key)
     return totals
 
+
+
+# -- session records: GET /api/v1/sessions and /api/v1/usage ----------------------------
+
+SESSIONS_MAX_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class SessionsQuery:
+    client: str | None = None
+    since: float | None = None  # Unix seconds, received at or after
+    until: float | None = None  # received before
+    after: tuple[float, str] | None = None  # the cursor: the last record of the page before
+    limit: int = 100
+
+
+@dataclass(frozen=True)
+class UsageQuery:
+    client: str | None
+    since: float
+    until: float
+
+
+def parse_time(name: str, value: str) -> float:
+    """Unix seconds, or an ISO 8601 date or time (UTC unless it names its offset)."""
+    try:
+        return float(value) if value.replace(".", "", 1).isdigit() else _iso(value)
+    except (ValueError, OverflowError):
+        raise ValueError(f"{name} must be Unix seconds or an ISO 8601 time, like 2026-11-01T00:00:00Z") from None
+
+
+def _iso(value: str) -> float:
+    at = datetime.fromisoformat(value)
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+
+
+def encode_cursor(received_at: float, session_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([received_at, session_id]).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        at, sid = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if isinstance(at, int | float) and isinstance(sid, str):
+            return float(at), sid
+    except (ValueError, TypeError):
+        pass
+    raise ValueError("cursor is not a next_cursor this route gave")
+
+
+def _known(query: Mapping[str, str], names: tuple[str, ...]) -> None:
+    unknown = sorted(set(query) - set(names))
+    if unknown:
+        raise ValueError(f"unknown parameter {unknown[0]!r}: the parameters are {', '.join(names)}")
+    client = query.get("client")
+    if client is not None and not 1 <= len(client) <= 64:
+        raise ValueError("client must be a client id (1 to 64 characters)")
+
+
+def parse_sessions_query(query: Mapping[str, str]) -> SessionsQuery:
+    _known(query, ("client", "since", "until", "cursor", "limit"))
+    limit = query.get("limit", "100")
+    if not limit.isascii() or not limit.isdigit() or not 1 <= int(limit) <= SESSIONS_MAX_LIMIT:
+        raise ValueError(f"limit must be a whole number from 1 to {SESSIONS_MAX_LIMIT}")
+    since = parse_time("since", query["since"]) if "since" in query else None
+    until = parse_time("until", query["until"]) if "until" in query else None
+    after = _decode_cursor(query["cursor"]) if "cursor" in query else None
+    return SessionsQuery(query.get("client"), since, until, after, int(limit))
+
+
+def parse_usage_query(query: Mapping[str, str], now: float) -> UsageQuery:
+    """``from`` defaults to the start of this month (UTC), ``to`` to now: a month to date."""
+    _known(query, ("client", "from", "to"))
+    month = datetime.fromtimestamp(now, UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    since = parse_time("from", query["from"]) if "from" in query else month.timestamp()
+    until = parse_time("to", query["to"]) if "to" in query else now
+    if until <= since:
+        raise ValueError("to must come after from")
+    return UsageQuery(query.get("client"), since, until)

@@ -23,7 +23,8 @@ from typing import Any, get_args
 from aiohttp import web
 
 from actors.pool_effects import WorkerState
-from runtime.http.models import STATS_MAX_LIMIT, DispatchErrorCode, ErrorCode, TriggerBody
+from agent.contract import EndCause
+from runtime.http.models import SESSIONS_MAX_LIMIT, STATS_MAX_LIMIT, DispatchErrorCode, ErrorCode, TriggerBody
 
 OPENAPI_PATH = "/api/v1/openapi.json"
 ERROR_CODES = [*get_args(ErrorCode), *get_args(DispatchErrorCode)]
@@ -106,8 +107,8 @@ def _operations() -> dict[str, dict[str, dict[str, Any]]]:
         "security": [{"clientToken": []}],
         "requestBody": {"required": True, "content": {"application/json": {"schema": _trigger_body()}}},
         "responses": {
-            "200": _json(_object({k: _STR for k in ("dispatch_id", "room_name", "worker_id", "agent_name", "livekit_url",
-                                                    "participant_identity", "participant_token")}),
+            "200": _json(_object({k: _STR for k in ("session_id", "dispatch_id", "room_name", "worker_id", "agent_name",
+                                                    "livekit_url", "participant_identity", "participant_token")}),
                          "The agent is in the room; the end user joins `livekit_url` with `participant_token` "
                          "(10 minutes, that room only)."),
             "400": _refusal("Not UTF-8, not JSON, not an object, or nested deeper than 32 levels.", "malformed_json"),
@@ -150,6 +151,7 @@ def _operations() -> dict[str, dict[str, dict[str, Any]]]:
             "429": _THROTTLED,
         },
     }
+    sessions, usage = _session_operations()
     reload = {
         "operationId": "reload",
         "summary": "Re-read the config file (or the client source) and apply it; the same as SIGHUP.",
@@ -253,6 +255,8 @@ def _operations() -> dict[str, dict[str, dict[str, Any]]]:
     return {
         "/api/v1/trigger": {"post": trigger},
         "/api/v1/containers/pool/stats": {"get": stats},
+        "/api/v1/sessions": {"get": sessions},
+        "/api/v1/usage": {"get": usage},
         "/api/v1/admin/reload": {"post": reload},
         "/api/v1/admin/shutdown": {"post": shutdown},
         "/api/v1/webhooks/livekit/{client_id}": {"post": webhook},
@@ -262,6 +266,79 @@ def _operations() -> dict[str, dict[str, dict[str, Any]]]:
         "/readyz": {"get": readyz},
         OPENAPI_PATH: {"get": document},
     }
+
+
+_TIME = {"type": "string", "description": "Unix seconds, or an ISO 8601 time (UTC unless it names its offset)"}
+_WHEN = {"type": ["string", "null"], "format": "date-time"}
+_RECORD = _object({
+    "id": _STR, "client": _STR,
+    **{k: {"type": ["string", "null"]} for k in ("agent", "room", "worker_id", "backend", "livekit_url", "user_hash",
+                                                 "error")},
+    "status": {"type": ["integer", "null"], "description": "the trigger's answer; null: not answered yet"},
+    "end_cause": {"type": ["string", "null"], "enum": [*get_args(EndCause), None]},
+    **{k: _WHEN for k in ("received_at", "answered_at", "joined_at", "user_joined_at", "ended_at")},
+    "seconds": {"type": ["number", "null"], "description": "from the agent joining to the end"},
+})
+_USAGE = _object({
+    "sessions": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
+                 "description": "counts by end cause, and `open`, `pending` (not answered yet), `refused`, "
+                                "`unknown` (ended without a cause)"},
+    "session_seconds": {"type": "number", "minimum": 0},
+    "idle_worker_seconds": {"type": "number", "minimum": 0, "description": "what the warm capacity cost"},
+    "refused": {"type": "integer", "minimum": 0},
+})
+_READER: list[dict[str, list[str]]] = [{"adminToken": []}, {"clientToken": []}]
+_SCOPE = ("The admin token reads every client's; a client's token reads only its own (another `client` is a "
+          "403).")
+
+
+def _session_operations() -> tuple[dict[str, Any], dict[str, Any]]:
+    client = {"name": "client", "in": "query", "required": False,
+              "schema": {"type": "string", "minLength": 1, "maxLength": 64}, "description": "this client's only"}
+    common = {
+        "401": _refusal("No bearer token, or neither the admin's nor a client's.", "unauthorized"),
+        "403": _refusal("A client's token asked for another client's.", "forbidden"),
+        "429": _THROTTLED,
+        "503": _refusal("The session store is not open.", "restarting"),
+    }
+    sessions = {
+        "operationId": "sessions",
+        "summary": "Session records, in the order their triggers came, a page at a time.",
+        "description": _SCOPE + " Every trigger has one, refused ones included (with their status and error).",
+        "security": _READER,
+        "parameters": [
+            client,
+            {"name": "since", "in": "query", "required": False, "schema": _TIME},
+            {"name": "until", "in": "query", "required": False, "schema": _TIME},
+            {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string", "minLength": 1},
+             "description": "the `next_cursor` of the page before"},
+            {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": SESSIONS_MAX_LIMIT, "default": 100}},
+        ],
+        "responses": {
+            "200": _json(_object({"sessions": {"type": "array", "items": _RECORD},
+                                  "next_cursor": {"type": ["string", "null"]}}),
+                         "Records; `next_cursor` is null on the last page."),
+            "400": _refusal("An unknown parameter, a bad time, cursor or limit.", "invalid_query"),
+            **common,
+        },
+    }
+    usage = {
+        "operationId": "usage",
+        "summary": "What each client used: sessions by outcome, session seconds, idle worker seconds, refusals.",
+        "description": _SCOPE + " `from` defaults to the start of this month (UTC), `to` to now.",
+        "security": _READER,
+        "parameters": [client, {"name": "from", "in": "query", "required": False, "schema": _TIME},
+                       {"name": "to", "in": "query", "required": False, "schema": _TIME}],
+        "responses": {
+            "200": _json(_object({"from": _STR, "to": _STR,
+                                  "clients": {"type": "object", "additionalProperties": _USAGE}}),
+                         "Usage by client id, for triggers received in [from, to)."),
+            "400": _refusal("An unknown parameter or a bad time.", "invalid_query"),
+            **common,
+        },
+    }
+    return sessions, usage
 
 
 _DESCRIPTION = """\

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from actors.supervisor import Directory
     from runtime.clients.source import SourceWatcher
     from runtime.metrics import Metrics
+    from runtime.sessions.log import SessionLog
     from runtime.settings import ClientSettings, ReloadSummary, Settings
 
 
@@ -32,6 +33,7 @@ class Service(Protocol):
     source: SourceWatcher | None
     failed: threading.Event
     supervisor: pykka.ActorRef[Any]
+    sessions: SessionLog | None  # every trigger's record (runtime/sessions)
 
     def client_by_token(self, token: str) -> ClientSettings | None: ...
 

@@ -38,6 +38,8 @@ from runtime.instance import Instance
 from runtime.livekit.client import LiveKitClient
 from runtime.metrics import Metrics
 from runtime.secrets import same_secret
+from runtime.sessions.log import SessionLog
+from runtime.sessions.store import FILE_NAME, SqliteStore
 from runtime.settings import ClientSettings, ConfigError, ReloadSummary, Settings, load_settings
 
 logger = logging.getLogger("autonomite.runtime")
@@ -89,6 +91,9 @@ class Runtime:
             self.settings = settings.model_copy(update={"clients": self.source.first_read()})
         self.directory = Directory()
         self.backend = backend or make_backend(settings)
+        # Every trigger's record, in the state directory (runtime/sessions): no setting needed.
+        self.sessions: SessionLog | None = SessionLog(
+            SqliteStore(settings.runtime.state_dir / FILE_NAME), self.backend.name, self.metrics).start()
         self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="worker-io")
         self.livekit = LiveKitClient()
         self.failure: str | None = None
@@ -113,7 +118,10 @@ class Runtime:
         a client at zero gets its pool on its first trigger (the dispatcher wakes it)."""
         if self.source is not None:
             self.source.start(self.apply_clients)
-        with_workers = self._remove_strays()
+        live = self._remove_strays()
+        if self.sessions is not None:
+            self.sessions.close_orphans(live)  # sessions the last runtime left on workers now gone
+        with_workers = {client_id for client_id, _ in live}
         started = 0
         for client in self.settings.clients:
             if client.pool.min_idle > 0 or client.id in with_workers:
@@ -125,17 +133,17 @@ class Runtime:
                     len(self.settings.clients), started, self.backend.name)
         return self
 
-    def _remove_strays(self) -> set[str]:
+    def _remove_strays(self) -> set[tuple[str, str]]:
         """Workers left by an earlier runtime for clients no longer configured go; returns
-        the clients that still have live workers (their pools start, to adopt them)."""
-        with_workers = set()
+        the (client, worker) of the live ones (their pools start, to adopt them)."""
+        live = set()
         for handle in self.backend.list():
             if self.settings.client(handle.client_id) is None:
                 logger.info("removing stray worker %s of unknown client %s", handle.worker_id, handle.client_id)
                 self.backend.stop(handle)
             else:
-                with_workers.add(handle.client_id)
-        return with_workers
+                live.add((handle.client_id, handle.worker_id))
+        return live
 
     def _pool_spec(self, client_id: str) -> ChildSpec:
         def start(**child: Any) -> pykka.ActorRef[Any]:
@@ -146,7 +154,7 @@ class Runtime:
                 client, self.backend, self.settings.runtime.workers, self.metrics, self.executor,
                 tell_dispatch=self._tell_dispatch, status_key=self.settings.runtime.admin_token.get_secret_value(),
                 rest_after_s=self.settings.runtime.scaler.stop_idle_pool_after_s, forget_metrics=self._forget_metrics,
-                **child,
+                sessions=self.sessions, **child,
             )
 
         return ChildSpec(pool_id(client_id), start, Restart.PERMANENT, self.settings.runtime.supervisor.shutdown_timeout_s)
@@ -160,7 +168,8 @@ class Runtime:
     def _dispatch_spec(self) -> ChildSpec:
         def start(**child: Any) -> pykka.ActorRef[Any]:
             return DispatchActor.start(self.directory, self.livekit, self.metrics, self.settings.runtime.dispatch,
-                                       wake_pool=self._wake_pool, rest_pool=self._rest_pool, **child)
+                                       wake_pool=self._wake_pool, rest_pool=self._rest_pool, sessions=self.sessions,
+                                       **child)
 
         return ChildSpec("dispatch", start)
 
@@ -307,6 +316,8 @@ class Runtime:
             self.backend.stop(handle)
         self.livekit.close()
         self.backend.close()
+        if self.sessions is not None:
+            self.sessions.stop()  # what the pools and the dispatcher told it, written
         logger.info("runtime stopped")
 
 

@@ -19,11 +19,12 @@ import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-EndCause = Literal["user_left", "room_finished", "no_show", "room_deleted", "worker_failed", "drained",
-                   "runtime_restart"]
+from agent.contract import EndCause
+
 FILE_NAME = "sessions.sqlite"  # in runtime.state_dir
 
 _SCHEMA = """
@@ -90,7 +91,16 @@ class SessionRecord:
         return max(0.0, self.ended_at - self.joined_at)
 
     def as_json(self) -> dict[str, Any]:
-        return {**asdict(self), "seconds": self.seconds}
+        """As the API and the webhooks show it: times in ISO 8601 (UTC), and the seconds."""
+        times = {name: _iso(getattr(self, name)) for name in _TIMES}
+        return {**asdict(self), **times, "seconds": self.seconds}
+
+
+_TIMES = ("received_at", "answered_at", "joined_at", "user_joined_at", "ended_at")
+
+
+def _iso(at: float | None) -> str | None:
+    return None if at is None else datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds")
 
 
 COLUMNS = tuple(f.name for f in fields(SessionRecord))
@@ -160,16 +170,17 @@ class SqliteStore:
         return [record(r) for r in rows]
 
     def open_sessions(self) -> list[SessionRecord]:
-        """Answered 200 and not ended: what a start after a crash must close or adopt."""
-        return [record(r) for r in self._read(f"{_SELECT} where status = 200 and ended_at is null")]
+        """Not ended, and answered 200 or not answered at all: what a start after a crash must
+        close, or follow on an adopted worker."""
+        return [record(r) for r in self._read(f"{_SELECT} where ended_at is null and (status = 200 or status is null)")]
 
     def usage(self, client: str | None, since: float, until: float) -> dict[str, dict[str, Any]]:
         """Per client: sessions by end cause, session seconds, idle worker seconds and refused
         triggers, for sessions received in [since, until) and idle minutes in it."""
         who, args = ("client = ? and ", [client]) if client is not None else ("", [])
         rows = self._read(
-            "select client, coalesce(end_cause, case when status = 200 then 'open' when status is null "
-            "then 'pending' else 'refused' end), count(*), "
+            "select client, coalesce(end_cause, case when ended_at is not null then 'unknown' when status = 200 "
+            "then 'open' when status is null then 'pending' else 'refused' end), count(*), "
             "sum(case when joined_at is not null and ended_at is not null then max(0, ended_at - joined_at) "
             f"else 0 end) from sessions where {who}received_at >= ? and received_at < ? group by 1, 2",
             [*args, since, until],
@@ -178,13 +189,13 @@ class SqliteStore:
                           "group by 1", [*args, int(since // 60), int(-(-until // 60))])
         out: dict[str, dict[str, Any]] = {}
         for cid, cause, count, seconds in rows:
-            u = out.setdefault(cid, _empty_usage())
+            u = out.setdefault(cid, empty_usage())
             u["sessions"][cause] = count
             u["session_seconds"] = round(u["session_seconds"] + (seconds or 0.0), 3)
             if cause == "refused":
                 u["refused"] = count
         for cid, seconds in idle:
-            out.setdefault(cid, _empty_usage())["idle_worker_seconds"] = round(seconds or 0.0, 3)
+            out.setdefault(cid, empty_usage())["idle_worker_seconds"] = round(seconds or 0.0, 3)
         return out
 
     def close(self) -> None:
@@ -206,5 +217,5 @@ def record(row: tuple[Any, ...]) -> SessionRecord:
     return SessionRecord(**dict(zip(COLUMNS, row, strict=True)))
 
 
-def _empty_usage() -> dict[str, Any]:
+def empty_usage() -> dict[str, Any]:
     return {"sessions": {}, "session_seconds": 0.0, "idle_worker_seconds": 0.0, "refused": 0}

@@ -1,0 +1,291 @@
+"""The session log: every trigger's record, written off the trigger's path.
+
+The dispatcher, the gateway and the pools tell it what happens (a trigger came, went to a
+worker, was answered; the worker's agent joined, a user came, the session ended; a worker
+sat idle) with calls that only put a small event on a queue: nothing that serves a trigger
+ever waits on the store. One writer thread owns everything else: it takes the events in
+batches, keeps the index of open sessions (which session each leased worker serves), and
+writes each batch in one transaction (``runtime/sessions/store.py``).
+
+Times are stamped where the event happens, in Unix seconds, by the runtime: a worker is
+untrusted, so what it reports is *that* its agent joined or its session ended, and the
+runtime notes *when* it heard.
+
+A restart: the sessions left open are loaded at start. Those on a worker the new runtime
+adopted are closed by that worker's own report; the others by :meth:`SessionLog.close_orphans`,
+as ``runtime_restart``.
+
+State owned by the writer thread: ``_by_worker``, ``_open``. The queue is the only shared part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.contract import EndCause, Milestones
+from runtime.metrics import Metrics
+from runtime.sessions.store import SessionRecord, SqliteStore
+
+logger = logging.getLogger("autonomite.sessions")
+
+MAX_QUEUED = 100_000  # events waiting for the writer; past it they are dropped and counted
+BATCH = 1_000
+
+
+@dataclass(frozen=True)
+class _Received:
+    record: SessionRecord
+
+
+@dataclass(frozen=True)
+class _Leased:
+    session_id: str
+    client: str
+    worker_id: str
+    livekit_url: str
+
+
+@dataclass(frozen=True)
+class _Answered:
+    session_id: str
+    client: str
+    status: int
+    error: str | None
+    at: float
+
+
+@dataclass(frozen=True)
+class _Progress:
+    client: str
+    worker_id: str
+    seen: Milestones
+    at: float
+
+
+@dataclass(frozen=True)
+class _WorkerGone:
+    client: str
+    worker_id: str
+    failed: bool
+    at: float
+
+
+@dataclass(frozen=True)
+class _Idle:
+    client: str
+    seconds: float
+    at: float
+
+
+@dataclass(frozen=True)
+class _Orphans:
+    live: frozenset[tuple[str, str]]  # (client, worker id) of every worker still running
+    at: float
+
+
+@dataclass(frozen=True)
+class _Flush:
+    done: threading.Event
+
+
+Event = _Received | _Leased | _Answered | _Progress | _WorkerGone | _Idle | _Orphans | _Flush
+
+
+@dataclass
+class _Open:
+    """A session not over yet, as the writer knows it."""
+
+    client: str
+    worker_id: str | None = None
+    joined_at: float | None = None
+    user_joined: bool = False
+
+
+class SessionLog:
+    def __init__(self, store: SqliteStore, backend: str, metrics: Metrics | None = None,
+                 on_written: Callable[[], None] = lambda: None) -> None:
+        self.store, self.backend, self.metrics = store, backend, metrics
+        self.on_written = on_written  # after each batch (the webhook deliverer looks for new events)
+        self._queue: queue.Queue[Event] = queue.Queue(MAX_QUEUED)
+        self._thread = threading.Thread(target=self._run, name="session-log", daemon=True)
+        self._stopping = False
+        self._open: dict[str, _Open] = {}
+        self._by_worker: dict[tuple[str, str], str] = {}
+        for r in store.open_sessions():  # left open by a runtime that stopped or died
+            self._open[r.id] = _Open(r.client, r.worker_id, r.joined_at, r.user_joined_at is not None)
+            if r.worker_id is not None:
+                self._by_worker[(r.client, r.worker_id)] = r.id
+        self.dropped = 0
+
+    def start(self) -> SessionLog:
+        self._thread.start()
+        return self
+
+    # -- what happens (any thread; never blocks) -----------------------------------------
+
+    def received(self, session_id: str, client: str, agent: str, room: str, user_hash: str | None,
+                 at: float) -> None:
+        self._put(_Received(SessionRecord(session_id, client, agent=agent, room=room, backend=self.backend,
+                                          user_hash=user_hash, received_at=at)))
+
+    def refused(self, session_id: str, client: str, agent: str, room: str, user_hash: str | None, at: float,
+                status: int, error: str) -> None:
+        """A trigger refused before it reached the dispatcher (the gateway's refusals)."""
+        self.received(session_id, client, agent, room, user_hash, at)
+        self.answered(session_id, client, status, error)
+
+    def leased(self, session_id: str, client: str, worker_id: str, livekit_url: str) -> None:
+        """The trigger goes to this worker (a retry after a failed handoff: to another)."""
+        self._put(_Leased(session_id, client, worker_id, livekit_url))
+
+    def answered(self, session_id: str, client: str, status: int, error: str | None = None) -> None:
+        self._put(_Answered(session_id, client, status, error, time.time()))
+
+    def progress(self, client: str, worker_id: str, seen: Milestones) -> None:
+        self._put(_Progress(client, worker_id, seen, time.time()))
+
+    def worker_gone(self, client: str, worker_id: str, failed: bool) -> None:
+        """A leased worker exited: its session ends here if it did not say so itself."""
+        self._put(_WorkerGone(client, worker_id, failed, time.time()))
+
+    def idle(self, client: str, seconds: float) -> None:
+        self._put(_Idle(client, seconds, time.time()))
+
+    def close_orphans(self, live: set[tuple[str, str]]) -> None:
+        """After a start: sessions left open on a worker that is not running are over."""
+        self._put(_Orphans(frozenset(live), time.time()))
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until what was told before is written (tests, and a stop)."""
+        done = threading.Event()
+        self._put(_Flush(done))
+        return done.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread.is_alive():
+            self.flush(timeout)
+            self._stopping = True
+            self._put(_Flush(threading.Event()))
+            self._thread.join(timeout)
+
+    def _put(self, event: Event) -> None:
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped % 1000 == 1:
+                logger.error("session log: %d events dropped, the store is not keeping up", self.dropped)
+
+    # -- the writer thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            batch = [self._queue.get()]
+            while len(batch) < BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._write(batch)
+            except Exception:  # the store failed (a full disk): logged; the log goes on
+                logger.exception("session log: a batch of %d events could not be written", len(batch))
+            for event in batch:
+                if isinstance(event, _Flush):
+                    event.done.set()
+
+    def _write(self, batch: list[Event]) -> None:
+        parts: list[SessionRecord] = []
+        idle: dict[tuple[str, int], float] = {}
+        for event in batch:
+            try:
+                parts += self._apply(event, idle)
+            except Exception:  # a bad event (a bug) is logged and skipped: never the batch around it
+                logger.exception("session log: skipping an event it cannot apply: %s", type(event).__name__)
+        if parts or idle:
+            self.store.write(parts, idle)
+            self.on_written()
+
+    def _apply(self, event: Event, idle: dict[tuple[str, int], float]) -> list[SessionRecord]:
+        match event:
+            case _Received(record):
+                self._open[record.id] = _Open(record.client)
+                return [record]
+            case _Leased(sid, client, worker_id, url):
+                session = self._open.get(sid)
+                if session is None:
+                    return []
+                if session.worker_id is not None:
+                    self._by_worker.pop((client, session.worker_id), None)
+                session.worker_id = worker_id
+                self._by_worker[(client, worker_id)] = sid
+                return [SessionRecord(sid, client, worker_id=worker_id, livekit_url=url)]
+            case _Answered(sid, client, status, error, at):
+                part = SessionRecord(sid, client, status=status, error=error, answered_at=at)
+                if status != 200:  # refused: no session follows
+                    self._end(sid)
+                return [part]
+            case _Progress(client, worker_id, seen, at):
+                return self._progress(client, worker_id, seen, at)
+            case _WorkerGone(client, worker_id, failed, at):
+                served = self._by_worker.get((client, worker_id))
+                return [self._ended(served, "worker_failed" if failed else None, at)] if served else []
+            case _Idle(client, seconds, at):
+                key = (client, int(at // 60))
+                idle[key] = idle.get(key, 0.0) + seconds
+                return []
+            case _Orphans(live, at):
+                gone = [sid for sid, s in self._open.items()
+                        if s.worker_id is None or (s.client, s.worker_id) not in live]
+                if gone:
+                    logger.info("closing %d sessions the last runtime left open (their workers are gone)", len(gone))
+                return [self._ended(sid, "runtime_restart", at) for sid in gone]
+        return []
+
+    def _progress(self, client: str, worker_id: str, seen: Milestones, at: float) -> list[SessionRecord]:
+        sid = self._by_worker.get((client, worker_id))
+        session = self._open.get(sid) if sid else None
+        if sid is None or session is None:
+            return []
+        parts = []
+        if seen.in_room and session.joined_at is None:
+            session.joined_at = at
+            parts.append(SessionRecord(sid, client, joined_at=at))
+        if seen.user_joined and not session.user_joined:
+            session.user_joined = True
+            parts.append(SessionRecord(sid, client, user_joined_at=at))
+        if seen.end_cause is not None:
+            parts.append(self._ended(sid, seen.end_cause, at))
+        return parts
+
+    def _ended(self, sid: str, cause: EndCause | None, at: float) -> SessionRecord:
+        """``cause`` None: the worker exited cleanly without saying why (its last status was
+        missed); the record then says the session ended, not how."""
+        session = self._end(sid)
+        client = session.client if session else ""
+        if session is not None and session.joined_at is not None and self.metrics is not None:
+            self.metrics.session_seconds.labels(client).inc(max(0.0, at - session.joined_at))
+        return SessionRecord(sid, client, end_cause=cause, ended_at=at)
+
+    def _end(self, sid: str) -> _Open | None:
+        session = self._open.pop(sid, None)
+        if session is not None and session.worker_id is not None:
+            if self._by_worker.get((session.client, session.worker_id)) == sid:
+                del self._by_worker[(session.client, session.worker_id)]
+        return session
+
+    def open_count(self) -> int:
+        """Sessions not over (read from any thread: a dict's len is atomic)."""
+        return len(self._open)
+
+
+
+def user_hash(email: str | None) -> str | None:
+    """The caller as the logs and LiveKit see them: a hash of the email, never the email."""
+    return "user-" + hashlib.sha256(email.lower().encode()).hexdigest()[:12] if email else None
