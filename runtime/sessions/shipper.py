@@ -178,10 +178,10 @@ class Shipper:
                                                default_to_null=False).execute()
         except APIError as e:
             status, code = self._api.status, str(e.code or "")
-            reason = self._scrub(f"HTTP {status}, {code}: {str(e.message)[:160]}")
-            if status is not None and 400 <= status < 500 and not refused(status, code) and (
-                    len(rows) > 1 or code[:2] in ("22", "23")):
-                raise RowRejected(reason) from None  # a batch: maybe one row; one row: that row, as data
+            said = ", ".join(part for part in (code, str(e.message or "")[:160]) if part)
+            reason = self._scrub(f"HTTP {status}: {said}" if said else f"HTTP {status}")
+            if about_the_rows(status, code, len(rows)):
+                raise RowRejected(reason) from None
             raise ShipFailed(reason) from None
 
     def _mark(self, sent: list[_Row], rejected: list[tuple[_Row, str]]) -> None:
@@ -210,11 +210,21 @@ class Shipper:
             self._failures_total += 1
             self._last_error = reason
         if first:
-            log.warning("session shipper: cannot ship (%s); records stay in SQLite, retrying every %.0f to %.0f s",
+            log.warning("session shipper: cannot ship (%s); records stay in SQLite, retrying every %g to %g s",
                         reason, *self._backoff_s)
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "<service key>") if self._key else text
+
+
+def about_the_rows(status: int | None, code: str, rows: int) -> bool:
+    """Whether a refusal of an upsert of ``rows`` rows may be the rows' fault. Of a batch:
+    any 4xx but a refused key (try the rows one at a time to find out). Of one row: only a
+    4xx PostgreSQL raised about the data, SQLSTATE class 22 (a bad value) or 23 (a broken
+    constraint); anything else (no such table or column) would refuse every row alike."""
+    if status is None or not 400 <= status < 500 or refused(status, code):
+        return False
+    return rows > 1 or code[:2] in ("22", "23")
 
 
 def supabase_row(values: dict[str, Any]) -> dict[str, Any]:

@@ -43,8 +43,8 @@ def shipper(stack: SupabaseStack, store: SqliteStore):
     """Start a shipper on the test's store; every one started is stopped at the end."""
     started: list[Shipper] = []
 
-    def start(**options) -> Shipper:
-        settings = SupabaseSettings(url=stack.url, service_key=stack.service_key)
+    def start(key: str | None = None, **options) -> Shipper:
+        settings = SupabaseSettings(url=stack.url, service_key=key or stack.service_key)
         s = Shipper(store.path, settings, **{"interval_s": 0.2, "backoff_s": FAST_BACKOFF, **options})
         started.append(s)
         s.start()
@@ -153,11 +153,23 @@ def test_a_row_supabase_refuses_is_set_aside_and_the_others_flow(sessions, store
     assert sorted(rows(sessions)) == ["good-1", "good-2"]
     status = s.status()
     assert status["rejected_total"] == 1 and status["shipped_total"] == 2 and status["failures_total"] == 0
-    assert "rejected session bad (HTTP 400, 23514: " in caplog.text
+    assert "rejected session bad (HTTP 400: 23514, new row for relation" in caplog.text
 
     store.put(SessionRecord(id="good-3", client="alpha", received_at=now + 3))  # and later rows still flow
     s.wake()
     wait_until(lambda: "good-3" in rows(sessions), 15, "a later record")
+
+
+@pytest.mark.parametrize("fault", ["the anon key", "no such table"])
+def test_a_refusal_that_is_not_about_the_rows_keeps_them_all(sessions, store, shipper, stack, fault):
+    for i in range(3):
+        store.put(SessionRecord(id=f"k-{i}", client="alpha", received_at=time.time()))
+    s = shipper(key=stack.anon_key) if fault == "the anon key" else shipper(table="no_such_table")
+    wait_until(lambda: s.status()["failures_total"] >= 2, 15, "failed attempts")
+    status = s.status()
+    assert status["pending"] == 3 and status["rejected_total"] == 0 and status["shipped_total"] == 0
+    assert status["last_error"].startswith("HTTP 401: 42501, " if fault == "the anon key" else "HTTP 404")
+    assert stack.anon_key not in status["last_error"]
 
 
 def test_the_anon_key_can_neither_read_nor_write_sessions(sessions, store, shipper, stack):
