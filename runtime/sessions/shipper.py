@@ -146,12 +146,11 @@ class Shipper:
             return 0
         ready: list[_Row] = []
         rejected: list[tuple[_Row, str]] = []
-        for r in rows:
-            row = _Row(r[0], r[-1], {})
+        for *values, version in rows:
             try:
-                ready.append(_Row(row.id, row.version, supabase_row(dict(zip(COLUMNS, r[:-1], strict=True)))))
-            except RowRejected as e:
-                rejected.append((row, str(e)))
+                ready.append(_Row(values[0], version, supabase_row(dict(zip(COLUMNS, values, strict=True)))))
+            except RowRejected as e:  # a time no timestamp holds: Supabase would refuse it too
+                rejected.append((_Row(values[0], version, {}), str(e)))
         sent: list[_Row] = []
         try:
             if ready:
