@@ -67,3 +67,52 @@ alter table public.clients enable row level security;
 -- No policy for anon or authenticated: they see nothing. service_role bypasses RLS.
 revoke all on public.clients from anon, authenticated;
 grant select, insert, update, delete on public.clients to service_role;
+
+-- A client's webhook, {url, secret}: where the runtime posts that client's session events.
+-- Its secret signs them, so it is a secret like api_token: only service_role reads this
+-- table (above). Added by alter, so a project that applied an older copy of this file
+-- gains it by running the file again.
+alter table public.clients add column if not exists webhook jsonb;  -- {url, secret}, or null: no webhook
+
+-- Session records, one row per trigger, as the runtime keeps them in its embedded SQLite
+-- store (runtime/sessions/store.py) and ships them here (runtime/sessions/shipper.py):
+-- SQLite is the outage buffer, this table the copy an operator bills and reports from.
+-- The shipper upserts whole rows by id, so a row sent twice (after a timeout, a restart)
+-- is the same row. Times are UTC; null: not known (yet). No secret and no email in clear:
+-- user_hash is the end user's participant identity, a hash.
+create table if not exists public.sessions (
+    id             text primary key,
+    client         text not null,
+    agent          text,
+    room           text,
+    worker_id      text,
+    backend        text,
+    livekit_url    text,                 -- the LiveKit project's URL only, never its keys
+    user_hash      text,
+    status         integer,              -- the trigger's HTTP answer
+    error          text,                 -- its error code, if refused
+    end_cause      text check (end_cause in ('user_left', 'room_finished', 'no_show', 'room_deleted',
+                                             'worker_failed', 'drained', 'runtime_restart')),  -- EndCause
+    received_at    timestamptz,
+    answered_at    timestamptz,
+    joined_at      timestamptz,          -- the agent joined the room
+    user_joined_at timestamptz,          -- the first end user did
+    ended_at       timestamptz,
+    updated_at     timestamptz not null default now()
+);
+
+-- The same touch as clients': updated_at says when a row last arrived.
+drop trigger if exists sessions_touch on public.sessions;
+create trigger sessions_touch before update on public.sessions
+    for each row execute function public.clients_touch();
+
+-- History and usage per client read by time received, as in SQLite.
+create index if not exists sessions_client_received on public.sessions (client, received_at);
+
+-- Rooms, worker ids and callers' hashes are one client's business and nobody else's: RLS
+-- on and no policy, so anon and authenticated see nothing (a client-facing view would be
+-- a policy of its own, per client). The runtime writes with the service_role key, which
+-- bypasses RLS; it never deletes (retention is the operator's choice).
+alter table public.sessions enable row level security;
+revoke all on public.sessions from anon, authenticated;
+grant select, insert, update on public.sessions to service_role;

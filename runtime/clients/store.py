@@ -21,20 +21,16 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from pydantic import ValidationError
 
 from runtime.settings import ClientSettings, SupabaseSettings
+from runtime.supabase_api import CALL_TIMEOUT_S, REFUSAL_CODES, SupabaseApi, refused
 
-if TYPE_CHECKING:
-    import httpx  # imported when a store is made: only a Supabase source needs it
+__all__ = ["CALL_TIMEOUT_S", "REFUSAL_CODES", "refused"]  # where they lived first; callers import them here
 
-CALL_TIMEOUT_S = 10.0
 PAGE_ROWS = 1000  # Supabase's default db-max-rows: a request answers no more
-# PostgREST's codes for a key or role that may not read the table: insufficient privilege
-# (the anon key), and a JWT that is invalid, missing or whose claims fail.
-REFUSAL_CODES = frozenset({"42501", "PGRST301", "PGRST302", "PGRST303"})
 
 
 class AccessRefused(Exception):
@@ -71,7 +67,7 @@ def row_to_client(row: dict[str, Any]) -> ClientSettings:
         "pool": row.get("pool") or {},
         "agents": row.get("agents"),
     }
-    for optional in ("image", "knowledge_dir"):
+    for optional in ("image", "knowledge_dir", "webhook"):  # webhook: {url, secret}, or null
         if row.get(optional) is not None:
             data[optional] = row[optional]
     return ClientSettings.model_validate(data)
@@ -173,18 +169,8 @@ class SupabaseStore:
     """
 
     def __init__(self, settings: SupabaseSettings) -> None:
-        import httpx
-        from supabase import create_client  # imported only when used
-        from supabase.lib.client_options import SyncClientOptions
-
         self.settings = settings
-        self._status: int | None = None  # of the last answer: supabase-py's errors drop it
-        http = httpx.Client(timeout=CALL_TIMEOUT_S, event_hooks={"response": [self._answered]})
-        options = SyncClientOptions(httpx_client=http, postgrest_client_retry=False)
-        self._client = create_client(settings.url, settings.service_key.get_secret_value(), options)
-
-    def _answered(self, response: httpx.Response) -> None:
-        self._status = response.status_code
+        self._api = SupabaseApi(settings.url, settings.service_key.get_secret_value())
 
     def rows(self) -> list[dict[str, Any]]:
         """Every row; raise AccessRefused if the key may not read them, anything else in an outage."""
@@ -215,29 +201,22 @@ class SupabaseStore:
         found: list[dict[str, Any]] = []
         try:
             while True:
-                self._status = None
-                page = query(self._client.table(self.settings.table)).order("id").range(
+                page = query(self._api.table(self.settings.table)).order("id").range(
                     len(found), len(found) + PAGE_ROWS - 1).execute().data
                 found += cast("list[dict[str, Any]]", list(page))  # a select answers objects
                 if len(page) < PAGE_ROWS:
                     return found
         except APIError as e:
-            if refused(self._status, e.code):
-                raise AccessRefused(f"HTTP {self._status}, {e.code}: {str(e.message)[:160]}") from None
+            if refused(self._api.status, e.code):
+                raise AccessRefused(f"HTTP {self._api.status}, {e.code}: {str(e.message)[:160]}") from None
             raise
 
     def upsert(self, clients: list[ClientSettings]) -> None:
-        self._client.table(self.settings.table).upsert([client_to_row(c) for c in clients]).execute()
+        self._api.table(self.settings.table).upsert([client_to_row(c) for c in clients]).execute()
 
 
 def _with_ids(ids: list[str], table: Any) -> Any:
     return table.select("*").in_("id", ids)
-
-
-def refused(status: int | None, code: str | None) -> bool:
-    """An answer that says the key may not read the table (a gateway's 401 or 403, whatever
-    its body; PostgREST's own codes for a bad JWT or a role without the grant)."""
-    return status in (401, 403) or code in REFUSAL_CODES
 
 
 def save_cache(path: Path, clients: list[ClientSettings]) -> None:
