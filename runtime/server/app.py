@@ -39,6 +39,7 @@ from runtime.livekit.client import LiveKitClient
 from runtime.metrics import Metrics
 from runtime.secrets import same_secret
 from runtime.sessions.log import SessionLog
+from runtime.sessions.shipper import Shipper
 from runtime.sessions.store import FILE_NAME, SqliteStore
 from runtime.settings import ClientSettings, ConfigError, ReloadSummary, Settings, load_settings
 
@@ -92,8 +93,16 @@ class Runtime:
         self.directory = Directory()
         self.backend = backend or make_backend(settings)
         # Every trigger's record, in the state directory (runtime/sessions): no setting needed.
+        # With clients in Supabase, the records go on to its sessions table; the file is the
+        # buffer while Supabase is away.
+        store = SqliteStore(settings.runtime.state_dir / FILE_NAME)
+        self.shipper: Shipper | None = None
+        if settings.clients_source is not None:
+            self.shipper = Shipper(store.path, settings.clients_source.supabase)
+            self.shipper.start()
         self.sessions: SessionLog | None = SessionLog(
-            SqliteStore(settings.runtime.state_dir / FILE_NAME), self.backend.name, self.metrics).start()
+            store, self.backend.name, self.metrics, on_written=self.shipper.wake if self.shipper else lambda: None,
+        ).start()
         self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="worker-io")
         self.livekit = LiveKitClient()
         self.failure: str | None = None
@@ -318,6 +327,8 @@ class Runtime:
         self.backend.close()
         if self.sessions is not None:
             self.sessions.stop()  # what the pools and the dispatcher told it, written
+        if self.shipper is not None:
+            self.shipper.stop()  # what it has not sent stays in the file for the next start
         logger.info("runtime stopped")
 
 

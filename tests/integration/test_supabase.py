@@ -352,3 +352,39 @@ def test_with_two_thousand_rows_a_change_to_one_is_read_alone_within_the_poll_in
     # The read that found it, and every poll since, read that row (and at most the few
     # written within the overlap: runtime/clients/changes.py): never the other 1,999.
     assert read() - before <= 10, read() - before
+
+
+def test_session_records_reach_supabase_once_each_through_an_outage(table, serve_from, stack, lk_a):
+    """Records written while PostgREST is down wait in the local store and arrive, one row
+    each with its final values, once it is back."""
+    from supabase import create_client
+
+    stack.sql("delete from public.sessions")
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=2)
+    table.insert(row(alpha)).execute()
+    serve = serve_from()
+    before = serve.start_session(alpha, "room-before").body["session_id"]
+    lk_a.delete_room("room-before")
+    sessions = create_client(stack.url, stack.service_key).table("sessions")
+
+    def shipped() -> dict[str, dict]:
+        return {r["id"]: r for r in sessions.select("*").execute().data}
+
+    wait_until(lambda: shipped().get(before, {}).get("end_cause") == "room_deleted", 60, "the first record, ended")
+    stack.stop_postgrest()
+    try:
+        during = []
+        for n in range(2):
+            during.append(serve.start_session(alpha, f"room-outage-{n}").body["session_id"])
+            lk_a.delete_room(f"room-outage-{n}")
+        ended = serve.get("/api/v1/sessions", token=serve.admin).body["sessions"]
+        wait_until(lambda: all(s["ended_at"] for s in serve.get("/api/v1/sessions", token=serve.admin).body["sessions"]),
+                   60, "the sessions to end during the outage")
+        assert len(ended) == 3
+    finally:
+        stack.start_postgrest()
+    rows = wait_until(lambda: (r := shipped()) and all(r.get(s, {}).get("end_cause") for s in during) and r, 90,
+                      "the outage's records to arrive")
+    assert sorted(rows) == sorted([before, *during])  # each once: the id is the key
+    assert stack.sql("select count(*) from public.sessions").strip() == "3"
+    assert {rows[s]["end_cause"] for s in during} == {"room_deleted"} and rows[before]["status"] == 200
