@@ -3,6 +3,7 @@
     autonomite serve --config FILE [--with-livekit]
     autonomite check-config FILE
     autonomite chat --token T --client C --agent A [--room R] [--context JSON] [--voice [--words DIR]]
+    autonomite usage [--config FILE | --state-dir DIR] [--client X] [--from T] [--to T] [--csv]
 
 ``--with-livekit`` is for the demo and local development: it starts a real livekit-server
 on loopback for each LiveKit URL in the config, with the keys of the clients that use it.
@@ -57,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     chat_p.add_argument("--words", type=Path, default=None,
                         help="with --voice: a folder or file of the client's texts (its knowledge_dir), for "
                              "the offline recognizer's vocabulary")
+    usage_p = sub.add_parser("usage", help="what each client used, from the session records (month to date)")
+    usage_p.add_argument("--config", type=Path, help="the config whose runtime.state_dir holds the records")
+    usage_p.add_argument("--state-dir", type=Path, help="that directory itself (default: ./state)")
+    usage_p.add_argument("--client", help="this client only")
+    usage_p.add_argument("--from", dest="since", help="Unix seconds or ISO 8601 (default: the 1st of this month, UTC)")
+    usage_p.add_argument("--to", dest="until", help="Unix seconds or ISO 8601 (default: now)")
+    usage_p.add_argument("--csv", action="store_true", help="CSV, one row per client")
     image_p = sub.add_parser("image", help="the worker image for the docker backend")
     image_sub = image_p.add_subparsers(dest="image_command", required=True)
     build_p = image_sub.add_parser("build", help="build it with no image registry (mmdebstrap base, local wheels)")
@@ -69,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(args.file)
     if args.command == "clients":
         return clients_command(args)
+    if args.command == "usage":
+        return usage_command(args)
     if args.command == "chat":
         from runtime.dev.chat import chat
 
@@ -108,6 +118,40 @@ def check_config(path: Path) -> int:
           f"admin_token=sha256:{_fp(rt.admin_token)}")
     for c in settings.clients:
         _print_client(c)
+    return 0
+
+
+def usage_command(args: argparse.Namespace) -> int:
+    """Usage read straight from the records (serve need not run); the same numbers as
+    ``GET /api/v1/usage``."""
+    import time
+
+    import yaml
+
+    from runtime.http.models import parse_usage_query
+    from runtime.sessions import report
+    from runtime.sessions.store import FILE_NAME, SqliteStore
+
+    state_dir = args.state_dir or Path("state")
+    if args.config is not None:
+        try:
+            raw = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            print(f"config error: {args.config}: {e}", file=sys.stderr)
+            return 1
+        state_dir = Path((raw.get("runtime") or {}).get("state_dir", "state"))
+    path = state_dir / FILE_NAME
+    if not path.is_file():
+        print(f"no session records at {path}", file=sys.stderr)
+        return 1
+    given = {k: v for k, v in (("client", args.client), ("from", args.since), ("to", args.until)) if v is not None}
+    try:
+        query = parse_usage_query(given, time.time())
+    except ValueError as e:
+        print(f"usage: {e}", file=sys.stderr)
+        return 2
+    usage = SqliteStore(path).usage(query.client, query.since, query.until)
+    print(report.as_csv(usage) if args.csv else report.as_table(usage), end="")
     return 0
 
 
