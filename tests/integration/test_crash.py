@@ -44,6 +44,12 @@ def _cgroups(pid: int) -> list[Path]:
     return [p for p in found if p.name.startswith("worker-")]
 
 
+def _records(serve: Serve) -> list[dict]:
+    r = serve.get("/api/v1/sessions", token=serve.admin)
+    assert r.status == 200, r.body
+    return r.body["sessions"]
+
+
 def _state_files(serve: Serve) -> list[Path]:
     return sorted((serve.config.parent / "state").glob("*.json"))  # runtime.state_dir (tests/support.py)
 
@@ -99,6 +105,12 @@ def test_sigkill_of_serve_cuts_no_call_and_the_next_serve_adopts_it(run_serve, l
     assert serve.get("/readyz").status == 200 and _workers(serve, "idle")
     # Its record and exit cause are kept: its log, and the pool's account of how it ended.
     assert f"pool alpha: worker {worker_id} exited (session_end, code 0)" in serve.log()
+    # No session record is lost to the SIGKILL: the one the dead serve answered is closed by
+    # the next one, with the end its adopted worker reported.
+    records = wait_until(lambda: (r := _records(serve)) and all(s["ended_at"] for s in r) and r, 30, "records closed")
+    assert {s["room"]: s["end_cause"] for s in records} == {
+        "room-crash": "user_left", **{f"room-after-{n}": "room_deleted" for n in range(3)}}
+    assert next(s for s in records if s["room"] == "room-crash")["id"] == session["session_id"]
     assert (serve.config.parent / "workers" / "alpha" / f"{worker_id}.log").stat().st_size > 0
     everyone = list(_workers(serve).values())
     parents = {c.parent for p in everyone for c in _cgroups(p)}
@@ -145,3 +157,7 @@ def test_a_session_nobody_adopts_ends_at_the_bound_and_idle_workers_exit_at_once
         for p in {c.parent for c in cgroups}:  # nobody adopted it: nobody removed its cgroup
             sweep_stale(p.parent, f"autonomite-{os.getpid()}-x")
     assert not any(c.exists() for c in cgroups)
+    # The next start finds the session open on the record and its worker gone: it closes it.
+    serve.start()
+    closed = wait_until(lambda: (r := _records(serve)) and r[0]["ended_at"] and r, 30, "the record closed")
+    assert [(s["room"], s["end_cause"]) for s in closed] == [("room-orphan", "runtime_restart")]
