@@ -36,7 +36,7 @@ Results: counted per client in ``stats`` (this process's counts), in
 ``metrics.session_webhooks`` (``autonomite_session_webhooks_total{client, outcome}``:
 delivered, retried or failed) if a ``Metrics`` is given, and passed to ``on_result(client,
 ok)`` once per outcome (ok: delivered). The logs name the client, event, key and HTTP
-status: never the secret, the URL or the body.
+status (a refused URL: its host and address): never the secret, the URL's path or the body.
 """
 
 from __future__ import annotations
@@ -260,8 +260,12 @@ class Deliverer:
         while (row := self._queue.get()) is not None:
             try:
                 self._deliver(row)
-            except Exception:  # a bug: the row stays pending and is tried again
+            except Exception as e:  # a bug: counted as a failed attempt, so not retried at once
                 log.exception("webhooks: client=%s key=%s delivery crashed", row.client, row.key)
+                try:
+                    self._attempt_failed(row, f"crashed ({type(e).__name__})")
+                except Exception:
+                    log.exception("webhooks: client=%s key=%s recording a crash failed", row.client, row.key)
             finally:
                 with self._cond:
                     self._busy.pop(row.client, None)
@@ -286,17 +290,20 @@ class Deliverer:
             else:
                 if not 200 <= status < 300:
                     error = f"HTTP {status}"
-        now = time.time()
-        attempt = row.attempts + 1
-        if error is None:
-            with self._db_lock:
-                if self._db is None:
-                    return
-                outbox.delivered(self._db, row.seq, now)
-            log.info("webhooks: client=%s event=%s key=%s delivered (HTTP %s, attempt %d)",
-                     row.client, row.event, row.key, status, attempt)
-            self._count(row.client, "delivered", None)
+        if error is not None:
+            self._attempt_failed(row, error)
             return
+        with self._db_lock:
+            if self._db is None:
+                return
+            outbox.delivered(self._db, row.seq, time.time())
+        log.info("webhooks: client=%s event=%s key=%s delivered (HTTP %s, attempt %d)",
+                 row.client, row.event, row.key, status, row.attempts + 1)
+        self._count(row.client, "delivered", None)
+
+    def _attempt_failed(self, row: outbox.Row, error: str) -> None:
+        """Retry later, or give up once ``retry_for_s`` has passed since the event."""
+        now, attempt = time.time(), row.attempts + 1
         deadline = row.created_at + self.settings.retry_for_s
         if now >= deadline:
             self._give_up(row, error, attempted=True)

@@ -325,3 +325,46 @@ def test_the_secret_and_the_bodys_values_never_reach_the_logs(tmp_path, receiver
     assert any("s1:session.started" in m and "delivered" in m for m in logged), logged
     for message in logged:
         assert SECRET not in message and "private-value-42" not in message and "/a" not in message
+
+
+def test_each_attempt_asks_for_the_clients_current_url_and_secret(tmp_path, receiver, deliverers):
+    path = tmp_path / "sessions.sqlite"
+    receiver.answers["/old"] = lambda n: 500
+    targets = {"a": target(receiver.url("/old"), secret="old-secret-0123456789")}
+    insert(path, started())
+    deliverers(path, targets, retry_base_s=0.3, retry_max_s=0.3)
+    receiver.wait(lambda: len(receiver.of("/old")) == 1)
+    targets["a"] = target(receiver.url("/new"))  # rotated: the retry goes to the new URL, signed with the new secret
+    receiver.wait(lambda: len(receiver.of("/new")) == 1)
+    _, headers, body, _ = receiver.of("/new")[0]
+    assert verify(SECRET, body, headers["Autonomite-Signature"])
+    assert not verify("old-secret-0123456789", body, headers["Autonomite-Signature"])
+
+
+def test_a_name_is_checked_again_at_delivery_and_the_checked_address_is_the_one_used(tmp_path, receiver, deliverers,
+                                                                                       monkeypatch):
+    import runtime.outbound
+
+    answers = ["127.0.0.1", "192.0.2.1"]  # the first lookup, then every later one (unroutable)
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host != "hooks.example":
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers.pop(0) if len(answers) > 1 else answers[0], port))]
+
+    monkeypatch.setattr(runtime.outbound.socket, "getaddrinfo", getaddrinfo)
+    path = tmp_path / "sessions.sqlite"
+    insert(path, started())
+    d = deliverers(path, {"a": target(f"http://hooks.example:{receiver.port}/a")})
+    receiver.wait(lambda: len(receiver.of("/a")) == 1)  # connected to the address it checked, not to a new lookup's
+    assert receiver.of("/a")[0][1]["Host"] == f"hooks.example:{receiver.port}"
+    eventually(lambda: d.stats("a")["delivered_total"] == 1)
+    d.stop()
+    # Later the name resolves to a private address (DNS rebinding): refused at delivery, nothing sent.
+    answers[:] = ["10.0.0.7"]
+    insert(path, ended())
+    d = deliverers(path, {"a": target(f"http://hooks.example:{receiver.port}/a")}, allow_private=False)
+    eventually(lambda: d.stats("a")["last_error"] is not None)
+    assert "resolves to 10.0.0.7, a private address" in d.stats("a")["last_error"]
+    assert len(receiver.of("/a")) == 1 and rows(path)[1][3] == "pending"
