@@ -57,6 +57,10 @@ class Metrics:
             "autonomite_idle_worker_seconds", "Seconds the client's workers sat idle: what its warm capacity cost.",
             ["client"], registry=r,
         )
+        self.session_webhooks = Counter(
+            "autonomite_session_webhooks", "Session webhook attempts to clients by outcome: delivered, retried (an "
+            "attempt failed, another follows) or failed (given up).", ["client", "outcome"], registry=r,
+        )
         self.source_up = Gauge(
             "autonomite_client_source_up", "1 while the client source (Supabase) answers, 0 in an outage.", registry=r
         )
@@ -107,6 +111,7 @@ class Metrics:
             self.workers, self.utilization, self.min_idle, self.max_size, self.target, self.backoff, self.triggers,
             self.handoff_failures, self.scale_events, self.worker_exits, self.worker_start_failures, self.webhooks,
             self.dispatch_latency, self.start_to_ready, self.session_seconds, self.idle_worker_seconds,
+            self.session_webhooks,
         )
         for family in per_client:
             for labels in _label_sets(family, client_id):

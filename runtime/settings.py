@@ -19,6 +19,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from agent.contract import DEFAULT_END_OF_TURN_S, CatalogAgent
+from runtime.outbound import check_url
 from runtime.secrets import fingerprint
 
 _ID = r"^[a-z0-9][a-z0-9_-]{0,31}$"
@@ -30,6 +31,15 @@ _MARKER = re.compile(r"⟪([A-Za-z_][A-Za-z0-9_]*)⟫")
 
 class ConfigError(Exception):
     """A configuration file that cannot be used; the message names file, field and reason."""
+
+
+class FieldError(ValueError):
+    """A model validator's refusal of one field below it (``loc``, relative to the model):
+    ``load_settings`` names that field, not the model, in its ConfigError."""
+
+    def __init__(self, loc: tuple[str | int, ...], reason: str) -> None:
+        super().__init__(f"{_dotted(loc)}: {reason}")
+        self.loc, self.reason = loc, reason
 
 
 def _long_enough(token: SecretStr) -> SecretStr:
@@ -185,6 +195,18 @@ class DispatchSettings(_Model):
         return self.max_wait_s + self.attempts * (self.accept_timeout_s + 14.0) + 1.0
 
 
+class WebhookSettings(_Model):
+    """Session webhooks to each client (runtime/sessions/webhooks.py): how they are sent and
+    retried. A client's URL must reach a public address unless ``allow_private``."""
+
+    allow_private: bool = False
+    timeout_s: float = Field(default=5.0, gt=0, le=60)  # per request: connect, and each read
+    retry_base_s: float = Field(default=1.0, gt=0, le=3600)  # backoff: full jitter under base * 2^(attempt-1)
+    retry_max_s: float = Field(default=300.0, gt=0, le=86_400)  # ... capped here
+    retry_for_s: float = Field(default=86_400.0, gt=0, le=30 * 86_400)  # then the event is marked failed
+    max_pending_per_client: int = Field(default=10_000, ge=1, le=10_000_000)  # past it the oldest fail
+
+
 class RuntimeSettings(_Model):
     backend: Literal["process", "docker", "swarm"] = "process"
     gateway: GatewaySettings = GatewaySettings()
@@ -196,6 +218,7 @@ class RuntimeSettings(_Model):
     workers: WorkerSettings = WorkerSettings()
     isolation: IsolationSettings = IsolationSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     # The runtime's own, private (0700): the process backend's per-instance record of its
     # workers, from which the next runtime adopts sessions after a crash
     # (runtime/backends/instance_state.py); the docker and swarm backends' instance id
@@ -306,6 +329,14 @@ class AgentSettings(_Model):
         return CatalogAgent.from_json(data)
 
 
+class WebhookTarget(_Model):
+    """Where a client receives its session events, and the secret they are signed with
+    (``Autonomite-Signature``: HMAC-SHA256, see runtime/sessions/webhooks.py)."""
+
+    url: str = Field(min_length=1, max_length=2000)  # checked against runtime.webhooks.allow_private by Settings
+    secret: Token
+
+
 class ClientSettings(_Model):
     id: str = Field(pattern=_ID)
     name: str = Field(min_length=1, max_length=200)
@@ -315,6 +346,7 @@ class ClientSettings(_Model):
     image: str | None = None  # docker backend: this client's worker image
     knowledge_dir: Path | None = None  # documents for RAG; only this client's workers read it
     agents: list[AgentSettings] = Field(min_length=1)
+    webhook: WebhookTarget | None = None  # none: no session events are sent to this client
 
     @field_validator("knowledge_dir")
     @classmethod
@@ -370,6 +402,19 @@ class Settings(_Model):
             raise ValueError("two clients share one api_token; each client needs its own")
         return clients
 
+    @model_validator(mode="after")
+    def _webhooks_reach_public_addresses(self) -> Settings:
+        """Here, not on the client: whether a private address is allowed is the runtime's
+        setting. A name is resolved (DNS) as the config loads."""
+        allow_private = self.runtime.webhooks.allow_private
+        for i, client in enumerate(self.clients):
+            if client.webhook is not None:
+                try:
+                    check_url(client.webhook.url, allow_private)
+                except ValueError as e:
+                    raise FieldError(("clients", i, "webhook", "url"), str(e)) from None
+        return self
+
     def client(self, client_id: str) -> ClientSettings | None:
         return self._index()[1].get(client_id)
 
@@ -419,10 +464,13 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None, al
         return Settings.model_validate(expanded)
     except ValidationError as e:
         first = e.errors()[0]
-        where = _dotted(first["loc"]) or "(top level)"
+        loc, msg, cause = first["loc"], first["msg"], first.get("ctx", {}).get("error")
+        if isinstance(cause, FieldError):
+            loc, msg = (*loc, *cause.loc), cause.reason
+        where = _dotted(loc) or "(top level)"
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         # The message never echoes the input value: it may be a secret.
-        raise ConfigError(f"{path}: {where}: {first['msg']}{more}") from None
+        raise ConfigError(f"{path}: {where}: {msg}{more}") from None
 
 
 def placeholders(path: str | Path) -> set[str]:
