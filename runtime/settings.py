@@ -207,6 +207,12 @@ class WebhookSettings(_Model):
     max_pending_per_client: int = Field(default=10_000, ge=1, le=10_000_000)  # past it the oldest fail
 
 
+class SessionSettings(_Model):
+    """Every trigger's record (runtime/sessions), kept in ``state_dir``: on unless turned off."""
+
+    record: bool = True  # false: no records, no usage, no session webhooks (nothing is kept)
+
+
 class RuntimeSettings(_Model):
     backend: Literal["process", "docker", "swarm"] = "process"
     gateway: GatewaySettings = GatewaySettings()
@@ -219,6 +225,7 @@ class RuntimeSettings(_Model):
     isolation: IsolationSettings = IsolationSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    sessions: SessionSettings = SessionSettings()
     # The runtime's own, private (0700): the process backend's per-instance record of its
     # workers, from which the next runtime adopts sessions after a crash
     # (runtime/backends/instance_state.py); the docker and swarm backends' instance id

@@ -435,3 +435,65 @@ class ChatProcess:
         if not self.proc.stdin.closed:
             self.proc.stdin.close()
         self.proc.stdout.close()
+
+
+class WebhookReceiver:
+    """A real HTTP receiver for session webhooks, on loopback, in a thread of its own.
+
+    ``seen``: (path, headers, body, monotonic time) of each request; ``answers[path](n)``:
+    the status for that path's n-th request (1-based), or None to hang until ``close``.
+    ``port``: a fixed one (a receiver back on the same address after an outage), or 0."""
+
+    def __init__(self, port: int = 0) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.cond = threading.Condition()
+        self.seen: list[tuple[str, dict[str, str], bytes, float]] = []
+        self.answers: dict[str, Callable[[int], int | None]] = {}
+        self.release = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver.cond:
+                    receiver.seen.append((self.path, dict(self.headers.items()), body, time.monotonic()))
+                    n = len([s for s in receiver.seen if s[0] == self.path])
+                    receiver.cond.notify_all()
+                status = receiver.answers.get(self.path, lambda n: 200)(n)
+                if status is None:
+                    receiver.release.wait(30)
+                    return
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        class Server(ThreadingHTTPServer):
+            allow_reuse_address = True  # back on the same port after an outage
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def of(self, path: str) -> list[tuple[str, dict[str, str], bytes, float]]:
+        with self.cond:
+            return [r for r in self.seen if r[0] == path]
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        with self.cond:
+            assert self.cond.wait_for(predicate, timeout), "the receiver did not see what was expected in time"
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)

@@ -71,8 +71,10 @@ class SourceWatcher:
         settings: SupabaseSettings,
         metrics: Metrics,
         store: SupabaseStore | None = None,
+        allow_private_webhooks: bool = False,
     ) -> None:
         self.settings = settings
+        self.allow_private = allow_private_webhooks  # runtime.webhooks.allow_private: a row's URL is checked
         self.metrics = metrics
         self.store = store or SupabaseStore(settings)
         self.apply: Callable[[list[ClientSettings]], ReloadSummary] = lambda clients: ReloadSummary([], [], [])
@@ -123,7 +125,7 @@ class SourceWatcher:
         else:
             self.metrics.source_rows_read.inc(len(rows))
             self.clients = dict(cached.clients) if cached is not None else {}
-            self._take(parse_rows(rows, self.clients))
+            self._take(parse_rows(rows, self.clients, allow_private=self.allow_private))
             self.changes.took(rows, (), whole=True)
             self._save_cache()
             self._set_up()
@@ -248,10 +250,10 @@ class SourceWatcher:
 
     def _snapshot(self, rows: list[dict[str, Any]], gone: set[str], whole: bool) -> Snapshot:
         if whole:
-            return parse_rows(rows, self.clients)
+            return parse_rows(rows, self.clients, allow_private=self.allow_private)
         read = {str(row.get("id")) for row in rows} | gone
         unchanged = {cid: c for cid, c in self.clients.items() if cid not in read}
-        snapshot = parse_rows(rows, self.clients, unchanged=unchanged)
+        snapshot = parse_rows(rows, self.clients, unchanged=unchanged, allow_private=self.allow_private)
         kept = {row_id: e for row_id, e in self.errors.items() if row_id not in read}
         return Snapshot(snapshot.clients, {**kept, **snapshot.errors}, snapshot.inactive)
 
@@ -288,7 +290,7 @@ class SourceWatcher:
         if path is None or not Path(path).exists():
             return None
         try:
-            return parse_rows(load_cache(Path(path)))
+            return parse_rows(load_cache(Path(path)), allow_private=self.allow_private)
         except (OSError, ValueError) as e:
             logger.error("client source: the cache file %s cannot be read (%s); not using it", path, describe(e, 80))
             return None

@@ -25,6 +25,7 @@ from typing import Any, cast
 
 from pydantic import ValidationError
 
+from runtime.outbound import check_url
 from runtime.settings import ClientSettings, SupabaseSettings
 from runtime.supabase_api import CALL_TIMEOUT_S, REFUSAL_CODES, SupabaseApi, refused
 
@@ -86,6 +87,8 @@ def client_to_row(client: ClientSettings) -> dict[str, Any]:
         "image": client.image,
         "knowledge_dir": str(client.knowledge_dir) if client.knowledge_dir else None,
         "agents": [a.for_worker().to_json() for a in client.agents],
+        "webhook": ({"url": client.webhook.url, "secret": client.webhook.secret.get_secret_value()}
+                    if client.webhook else None),
         "active": True,
     }
 
@@ -95,12 +98,15 @@ _COLUMN: dict[tuple[int | str, ...], str] = {("livekit", "url"): "livekit_url", 
 
 
 def parse_rows(rows: list[Any], last_good: Mapping[str, ClientSettings] | None = None,
-               unchanged: Mapping[str, ClientSettings] | None = None) -> Snapshot:
+               unchanged: Mapping[str, ClientSettings] | None = None, allow_private: bool = False) -> Snapshot:
     """Validate each row on its own, then settle shared tokens against ``last_good`` (the
     set being served): the result does not depend on the order of ``rows``.
 
     ``unchanged``: served clients whose rows were not read again (an incremental read).
-    They are taken as they are, and weigh in the token checks like any valid row."""
+    They are taken as they are, and weigh in the token checks like any valid row.
+
+    A row's webhook URL is checked as a config file's is (``runtime.outbound.check_url``:
+    no private address unless ``allow_private``): such a row is bad, and names why."""
     valid: dict[str, ClientSettings] = dict(unchanged or {})
     errors: dict[str, RowError] = {}
     inactive: set[str] = set()
@@ -110,12 +116,17 @@ def parse_rows(rows: list[Any], last_good: Mapping[str, ClientSettings] | None =
             if row.get("active") is False:
                 inactive.add(row_id)
                 continue
-            valid[row_id] = row_to_client(row)
+            client = row_to_client(row)
+            if client.webhook is not None:
+                check_url(client.webhook.url, allow_private)
+            valid[row_id] = client
         except ValidationError as e:
             first = e.errors()[0]
             loc = tuple(first["loc"])
             column = _COLUMN.get(loc[:2]) or ".".join(str(p) for p in loc) or "(row)"
             errors[row_id] = RowError(row_id, column, first["msg"])  # msg only: never the value
+        except ValueError as e:  # check_url's refusal: it names the host, never a secret
+            errors[row_id] = RowError(row_id, "webhook.url", str(e))
         except Exception as e:  # noqa: BLE001 - whatever one row does, it stays that row's fault
             errors[row_id] = RowError(row_id, "(row)", f"cannot be validated ({type(e).__name__})")
     errors.update(_shared_tokens(valid, last_good or {}, present=valid.keys() | errors.keys()))

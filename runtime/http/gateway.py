@@ -205,7 +205,7 @@ async def stats(request: web.Request) -> web.Response:
             one = PoolStats.stopped(client.id, client.pool.min_idle, client.pool.max_size)
         if one is None:
             raise Refusal(404, "unknown_client", f"no client {query.client!r}")
-        return web.json_response({"clients": {query.client: one.as_json()}})
+        return web.json_response({"clients": await _with_webhooks(runtime, {query.client: one.as_json()})})
     running = await pool_stats(runtime)
     ids = sorted({c.id for c in runtime.settings.clients} | running.keys())  # a removed client's pool drains
     start = bisect.bisect_right(ids, query.cursor) if query.cursor is not None else 0
@@ -218,13 +218,22 @@ async def stats(request: web.Request) -> web.Response:
         if found is not None:
             clients[cid] = found.as_json()
     body: dict[str, Any] = {
-        "clients": clients,
+        "clients": await _with_webhooks(runtime, clients),
         "next_cursor": page[-1] if start + query.limit < len(ids) else None,
         "summary": summarize(len(runtime.settings.clients), running.values()),
     }
     if runtime.source is not None:
         body["source"] = runtime.source.status()
     return web.json_response(body)
+
+
+async def _with_webhooks(runtime: Service, clients: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each client with a webhook also shows how its session events are delivered (counted
+    in SQLite: read off the loop)."""
+    found = await asyncio.get_running_loop().run_in_executor(None, runtime.webhook_stats, list(clients))
+    for cid, delivery in found.items():
+        clients[cid]["webhooks"] = delivery
+    return clients
 
 
 async def _ask_stats(ref: pykka.ActorRef[Any]) -> PoolStats | None:

@@ -79,7 +79,10 @@ _POOL = _object({
     "backoff_s": {"type": "number", "minimum": 0},
     "last_error": {"type": ["string", "null"], "description": "why the last worker start failed, until one succeeds"},
     "workers": {"type": "array", "items": _WORKER},
-})
+}, {"webhooks": _object({"pending": {"type": ["integer", "null"], "minimum": 0},
+                         "delivered_total": {"type": "integer", "minimum": 0},
+                         "failed_total": {"type": "integer", "minimum": 0},
+                         "last_error": {"type": ["string", "null"]}})})
 _SUMMARY = _object({k: {"type": "integer", "minimum": 0} for k in (
     "clients", "running_pools", "starting", "idle", "leased", "draining", "waiting", "missed_total")})
 _SOURCE = _object({"kind": {"const": "supabase"}, "up": _BOOL,

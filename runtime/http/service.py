@@ -41,5 +41,7 @@ class Service(Protocol):
 
     def reload(self) -> ReloadSummary: ...
 
+    def webhook_stats(self, client_ids: list[str]) -> dict[str, dict[str, Any]]: ...  # blocking: an executor
+
 
 RUNTIME = web.AppKey("runtime", Service)  # where each app keeps the Service it serves

@@ -41,7 +41,8 @@ from runtime.secrets import same_secret
 from runtime.sessions.log import SessionLog
 from runtime.sessions.shipper import Shipper
 from runtime.sessions.store import FILE_NAME, SqliteStore
-from runtime.settings import ClientSettings, ConfigError, ReloadSummary, Settings, load_settings
+from runtime.sessions.webhooks import Deliverer
+from runtime.settings import ClientSettings, ConfigError, ReloadSummary, Settings, WebhookTarget, load_settings
 
 logger = logging.getLogger("autonomite.runtime")
 
@@ -88,21 +89,16 @@ class Runtime:
             # Clients from Supabase are read before anything is started (the zygote boots in
             # seconds; a docker backend connects to its engine): a start that cannot read
             # them fails in about a second, and leaves nothing to stop.
-            self.source = SourceWatcher(settings.clients_source.supabase, self.metrics)
+            self.source = SourceWatcher(settings.clients_source.supabase, self.metrics,
+                                        allow_private_webhooks=settings.runtime.webhooks.allow_private)
             self.settings = settings.model_copy(update={"clients": self.source.first_read()})
         self.directory = Directory()
         self.backend = backend or make_backend(settings)
-        # Every trigger's record, in the state directory (runtime/sessions): no setting needed.
-        # With clients in Supabase, the records go on to its sessions table; the file is the
-        # buffer while Supabase is away.
-        store = SqliteStore(settings.runtime.state_dir / FILE_NAME)
+        self.sessions: SessionLog | None = None
         self.shipper: Shipper | None = None
-        if settings.clients_source is not None:
-            self.shipper = Shipper(store.path, settings.clients_source.supabase)
-            self.shipper.start()
-        self.sessions: SessionLog | None = SessionLog(
-            store, self.backend.name, self.metrics, on_written=self.shipper.wake if self.shipper else lambda: None,
-        ).start()
+        self.webhooks: Deliverer | None = None
+        if settings.runtime.sessions.record:
+            self._start_records()
         self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="worker-io")
         self.livekit = LiveKitClient()
         self.failure: str | None = None
@@ -119,6 +115,38 @@ class Runtime:
             on_give_up=self._give_up,
             on_restart=lambda child_id: self.metrics.actor_restarts.labels(child_id.split(":")[0]).inc(),
         )
+
+    def _start_records(self) -> None:
+        """Every trigger's record, in the state directory (runtime/sessions): no setting
+        needed. Each client with a webhook gets its session events; with clients in
+        Supabase the records go on to its sessions table. The file is the buffer of both."""
+        store = SqliteStore(self.settings.runtime.state_dir / FILE_NAME)
+        if self.settings.clients_source is not None:
+            self.shipper = Shipper(store.path, self.settings.clients_source.supabase)
+            self.shipper.start()
+        self.webhooks = Deliverer(store.path, self._webhook_of, self.settings.runtime.webhooks, metrics=self.metrics)
+        self.webhooks.start()
+        shipper, webhooks = self.shipper, self.webhooks
+
+        def written() -> None:  # the session log's thread: new rows for both to look at
+            if shipper is not None:
+                shipper.wake()
+            webhooks.wake()
+
+        self.sessions = SessionLog(store, self.backend.name, self.metrics, on_written=written,
+                                   has_webhook=lambda cid: self._webhook_of(cid) is not None).start()
+
+    def _webhook_of(self, client_id: str) -> WebhookTarget | None:
+        """Asked at each event and each delivery: a reload's new URL or secret applies at once."""
+        client = self.settings.client(client_id)
+        return client.webhook if client is not None else None
+
+    def webhook_stats(self, client_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Delivery of each client's session events, for those with a webhook (the admin
+        stats; reads SQLite: the gateway calls it in an executor)."""
+        if self.webhooks is None:
+            return {}
+        return {cid: self.webhooks.stats(cid) for cid in client_ids if self._webhook_of(cid) is not None}
 
     # -- the tree ------------------------------------------------------------------------
 
@@ -329,6 +357,8 @@ class Runtime:
             self.sessions.stop()  # what the pools and the dispatcher told it, written
         if self.shipper is not None:
             self.shipper.stop()  # what it has not sent stays in the file for the next start
+        if self.webhooks is not None:
+            self.webhooks.stop()  # the same: pending events go with the next start
         logger.info("runtime stopped")
 
 

@@ -15,7 +15,13 @@ A restart: the sessions left open are loaded at start. Those on a worker the new
 adopted are closed by that worker's own report; the others by :meth:`SessionLog.close_orphans`,
 as ``runtime_restart``.
 
-State owned by the writer thread: ``_by_worker``, ``_open``. The queue is the only shared part.
+Each batch also makes the webhook events of the clients that have a webhook
+(``session.started`` when a session is answered 200, ``session.ended`` at its end), written
+in the same transaction as the records (``runtime/sessions/outbox.py``), and sent by the
+deliverer (``runtime/sessions/webhooks.py``) on its own threads.
+
+State owned by the writer thread: ``_by_worker``, ``_open``, ``_answered``. The queue is the
+only shared part.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 
 from agent.contract import EndCause, Milestones
 from runtime.metrics import Metrics
+from runtime.sessions.outbox import Event as WebhookEvent
 from runtime.sessions.store import SessionRecord, SqliteStore
 
 logger = logging.getLogger("autonomite.sessions")
@@ -109,16 +116,23 @@ class _Open:
 
 class SessionLog:
     def __init__(self, store: SqliteStore, backend: str, metrics: Metrics | None = None,
-                 on_written: Callable[[], None] = lambda: None) -> None:
+                 on_written: Callable[[], None] = lambda: None,
+                 has_webhook: Callable[[str], bool] = lambda client: False) -> None:
         self.store, self.backend, self.metrics = store, backend, metrics
-        self.on_written = on_written  # after each batch (the webhook deliverer looks for new events)
+        self.on_written = on_written  # after each batch (the shipper and the webhook deliverer look)
+        # Whether a client wants session events now (read at the event: a client that
+        # configures a webhook mid-session gets that session's end, not its start).
+        self.has_webhook = has_webhook
         self._queue: queue.Queue[Event] = queue.Queue(MAX_QUEUED)
         self._thread = threading.Thread(target=self._run, name="session-log", daemon=True)
         self._stopping = False
         self._open: dict[str, _Open] = {}
         self._by_worker: dict[tuple[str, str], str] = {}
+        self._answered: set[str] = set()  # answered 200, not ended yet: their end is an event
         for r in store.open_sessions():  # left open by a runtime that stopped or died
             self._open[r.id] = _Open(r.client, r.worker_id, r.joined_at, r.user_joined_at is not None)
+            if r.status == 200:
+                self._answered.add(r.id)
             if r.worker_id is not None:
                 self._by_worker[(r.client, r.worker_id)] = r.id
         self.dropped = 0
@@ -208,9 +222,25 @@ class SessionLog:
                 parts += self._apply(event, idle)
             except Exception:  # a bad event (a bug) is logged and skipped: never the batch around it
                 logger.exception("session log: skipping an event it cannot apply: %s", type(event).__name__)
+        announce = self._announcements(parts)
         if parts or idle:
-            self.store.write(parts, idle)
+            self.store.write(parts, idle, announce)
             self.on_written()
+
+    def _announcements(self, parts: list[SessionRecord]) -> list[tuple[str, WebhookEvent]]:
+        """The webhook events these parts make: a session answered 200 started, one that
+        was answered 200 and now has its end ended (a refusal is neither)."""
+        out: list[tuple[str, WebhookEvent]] = []
+        for part in parts:
+            if part.status == 200:
+                self._answered.add(part.id)
+                if self.has_webhook(part.client):
+                    out.append((part.id, "session.started"))
+            if part.ended_at is not None and part.id in self._answered:
+                self._answered.discard(part.id)
+                if self.has_webhook(part.client):
+                    out.append((part.id, "session.ended"))
+        return out
 
     def _apply(self, event: Event, idle: dict[tuple[str, int], float]) -> list[SessionRecord]:
         match event:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.contract import EndCause
+from runtime.sessions.outbox import OUTBOX_INSERT, OUTBOX_SCHEMA, Event, OutboxEvent, outbox_rows
 
 FILE_NAME = "sessions.sqlite"  # in runtime.state_dir
 
@@ -119,7 +120,7 @@ class SqliteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._write_lock, self._read_lock = threading.Lock(), threading.Lock()
         self._db = connect(path)
-        self._db.executescript(_SCHEMA)
+        self._db.executescript(_SCHEMA + OUTBOX_SCHEMA)
         self._reader = connect(path)
 
     # -- writing (the session log's thread) ------------------------------------------------
@@ -127,9 +128,12 @@ class SqliteStore:
     def put(self, record: SessionRecord) -> None:
         self.write([record], {})
 
-    def write(self, records: Iterable[SessionRecord], idle: dict[tuple[str, int], float]) -> None:
-        """Parts of records and idle seconds by (client, minute), in one transaction: a batch
-        costs one fsync of the WAL, not one per part."""
+    def write(self, records: Iterable[SessionRecord], idle: dict[tuple[str, int], float],
+              announce: Iterable[tuple[str, Event]] = ()) -> None:
+        """Parts of records, idle seconds by (client, minute) and the webhook events to send
+        (session id, event), in one transaction: a batch costs one fsync of the WAL, not one
+        per part, and an event exists exactly when the record it tells of does. An event's
+        body is the record as merged in this very transaction."""
         with self._write_lock:
             self._db.execute("begin")
             try:
@@ -139,6 +143,13 @@ class SqliteStore:
                     "on conflict(client, minute) do update set seconds = seconds + excluded.seconds",
                     [(client, minute, s) for (client, minute), s in idle.items()],
                 )
+                events = []
+                for session_id, event in announce:
+                    row = self._db.execute(f"{_SELECT} where id = ?", (session_id,)).fetchone()
+                    if row is not None:
+                        r = record(row)
+                        events.append(OutboxEvent(r.client, r.id, event, r.as_json()))
+                self._db.executemany(OUTBOX_INSERT, outbox_rows(events))
             except BaseException:
                 self._db.execute("rollback")
                 raise

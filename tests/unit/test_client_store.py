@@ -165,3 +165,14 @@ def test_the_cache_holds_the_served_set_with_last_good_configurations(tmp_path):
     save_cache(tmp_path / "cache.json", list(now.values()))
     assert oct((tmp_path / "cache.json").stat().st_mode & 0o777) == "0o600"
     assert parse_rows(load_cache(tmp_path / "cache.json")).clients == now
+
+
+def test_a_rows_webhook_to_a_private_address_is_a_bad_row_unless_allowed():
+    hook = {"url": "http://10.1.2.3/hooks", "secret": "hook-secret-0123456789"}
+    snap = parse_rows([good(), good("globex", webhook=hook)])
+    assert list(snap.clients) == ["acme"]
+    assert snap.errors["globex"].field == "webhook.url" and "private" in snap.errors["globex"].reason
+    assert "hook-secret" not in str(snap.errors["globex"])
+    allowed = parse_rows([good("globex", webhook=hook)], allow_private=True).clients["globex"]
+    assert allowed.webhook is not None and allowed.webhook.url == hook["url"]
+    assert row_to_client(client_to_row(allowed)) == allowed  # and back, for clients push

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -28,66 +26,18 @@ from runtime.sessions.webhooks import (
     verify,
 )
 from runtime.settings import ConfigError, WebhookSettings, WebhookTarget, load_settings
+from tests.support import WebhookReceiver
 
 SECRET = "whsec-0123456789-abcdef-must-not-leak"
 FAST = {"allow_private": True, "retry_base_s": 0.05, "retry_max_s": 0.2, "timeout_s": 2.0}
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "clients.example.yaml"
 
 
-class Receiver:
-    """What the receiver saw, per path; ``answers[path](n)``: the status for its n-th request
-    (1-based), or None to hang until the test ends."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.seen: list[tuple[str, dict[str, str], bytes, float]] = []
-        self.answers: dict[str, Callable[[int], int | None]] = {}
-        self.release = threading.Event()
-        self.port = 0
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def of(self, path: str) -> list[tuple[str, dict[str, str], bytes, float]]:
-        with self.cond:
-            return [r for r in self.seen if r[0] == path]
-
-    def wait(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        with self.cond:
-            assert self.cond.wait_for(predicate, timeout), "the receiver did not see what was expected in time"
-
-
 @pytest.fixture
 def receiver():
-    r = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            with r.cond:
-                r.seen.append((self.path, dict(self.headers.items()), body, time.monotonic()))
-                n = len([s for s in r.seen if s[0] == self.path])
-                r.cond.notify_all()
-            status = r.answers.get(self.path, lambda n: 200)(n)
-            if status is None:
-                r.release.wait(30)
-                return
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    r.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    r = WebhookReceiver()
     yield r
-    r.release.set()
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    r.close()
 
 
 @pytest.fixture
