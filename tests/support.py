@@ -117,9 +117,13 @@ class Client:
     knowledge_dir: str | None = None
     placement: list[str] = field(default_factory=list)  # swarm constraints, e.g. node.labels.tier==voice
     pool: dict = field(default_factory=dict)  # more pool settings, e.g. {"memory_mb": 256, "pids": 64}
+    webhook_url: str | None = None  # session webhooks go there, signed with webhook_secret
+    webhook_secret: str = ""
 
     def __post_init__(self) -> None:
         self.token = self.token or new_secret(f"{self.id}-token")
+        if self.webhook_url and not self.webhook_secret:
+            self.webhook_secret = new_secret(f"{self.id}-whsec")
 
 
 def write_config(path: Path, clients: list[Client], **runtime: Any) -> dict[str, str]:
@@ -139,8 +143,11 @@ def write_config(path: Path, clients: list[Client], **runtime: Any) -> dict[str,
                          **({"placement": c.placement} if c.placement else {}), **c.pool},
                 "agents": c.agents,
                 **({"knowledge_dir": c.knowledge_dir} if c.knowledge_dir else {}),
+                **({"webhook": {"url": c.webhook_url, "secret": f"${{{up}_WEBHOOK_SECRET}}"}} if c.webhook_url else {}),
             }
         )
+        if c.webhook_url:
+            env[f"{up}_WEBHOOK_SECRET"] = c.webhook_secret
     workers = {"log_dir": str(path.parent / "workers"), **runtime.pop("workers", {})}
     settings = {
         "runtime": {

@@ -302,7 +302,7 @@ def _session_operations() -> tuple[dict[str, Any], dict[str, Any]]:
         "401": _refusal("No bearer token, or neither the admin's nor a client's.", "unauthorized"),
         "403": _refusal("A client's token asked for another client's.", "forbidden"),
         "429": _THROTTLED,
-        "503": _refusal("The session store is not open.", "restarting"),
+        "404": _refusal("Records are off in this runtime (`runtime.sessions.record: false`).", "not_found"),
     }
     sessions = {
         "operationId": "sessions",

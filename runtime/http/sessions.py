@@ -39,7 +39,7 @@ def _scope(request: web.Request, asked: str | None) -> str | None:
 def _store(request: web.Request) -> SqliteStore:
     sessions = request.app[RUNTIME].sessions
     if sessions is None:
-        raise Refusal(503, "restarting", "the session store is not open")
+        raise Refusal(404, "not_found", "session records are off in this runtime (runtime.sessions.record: false)")
     return sessions.store
 
 

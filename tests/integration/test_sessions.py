@@ -8,7 +8,9 @@ import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.support import Client, metric_value, wait_until
+from runtime.backends.ports import free_port
+from runtime.sessions.webhooks import verify
+from tests.support import Client, WebhookReceiver, metric_value, wait_until
 
 EMAIL = "dana@example.com"
 CONTEXT_VALUE = "likes-the-blue-plan"
@@ -126,3 +128,75 @@ def test_every_trigger_gets_one_record_with_its_outcome_and_they_add_up(run_serv
     # No email, no context value in any record or usage answer.
     everything = json.dumps([records, usage])
     assert EMAIL not in everything and CONTEXT_VALUE not in everything
+
+
+FAST_WEBHOOKS = {"allow_private": True, "retry_base_s": 0.1, "retry_max_s": 0.5}  # the receivers are on loopback
+
+
+def _events(receiver: WebhookReceiver, path: str, client: Client) -> list[dict]:
+    """What the receiver accepted (a 2xx), each checked against the client's secret."""
+    out = []
+    for _, headers, body, _ in receiver.of(path):
+        assert verify(client.webhook_secret, body, headers["Autonomite-Signature"]), "a bad signature"
+        event = json.loads(body)
+        assert headers["Idempotency-Key"] == event["id"]
+        out.append(event)
+    return out
+
+
+def test_each_client_gets_its_signed_events_in_order_and_a_hanging_endpoint_delays_nobody(run_serve, lk_a, lk_b):
+    receiver = WebhookReceiver()
+    try:
+        alpha = Client("alpha", lk_a, min_idle=1, max_size=2, webhook_url=receiver.url("/alpha"))
+        beta = Client("beta", lk_b, min_idle=1, max_size=2, webhook_url=receiver.url("/beta"))
+        receiver.answers["/alpha"] = lambda n: 500 if n <= 3 else 200  # down for three tries
+        receiver.answers["/beta"] = lambda n: None  # hangs, well past this test's deadlines
+        serve = run_serve([alpha, beta], webhooks={**FAST_WEBHOOKS, "timeout_s": 60})
+
+        serve.start_session(beta, "room-beta")
+        receiver.wait(lambda: len(receiver.of("/beta")) == 1, 30)  # beta's endpoint now holds a request
+        r = serve.start_session(alpha, "room-alpha", user_email=EMAIL, context={"plan": CONTEXT_VALUE})
+        lk_a.delete_room("room-alpha")
+        receiver.wait(lambda: len(receiver.of("/alpha")) == 5, 45)  # 3 failures, then started and ended
+        assert len(receiver.of("/beta")) == 1, "beta's hanging request is still the only one"
+
+        sent = _events(receiver, "/alpha", alpha)
+        assert [e["type"] for e in sent] == ["session.started"] * 4 + ["session.ended"]
+        assert len({e["id"] for e in sent[:4]}) == 1, "a retry is the same event, the same key"
+        ended = sent[-1]
+        assert ended["session_id"] == r.body["session_id"] and ended["client"] == "alpha"
+        assert ended["data"]["end_cause"] == "room_deleted" and ended["data"]["status"] == 200
+        everything = b"".join(body for _, _, body, _ in receiver.seen).decode()
+        for secret in (EMAIL, CONTEXT_VALUE, alpha.webhook_secret, beta.webhook_secret, alpha.token, lk_a.secret):
+            assert secret not in everything
+        hooks = serve.get("/api/v1/containers/pool/stats?client=alpha", token=serve.admin).body
+        assert hooks["clients"]["alpha"]["webhooks"]["delivered_total"] == 2
+        assert metric_value(serve.metrics(), "autonomite_session_webhooks_total", client="alpha",
+                            outcome="retried") == 3
+    finally:
+        receiver.close()
+
+
+def test_webhook_events_wait_out_a_down_endpoint_and_a_restart_of_serve(run_serve, lk_a):
+    port = free_port()
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=2, webhook_url=f"http://127.0.0.1:{port}/alpha")
+    serve = run_serve([alpha], webhooks=FAST_WEBHOOKS)
+    r = serve.start_session(alpha, "room-down")
+    lk_a.delete_room("room-down")
+    wait_until(lambda: _record(serve, "room-down")["ended_at"], 60, "the session to end")
+    stats = lambda: serve.get("/api/v1/containers/pool/stats?client=alpha", token=serve.admin).body  # noqa: E731
+    wait_until(lambda: stats()["clients"]["alpha"]["webhooks"]["last_error"], 30, "a failed delivery to show")
+    assert stats()["clients"]["alpha"]["webhooks"]["pending"] == 2
+    assert serve.stop() == 0
+
+    receiver = WebhookReceiver(port)  # the endpoint is back, and so is serve
+    try:
+        serve.start()
+        receiver.wait(lambda: len(receiver.of("/alpha")) >= 2, 60)
+        sent = _events(receiver, "/alpha", alpha)
+        assert [(e["type"], e["session_id"]) for e in sent] == [
+            ("session.started", r.body["session_id"]), ("session.ended", r.body["session_id"])]
+        wait_until(lambda: stats()["clients"]["alpha"]["webhooks"]["pending"] == 0, 30, "nothing pending")
+        assert len(receiver.of("/alpha")) == 2, "each event once"
+    finally:
+        receiver.close()
