@@ -18,9 +18,9 @@ import asyncio
 import bisect
 import json
 import logging
+import os
 import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -142,7 +142,7 @@ async def trigger(request: web.Request) -> web.Response:
         if runtime.settings.client(body.client_id) is None:
             return error(404, "unknown_client", f"no client {body.client_id!r}")
         return error(403, "forbidden", "this token belongs to another client")
-    session_id, received_at = uuid.uuid4().hex, time.time()  # from here on, the trigger has a record
+    session_id, received_at = os.urandom(16).hex(), time.time()  # from here on, the trigger has a record
 
     def refused(status: int, code: ErrorCode) -> None:
         if runtime.sessions is not None:
@@ -224,6 +224,8 @@ async def stats(request: web.Request) -> web.Response:
     }
     if runtime.source is not None:
         body["source"] = runtime.source.status()
+        if runtime.shipper is not None:  # the session records on their way to Supabase (counts SQLite rows)
+            body["source"]["sessions"] = await asyncio.get_running_loop().run_in_executor(None, runtime.shipper.status)
     return web.json_response(body)
 
 

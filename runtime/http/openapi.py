@@ -90,7 +90,12 @@ _SOURCE = _object({"kind": {"const": "supabase"}, "up": _BOOL,
                                    "`refused: …` (the key may not read the table) or `crashed: …` (a poll raised); "
                                    "the last good clients are served meanwhile"},
                    "last_read_s_ago": {"type": ["number", "null"]},
-                   "bad_rows": {"type": "object", "additionalProperties": _STR}})
+                   "bad_rows": {"type": "object", "additionalProperties": _STR}},
+                  {"sessions": _object({"pending": {"type": ["integer", "null"], "minimum": 0},
+                                        **{k: {"type": "integer", "minimum": 0} for k in (
+                                            "shipped_total", "failures_total", "rejected_total")},
+                                        "last_error": {"type": ["string", "null"]},
+                                        "last_shipped_at": {"type": ["number", "null"]}})})
 _CLIENT_ID = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,31}$", "description": "a client's `id`"}
 
 

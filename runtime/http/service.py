@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from runtime.clients.source import SourceWatcher
     from runtime.metrics import Metrics
     from runtime.sessions.log import SessionLog
+    from runtime.sessions.shipper import Shipper
     from runtime.settings import ClientSettings, ReloadSummary, Settings
 
 
@@ -34,6 +35,7 @@ class Service(Protocol):
     failed: threading.Event
     supervisor: pykka.ActorRef[Any]
     sessions: SessionLog | None  # every trigger's record (runtime/sessions)
+    shipper: Shipper | None  # with clients in Supabase: the records on their way there
 
     def client_by_token(self, token: str) -> ClientSettings | None: ...
 

@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from agent.contract import EndCause, Milestones
 from runtime.metrics import Metrics
@@ -43,11 +44,17 @@ logger = logging.getLogger("autonomite.sessions")
 
 MAX_QUEUED = 100_000  # events waiting for the writer; past it they are dropped and counted
 BATCH = 1_000
+BATCH_WAIT_S = 0.05  # the writer gathers events this long after the first of a batch
 
 
 @dataclass(frozen=True)
 class _Received:
-    record: SessionRecord
+    session_id: str
+    client: str
+    agent: str
+    room: str
+    user_hash: str | None
+    at: float
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,9 @@ class SessionLog:
         # Whether a client wants session events now (read at the event: a client that
         # configures a webhook mid-session gets that session's end, not its start).
         self.has_webhook = has_webhook
-        self._queue: queue.Queue[Event] = queue.Queue(MAX_QUEUED)
+        # SimpleQueue: a put is one C call with no condition variable, and triggers put two
+        # each; the bound is kept by hand (qsize), loosely, which is all it needs to be.
+        self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="session-log", daemon=True)
         self._stopping = False
         self._open: dict[str, _Open] = {}
@@ -145,8 +154,7 @@ class SessionLog:
 
     def received(self, session_id: str, client: str, agent: str, room: str, user_hash: str | None,
                  at: float) -> None:
-        self._put(_Received(SessionRecord(session_id, client, agent=agent, room=room, backend=self.backend,
-                                          user_hash=user_hash, received_at=at)))
+        self._put(_Received(session_id, client, agent, room, user_hash, at))  # the record is made on the writer's thread
 
     def refused(self, session_id: str, client: str, agent: str, room: str, user_hash: str | None, at: float,
                 status: int, error: str) -> None:
@@ -189,9 +197,9 @@ class SessionLog:
             self._thread.join(timeout)
 
     def _put(self, event: Event) -> None:
-        try:
-            self._queue.put_nowait(event)
-        except queue.Full:
+        if self._queue.qsize() < MAX_QUEUED:
+            self._queue.put(event)
+        else:
             self.dropped += 1
             if self.dropped % 1000 == 1:
                 logger.error("session log: %d events dropped, the store is not keeping up", self.dropped)
@@ -201,9 +209,13 @@ class SessionLog:
     def _run(self) -> None:
         while not self._stopping:
             batch = [self._queue.get()]
-            while len(batch) < BATCH:
+            # Gather for a moment: a storm of triggers then costs a transaction every
+            # BATCH_WAIT_S, not one per event (and a thread switch per event). A record
+            # lands that much later, which nobody waits on; a flush does not wait.
+            deadline = time.monotonic() + BATCH_WAIT_S
+            while len(batch) < BATCH and not isinstance(batch[-1], _Flush):
                 try:
-                    batch.append(self._queue.get_nowait())
+                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
             try:
@@ -224,7 +236,7 @@ class SessionLog:
                 logger.exception("session log: skipping an event it cannot apply: %s", type(event).__name__)
         announce = self._announcements(parts)
         if parts or idle:
-            self.store.write(parts, idle, announce)
+            self.store.write(merged(parts), idle, announce)
             self.on_written()
 
     def _announcements(self, parts: list[SessionRecord]) -> list[tuple[str, WebhookEvent]]:
@@ -244,9 +256,10 @@ class SessionLog:
 
     def _apply(self, event: Event, idle: dict[tuple[str, int], float]) -> list[SessionRecord]:
         match event:
-            case _Received(record):
-                self._open[record.id] = _Open(record.client)
-                return [record]
+            case _Received(sid, client, agent, room, user, at):
+                self._open[sid] = _Open(client)
+                return [SessionRecord(sid, client, agent=agent, room=room, backend=self.backend, user_hash=user,
+                                      received_at=at)]
             case _Leased(sid, client, worker_id, url):
                 session = self._open.get(sid)
                 if session is None:
@@ -314,6 +327,16 @@ class SessionLog:
         """Sessions not over (read from any thread: a dict's len is atomic)."""
         return len(self._open)
 
+
+
+def merged(parts: list[SessionRecord]) -> list[SessionRecord]:
+    """One part per record: what a batch knows of each, later parts filling in (a refused
+    trigger's two parts, or a short session's six, become one row write)."""
+    by_id: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        known = {k: v for k, v in vars(part).items() if v is not None}
+        by_id.setdefault(part.id, {}).update(known)
+    return [SessionRecord(**fields) for fields in by_id.values()]
 
 
 def user_hash(email: str | None) -> str | None:

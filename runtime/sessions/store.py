@@ -137,7 +137,7 @@ class SqliteStore:
         with self._write_lock:
             self._db.execute("begin")
             try:
-                self._db.executemany(_UPSERT, [tuple(asdict(r).values()) for r in records])
+                self._db.executemany(_UPSERT, [tuple(getattr(r, c) for c in COLUMNS) for r in records])
                 self._db.executemany(
                     "insert into idle_seconds values (?, ?, ?) "
                     "on conflict(client, minute) do update set seconds = seconds + excluded.seconds",

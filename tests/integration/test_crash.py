@@ -107,7 +107,8 @@ def test_sigkill_of_serve_cuts_no_call_and_the_next_serve_adopts_it(run_serve, l
     assert f"pool alpha: worker {worker_id} exited (session_end, code 0)" in serve.log()
     # No session record is lost to the SIGKILL: the one the dead serve answered is closed by
     # the next one, with the end its adopted worker reported.
-    records = wait_until(lambda: (r := _records(serve)) and all(s["ended_at"] for s in r) and r, 30, "records closed")
+    records = wait_until(lambda: len(r := _records(serve)) == 4 and all(s["ended_at"] for s in r) and r, 30,
+                         "every record closed")
     assert {s["room"]: s["end_cause"] for s in records} == {
         "room-crash": "user_left", **{f"room-after-{n}": "room_deleted" for n in range(3)}}
     assert next(s for s in records if s["room"] == "room-crash")["id"] == session["session_id"]
