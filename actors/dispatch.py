@@ -278,6 +278,8 @@ class DispatchActor(Supervised):
                 if flight is None:
                     return None
                 if decision.trigger == "retry":
+                    if self.records is not None:  # that worker's exit is no longer this session's end
+                        self.records.released(flight.trigger.session_id, lease.client_id, lease.worker_id)
                     self.in_flight[message.trigger_id] = replace(flight, attempt=attempt + 1, leased=False)
                     self._ask_pool(message.trigger_id)
                     return None

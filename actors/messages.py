@@ -274,7 +274,7 @@ class Trigger:
     request: TriggerRequest
     client: ClientSettings
     reply: Reply = field(compare=False)
-    session_id: str = ""  # names its session record (and the 200's session_id)
+    session_id: str  # names its session record (and the 200's session_id): random, never reused
     received_at: float = 0.0  # Unix seconds, when the gateway read it
 
 

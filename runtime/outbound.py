@@ -16,11 +16,17 @@ Pure but for ``socket.getaddrinfo``; any thread.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+logger = logging.getLogger("autonomite.outbound")
+
+
+class Unresolved(ValueError):
+    """The host has no address now: maybe a typo, maybe a DNS blip."""
 
 
 @dataclass(frozen=True)
@@ -34,9 +40,17 @@ class Resolved:
     address: str  # the checked address to connect to
 
 
-def check_url(url: str, allow_private: bool) -> None:
-    """Raise ValueError saying why the runtime must not send to ``url``; return if it may."""
-    resolve(url, allow_private)
+def check_url(url: str, allow_private: bool, unresolved_ok: bool = False) -> None:
+    """Raise ValueError saying why the runtime must not send to ``url``; return if it may.
+
+    ``unresolved_ok``: a host that does not resolve passes, with a warning (a config being
+    loaded: a DNS blip must not stop a start or a reload; each delivery checks again)."""
+    try:
+        resolve(url, allow_private)
+    except Unresolved as e:
+        if not unresolved_ok:
+            raise
+        logger.warning("webhook URL: %s; accepted for now, each delivery checks it again", e)
 
 
 def resolve(url: str, allow_private: bool) -> Resolved:
@@ -59,10 +73,10 @@ def resolve(url: str, allow_private: bool) -> Resolved:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
         reason = e.strerror if isinstance(e, socket.gaierror) else str(e)
-        raise ValueError(f"the host {host!r} does not resolve ({reason})") from None
+        raise Unresolved(f"the host {host!r} does not resolve ({reason})") from None
     addresses = [str(info[4][0]) for info in infos]
     if not addresses:
-        raise ValueError(f"the host {host!r} does not resolve (no address)")
+        raise Unresolved(f"the host {host!r} does not resolve (no address)")
     if not allow_private:
         for address in addresses:
             kind = non_public(ipaddress.ip_address(address.split("%", 1)[0]))

@@ -417,7 +417,7 @@ class Settings(_Model):
         for i, client in enumerate(self.clients):
             if client.webhook is not None:
                 try:
-                    check_url(client.webhook.url, allow_private)
+                    check_url(client.webhook.url, allow_private, unresolved_ok=True)
                 except ValueError as e:
                     raise FieldError(("clients", i, "webhook", "url"), str(e)) from None
         return self

@@ -118,7 +118,7 @@ def parse_rows(rows: list[Any], last_good: Mapping[str, ClientSettings] | None =
                 continue
             client = row_to_client(row)
             if client.webhook is not None:
-                check_url(client.webhook.url, allow_private)
+                check_url(client.webhook.url, allow_private, unresolved_ok=True)
             valid[row_id] = client
         except ValidationError as e:
             first = e.errors()[0]

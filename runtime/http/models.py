@@ -122,12 +122,20 @@ class UsageQuery:
     until: float
 
 
+LAST_SECOND = 253_402_300_799  # 9999-12-31T23:59:59Z: the last time an ISO 8601 date can say
+
+
 def parse_time(name: str, value: str) -> float:
-    """Unix seconds, or an ISO 8601 date or time (UTC unless it names its offset)."""
+    """Unix seconds, or an ISO 8601 date or time (UTC unless it names its offset), from
+    1970 to the year 9999: a time the records and their answers can both express."""
     try:
-        return float(value) if value.replace(".", "", 1).isdigit() else _iso(value)
+        at = float(value) if value.replace(".", "", 1).isdigit() else _iso(value)
     except (ValueError, OverflowError):
-        raise ValueError(f"{name} must be Unix seconds or an ISO 8601 time, like 2026-11-01T00:00:00Z") from None
+        at = -1.0
+    if not 0 <= at <= LAST_SECOND:  # NaN fails this too
+        raise ValueError(f"{name} must be Unix seconds or an ISO 8601 time from 1970 to 9999, "
+                         "like 2026-11-01T00:00:00Z")
+    return at
 
 
 def _iso(value: str) -> float:

@@ -22,18 +22,25 @@ from runtime.http.service import RUNTIME
 from runtime.sessions.store import SqliteStore, empty_usage
 
 
-def _scope(request: web.Request, asked: str | None) -> str | None:
-    """Whose records this caller may read: None (every client's) for the admin."""
+def _caller(request: web.Request) -> str | None:
+    """Who asks, before anything else is looked at: None for the admin, else the client's id."""
     refuse_if_blocked(request)
     if is_admin(request):
-        return asked
+        return None
     token = bearer(request)
     caller = request.app[RUNTIME].client_by_token(token) if token else None
     if caller is None:
         raise auth_failed(request, "unauthorized", "the admin token or a client's token is required")
-    if asked is not None and asked != caller.id:
-        raise Refusal(403, "forbidden", "this token reads only its own client's sessions")
     return caller.id
+
+
+def _scope(caller: str | None, asked: str | None) -> str | None:
+    """Whose records this caller may read: None (every client's) for the admin."""
+    if caller is None:
+        return asked
+    if asked is not None and asked != caller:
+        raise Refusal(403, "forbidden", "this token reads only its own client's sessions")
+    return caller
 
 
 def _store(request: web.Request) -> SqliteStore:
@@ -44,11 +51,12 @@ def _store(request: web.Request) -> SqliteStore:
 
 
 async def sessions(request: web.Request) -> web.Response:
+    caller = _caller(request)
     try:
         query = parse_sessions_query(request.query)
     except ValueError as e:
         raise Refusal(400, "invalid_query", str(e)) from None
-    client = _scope(request, query.client)
+    client = _scope(caller, query.client)
     store = _store(request)
     page = await asyncio.get_running_loop().run_in_executor(
         None, lambda: store.page(client, query.since, query.until, query.after, query.limit))
@@ -60,11 +68,12 @@ async def sessions(request: web.Request) -> web.Response:
 
 
 async def usage(request: web.Request) -> web.Response:
+    caller = _caller(request)
     try:
         query = parse_usage_query(request.query, time.time())
     except ValueError as e:
         raise Refusal(400, "invalid_query", str(e)) from None
-    client = _scope(request, query.client)
+    client = _scope(caller, query.client)
     store = _store(request)
     found = await asyncio.get_running_loop().run_in_executor(None, store.usage, client, query.since, query.until)
     if client is not None:

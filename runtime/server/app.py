@@ -39,6 +39,7 @@ from runtime.livekit.client import LiveKitClient
 from runtime.metrics import Metrics
 from runtime.secrets import same_secret
 from runtime.sessions.log import SessionLog
+from runtime.sessions.owners import Owner, when_sole_sender
 from runtime.sessions.shipper import Shipper
 from runtime.sessions.store import FILE_NAME, SqliteStore
 from runtime.sessions.webhooks import Deliverer
@@ -97,6 +98,8 @@ class Runtime:
         self.sessions: SessionLog | None = None
         self.shipper: Shipper | None = None
         self.webhooks: Deliverer | None = None
+        self.owner: Owner | None = None
+        self._senders_lock, self._senders_stopped = threading.Lock(), False
         if settings.runtime.sessions.record:
             self._start_records()
         self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="worker-io")
@@ -120,13 +123,23 @@ class Runtime:
         """Every trigger's record, in the state directory (runtime/sessions): no setting
         needed. Each client with a webhook gets its session events; with clients in
         Supabase the records go on to its sessions table. The file is the buffer of both."""
-        store = SqliteStore(self.settings.runtime.state_dir / FILE_NAME)
+        state_dir = self.settings.runtime.state_dir
+        self.owner = Owner(state_dir)  # which open sessions are ours, and which a gone runtime's
+        store = SqliteStore(state_dir / FILE_NAME, owner=self.owner.id)
         if self.settings.clients_source is not None:
             self.shipper = Shipper(store.path, self.settings.clients_source.supabase)
-            self.shipper.start()
         self.webhooks = Deliverer(store.path, self._webhook_of, self.settings.runtime.webhooks, metrics=self.metrics)
-        self.webhooks.start()
         shipper, webhooks = self.shipper, self.webhooks
+
+        def send() -> None:  # once no other runtime on this state directory sends (owners.py)
+            with self._senders_lock:
+                if self._senders_stopped:
+                    return
+                if shipper is not None:
+                    shipper.start()
+                webhooks.start()
+
+        when_sole_sender(state_dir, send)
 
         def written() -> None:  # the session log's thread: new rows for both to look at
             if shipper is not None:
@@ -134,7 +147,8 @@ class Runtime:
             webhooks.wake()
 
         self.sessions = SessionLog(store, self.backend.name, self.metrics, on_written=written,
-                                   has_webhook=lambda cid: self._webhook_of(cid) is not None).start()
+                                   has_webhook=lambda cid: self._webhook_of(cid) is not None,
+                                   alive=self.owner.alive).start()
 
     def _webhook_of(self, client_id: str) -> WebhookTarget | None:
         """Asked at each event and each delivery: a reload's new URL or secret applies at once."""
@@ -355,10 +369,14 @@ class Runtime:
         self.backend.close()
         if self.sessions is not None:
             self.sessions.stop()  # what the pools and the dispatcher told it, written
+        with self._senders_lock:
+            self._senders_stopped = True
         if self.shipper is not None:
             self.shipper.stop()  # what it has not sent stays in the file for the next start
         if self.webhooks is not None:
             self.webhooks.stop()  # the same: pending events go with the next start
+        if self.owner is not None:
+            self.owner.release()
         logger.info("runtime stopped")
 
 

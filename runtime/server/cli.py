@@ -199,6 +199,7 @@ def _print_client(c: ClientSettings) -> None:
         f"client {c.id} ({c.name}): livekit={c.livekit.url} key=sha256:{_fp(c.livekit.api_key)} "
         f"secret=sha256:{_fp(c.livekit.api_secret)} token=sha256:{_fp(c.api_token)} "
         f"pool=min_idle {c.pool.min_idle}, max_size {c.pool.max_size} agents={','.join(a.name for a in c.agents)}"
+        + (f" webhook={urlparse(c.webhook.url).netloc} webhook_secret=sha256:{_fp(c.webhook.secret)}" if c.webhook else "")
     )
 
 

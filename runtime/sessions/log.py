@@ -66,6 +66,13 @@ class _Leased:
 
 
 @dataclass(frozen=True)
+class _Released:
+    session_id: str
+    client: str
+    worker_id: str
+
+
+@dataclass(frozen=True)
 class _Answered:
     session_id: str
     client: str
@@ -108,7 +115,7 @@ class _Flush:
     done: threading.Event
 
 
-Event = _Received | _Leased | _Answered | _Progress | _WorkerGone | _Idle | _Orphans | _Flush
+Event = _Received | _Leased | _Released | _Answered | _Progress | _WorkerGone | _Idle | _Orphans | _Flush
 
 
 @dataclass
@@ -124,7 +131,10 @@ class _Open:
 class SessionLog:
     def __init__(self, store: SqliteStore, backend: str, metrics: Metrics | None = None,
                  on_written: Callable[[], None] = lambda: None,
-                 has_webhook: Callable[[str], bool] = lambda client: False) -> None:
+                 has_webhook: Callable[[str], bool] = lambda client: False,
+                 alive: Callable[[str | None], bool] = lambda owner: False) -> None:
+        """``alive(owner)``: whether the runtime that last wrote a session still runs (a
+        rolling restart's old one): only a gone runtime's open sessions are taken over."""
         self.store, self.backend, self.metrics = store, backend, metrics
         self.on_written = on_written  # after each batch (the shipper and the webhook deliverer look)
         # Whether a client wants session events now (read at the event: a client that
@@ -138,7 +148,8 @@ class SessionLog:
         self._open: dict[str, _Open] = {}
         self._by_worker: dict[tuple[str, str], str] = {}
         self._answered: set[str] = set()  # answered 200, not ended yet: their end is an event
-        for r in store.open_sessions():  # left open by a runtime that stopped or died
+        self._announce: list[tuple[str, WebhookEvent]] = []  # this batch's webhook events, in order
+        for r in store.open_sessions(alive):  # left open by a runtime that died
             self._open[r.id] = _Open(r.client, r.worker_id, r.joined_at, r.user_joined_at is not None)
             if r.status == 200:
                 self._answered.add(r.id)
@@ -165,6 +176,11 @@ class SessionLog:
     def leased(self, session_id: str, client: str, worker_id: str, livekit_url: str) -> None:
         """The trigger goes to this worker (a retry after a failed handoff: to another)."""
         self._put(_Leased(session_id, client, worker_id, livekit_url))
+
+    def released(self, session_id: str, client: str, worker_id: str) -> None:
+        """The handoff to this worker failed and the trigger is tried elsewhere: what the
+        worker does from now on (its exit) is no longer this session's."""
+        self._put(_Released(session_id, client, worker_id))
 
     def answered(self, session_id: str, client: str, status: int, error: str | None = None) -> None:
         self._put(_Answered(session_id, client, status, error, time.time()))
@@ -234,25 +250,15 @@ class SessionLog:
                 parts += self._apply(event, idle)
             except Exception:  # a bad event (a bug) is logged and skipped: never the batch around it
                 logger.exception("session log: skipping an event it cannot apply: %s", type(event).__name__)
-        announce = self._announcements(parts)
+        announce, self._announce = self._announce, []
         if parts or idle:
             self.store.write(merged(parts), idle, announce)
             self.on_written()
 
-    def _announcements(self, parts: list[SessionRecord]) -> list[tuple[str, WebhookEvent]]:
-        """The webhook events these parts make: a session answered 200 started, one that
-        was answered 200 and now has its end ended (a refusal is neither)."""
-        out: list[tuple[str, WebhookEvent]] = []
-        for part in parts:
-            if part.status == 200:
-                self._answered.add(part.id)
-                if self.has_webhook(part.client):
-                    out.append((part.id, "session.started"))
-            if part.ended_at is not None and part.id in self._answered:
-                self._answered.discard(part.id)
-                if self.has_webhook(part.client):
-                    out.append((part.id, "session.ended"))
-        return out
+    def _tell(self, sid: str, client: str, event: WebhookEvent) -> None:
+        """A webhook event, if the client has a webhook now (a refusal makes none)."""
+        if self.has_webhook(client):
+            self._announce.append((sid, event))
 
     def _apply(self, event: Event, idle: dict[tuple[str, int], float]) -> list[SessionRecord]:
         match event:
@@ -265,14 +271,23 @@ class SessionLog:
                 if session is None:
                     return []
                 if session.worker_id is not None:
-                    self._by_worker.pop((client, session.worker_id), None)
+                    self._unmap(client, session.worker_id, sid)
                 session.worker_id = worker_id
                 self._by_worker[(client, worker_id)] = sid
                 return [SessionRecord(sid, client, worker_id=worker_id, livekit_url=url)]
+            case _Released(sid, client, worker_id):
+                self._unmap(client, worker_id, sid)
+                return []
             case _Answered(sid, client, status, error, at):
                 part = SessionRecord(sid, client, status=status, error=error, answered_at=at)
                 if status != 200:  # refused: no session follows
                     self._end(sid)
+                elif sid in self._open:
+                    self._answered.add(sid)
+                    self._tell(sid, client, "session.started")
+                else:  # its end came first (a very short session): both events, in order
+                    self._tell(sid, client, "session.started")
+                    self._tell(sid, client, "session.ended")
                 return [part]
             case _Progress(client, worker_id, seen, at):
                 return self._progress(client, worker_id, seen, at)
@@ -312,15 +327,24 @@ class SessionLog:
         missed); the record then says the session ended, not how."""
         session = self._end(sid)
         client = session.client if session else ""
-        if session is not None and session.joined_at is not None and self.metrics is not None:
+        # A session closed at a restart went on for a time nobody knows: not counted.
+        if session is not None and session.joined_at is not None and self.metrics is not None \
+                and cause != "runtime_restart":
             self.metrics.session_seconds.labels(client).inc(max(0.0, at - session.joined_at))
+        if sid in self._answered:
+            self._answered.discard(sid)
+            self._tell(sid, client, "session.ended")
         return SessionRecord(sid, client, end_cause=cause, ended_at=at)
+
+    def _unmap(self, client: str, worker_id: str, sid: str) -> None:
+        """The worker serves this session no more (only if it still did: not another's)."""
+        if self._by_worker.get((client, worker_id)) == sid:
+            del self._by_worker[(client, worker_id)]
 
     def _end(self, sid: str) -> _Open | None:
         session = self._open.pop(sid, None)
         if session is not None and session.worker_id is not None:
-            if self._by_worker.get((session.client, session.worker_id)) == sid:
-                del self._by_worker[(session.client, session.worker_id)]
+            self._unmap(session.client, session.worker_id, sid)
         return session
 
     def open_count(self) -> int:

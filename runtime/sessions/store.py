@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +47,8 @@ create table if not exists sessions (
     user_joined_at real,
     ended_at       real,
     version        integer not null default 1,
-    shipped        integer not null default 0
+    shipped        integer not null default 0,
+    owner          text      -- the serve that wrote it last (runtime/sessions/owners.py)
 );
 create index if not exists sessions_client_received on sessions (client, received_at);
 create index if not exists sessions_received on sessions (received_at);
@@ -87,8 +88,8 @@ class SessionRecord:
     @property
     def seconds(self) -> float | None:
         """How long the session lasted: from the agent joining to its end."""
-        if self.joined_at is None or self.ended_at is None:
-            return None
+        if self.joined_at is None or self.ended_at is None or self.end_cause == "runtime_restart":
+            return None  # a session closed at the next start: how long it went on is not known
         return max(0.0, self.ended_at - self.joined_at)
 
     def as_json(self) -> dict[str, Any]:
@@ -106,17 +107,19 @@ def _iso(at: float | None) -> str | None:
 
 COLUMNS = tuple(f.name for f in fields(SessionRecord))
 _SELECT = f"select {', '.join(COLUMNS)} from sessions"
+# A part fills in what it knows and keeps the rest; the id's client never changes (a part
+# that names another client changes nothing of it: ids are random, a clash is a bug).
 _UPSERT = (
-    f"insert into sessions ({', '.join(COLUMNS)}) values ({', '.join('?' * len(COLUMNS))}) "
+    f"insert into sessions ({', '.join(COLUMNS)}, owner) values ({', '.join('?' * (len(COLUMNS) + 1))}) "
     "on conflict(id) do update set "
-    + ", ".join(f"{c} = coalesce(excluded.{c}, sessions.{c})" for c in COLUMNS if c != "id")
-    + ", version = sessions.version + 1"
+    + ", ".join(f"{c} = coalesce(excluded.{c}, sessions.{c})" for c in COLUMNS if c not in ("id", "client"))
+    + ", version = sessions.version + 1, owner = excluded.owner where sessions.client = excluded.client"
 )
 
 
 class SqliteStore:
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, owner: str = "") -> None:
+        self.path, self.owner = path, owner  # owner: this serve's, written on every row it writes
         path.parent.mkdir(parents=True, exist_ok=True)
         self._write_lock, self._read_lock = threading.Lock(), threading.Lock()
         self._db = connect(path)
@@ -137,7 +140,7 @@ class SqliteStore:
         with self._write_lock:
             self._db.execute("begin")
             try:
-                self._db.executemany(_UPSERT, [tuple(getattr(r, c) for c in COLUMNS) for r in records])
+                self._db.executemany(_UPSERT, [(*(getattr(r, c) for c in COLUMNS), self.owner) for r in records])
                 self._db.executemany(
                     "insert into idle_seconds values (?, ?, ?) "
                     "on conflict(client, minute) do update set seconds = seconds + excluded.seconds",
@@ -180,10 +183,14 @@ class SqliteStore:
         rows = self._read(f"{_SELECT} where {' and '.join(where)} order by received_at, id limit ?", [*args, limit])
         return [record(r) for r in rows]
 
-    def open_sessions(self) -> list[SessionRecord]:
-        """Not ended, and answered 200 or not answered at all: what a start after a crash must
-        close, or follow on an adopted worker."""
-        return [record(r) for r in self._read(f"{_SELECT} where ended_at is null and (status = 200 or status is null)")]
+    def open_sessions(self, alive: Callable[[str | None], bool] = lambda owner: False) -> list[SessionRecord]:
+        """Not ended, answered 200 or not answered at all, and written last by a runtime
+        that is gone (``alive`` says which still run): what a start must close, or follow
+        on a worker it adopts. A live runtime's (the one a rolling restart replaces) are
+        its own to close."""
+        rows = self._read(f"select {', '.join(COLUMNS)}, owner from sessions "
+                          "where ended_at is null and (status = 200 or status is null)")
+        return [record(r[:-1]) for r in rows if not alive(r[-1])]
 
     def usage(self, client: str | None, since: float, until: float) -> dict[str, dict[str, Any]]:
         """Per client: sessions by end cause, session seconds, idle worker seconds and refused
@@ -192,7 +199,8 @@ class SqliteStore:
         rows = self._read(
             "select client, coalesce(end_cause, case when ended_at is not null then 'unknown' when status = 200 "
             "then 'open' when status is null then 'pending' else 'refused' end), count(*), "
-            "sum(case when joined_at is not null and ended_at is not null then max(0, ended_at - joined_at) "
+            "sum(case when joined_at is not null and ended_at is not null and end_cause is not 'runtime_restart' "
+            "then max(0, ended_at - joined_at) "
             f"else 0 end) from sessions where {who}received_at >= ? and received_at < ? group by 1, 2",
             [*args, since, until],
         )

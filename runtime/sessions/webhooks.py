@@ -274,8 +274,8 @@ class Deliverer:
 
     def _deliver(self, row: outbox.Row) -> None:
         target = self._target(row.client)
-        if target is None:
-            self._give_up(row, "client has no webhook", attempted=False)
+        if target is None:  # removed, or new to this runtime (a rolling restart's old one sends
+            self._attempt_failed(row, "client has no webhook")  # until it exits): retried, in time given up
             return
         body, status, error = row.body.encode(), None, None
         try:

@@ -125,6 +125,9 @@ def test_every_trigger_gets_one_record_with_its_outcome_and_they_add_up(run_serv
     assert serve.get("/api/v1/usage", token=beta.token).body["clients"] == {
         "beta": {"sessions": {}, "session_seconds": 0.0, "idle_worker_seconds": 0.0, "refused": 0}}
     assert serve.get("/api/v1/sessions").status == 401
+    assert serve.get("/api/v1/usage?to=not-a-time").status == 401  # who asks, before what is asked
+    bad = serve.get("/api/v1/usage?to=99999999999999", token=alpha.token)
+    assert (bad.status, bad.body["error"]) == (400, "invalid_query")
     assert len(_records(serve, serve.admin, client="alpha")) == len(records)
     # Pages follow each other without a gap or a repeat.
     first = serve.get("/api/v1/sessions?limit=3", token=alpha.token).body

@@ -90,3 +90,95 @@ def test_idle_seconds_add_up_by_minute_and_a_bad_event_does_not_stop_the_writer(
     assert log.flush()
     assert log.store.get("s2") is not None
     assert log.store.usage("acme", 0, 10**10)["acme"]["idle_worker_seconds"] == 4.0
+
+
+def test_a_worker_let_go_after_a_failed_handoff_does_not_end_the_session_it_no_longer_serves(tmp_path):
+    log = _log(tmp_path)
+    log.received("s1", "acme", "support", "room-1", None, at=1.0)
+    log.leased("s1", "acme", "w1", "ws://lk")
+    log.released("s1", "acme", "w1")  # not accepted: the trigger waits for another worker
+    log.worker_gone("acme", "w1", failed=True)  # w1 is retired before the next worker is ready
+    log.leased("s1", "acme", "w2", "ws://lk")
+    log.answered("s1", "acme", 200)
+    log.progress("acme", "w2", Milestones(True, True, "user_left"))
+    assert log.flush()
+    r = log.store.get("s1")
+    assert r is not None and (r.worker_id, r.end_cause) == ("w2", "user_left")
+
+
+def test_a_lease_moved_on_leaves_another_sessions_worker_alone(tmp_path):
+    log = _log(tmp_path)
+    for sid in ("s1", "s2"):
+        log.received(sid, "acme", "support", f"room-{sid}", None, at=1.0)
+    log.leased("s1", "acme", "w1", "ws://lk")
+    log.leased("s2", "acme", "w2", "ws://lk")
+    log.released("s1", "acme", "w2")  # a stale or wrong release: w2 is s2's
+    log.leased("s1", "acme", "w3", "ws://lk")
+    log.answered("s2", "acme", 200)
+    log.progress("acme", "w2", Milestones(True, False, "no_show"))
+    assert log.flush()
+    s2 = log.store.get("s2")
+    assert s2 is not None and s2.end_cause == "no_show"
+
+
+def _events(store: SqliteStore) -> list[tuple[str, str]]:
+    from runtime.sessions.store import connect
+
+    with connect(store.path) as db:
+        return db.execute("select session_id, event from webhook_outbox order by seq").fetchall()
+
+
+def test_webhook_events_follow_the_session_even_when_its_end_is_heard_before_its_answer(tmp_path):
+    log = SessionLog(SqliteStore(tmp_path / "sessions.sqlite"), "process", has_webhook=lambda c: c == "acme").start()
+    log.received("fast", "acme", "support", "room-1", None, at=1.0)
+    log.leased("fast", "acme", "w1", "ws://lk")
+    log.progress("acme", "w1", Milestones(True, False, "room_deleted"))  # over before the 200 is told
+    log.answered("fast", "acme", 200)
+    log.received("slow", "acme", "support", "room-2", None, at=2.0)
+    log.answered("slow", "acme", 503, "no_idle_worker")  # a refusal: no event
+    log.received("other", "globex", "support", "room-3", None, at=3.0)  # no webhook: no event
+    log.leased("other", "globex", "w9", "ws://lk")
+    log.answered("other", "globex", 200)
+    log.progress("globex", "w9", Milestones(True, True, "user_left"))
+    assert log.flush()
+    assert _events(log.store) == [("fast", "session.started"), ("fast", "session.ended")]
+    assert log._answered == set()
+
+
+def test_a_session_closed_at_a_restart_counts_no_seconds(tmp_path):
+    metrics = Metrics()
+    log = _log(tmp_path, metrics)
+    log.received("s1", "acme", "support", "room", None, at=1.0)
+    log.leased("s1", "acme", "w1", "ws://lk")
+    log.answered("s1", "acme", 200)
+    log.progress("acme", "w1", Milestones(in_room=True))
+    assert log.flush()
+    log.stop()
+    after = _log(tmp_path, metrics)
+    after.close_orphans(set())
+    assert after.flush()
+    r = after.store.get("s1")
+    assert r is not None and r.end_cause == "runtime_restart" and r.seconds is None
+    assert after.store.usage("acme", 0, 10**10)["acme"]["session_seconds"] == 0.0
+    assert metrics.session_seconds.labels("acme")._value.get() == 0.0
+
+
+def test_a_start_takes_over_only_the_open_sessions_of_a_runtime_that_is_gone(tmp_path):
+    from runtime.sessions.owners import Owner
+
+    old, gone = Owner(tmp_path), Owner(tmp_path)
+    for owner, sid in ((old, "draining"), (gone, "crashed")):
+        log = SessionLog(SqliteStore(tmp_path / "sessions.sqlite", owner=owner.id), "process").start()
+        log.received(sid, "acme", "support", f"room-{sid}", None, at=1.0)
+        log.leased(sid, "acme", f"w-{sid}", "ws://lk")
+        log.answered(sid, "acme", 200)
+        assert log.flush()
+        log.stop()
+    gone.release()  # its serve exited (or died: the kernel drops the lock either way)
+    new = Owner(tmp_path)
+    log = SessionLog(SqliteStore(tmp_path / "sessions.sqlite", owner=new.id), "process", alive=new.alive).start()
+    assert log.open_count() == 1  # the crashed runtime's; the draining one closes its own
+    log.close_orphans(set())
+    assert log.flush()
+    causes = {r.id: r.end_cause for r in log.store.page()}
+    assert causes == {"draining": None, "crashed": "runtime_restart"}

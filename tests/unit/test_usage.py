@@ -75,3 +75,9 @@ def test_autonomite_usage_for_one_client_as_a_table_and_its_errors(state, capsys
     assert "from must be Unix seconds" in capsys.readouterr().err
     assert main(["usage", "--state-dir", str(tmp_path_factory.mktemp("empty"))]) == 1
     assert "no session records" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["99999999999999", "9" * 400, "0001-01-01T00:00:00+14:00", "nan", "-5"])
+def test_a_time_outside_1970_to_9999_is_refused_not_a_crash(value):
+    with pytest.raises(ValueError, match="from 1970 to 9999"):
+        parse_time("to", value)

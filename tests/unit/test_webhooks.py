@@ -246,7 +246,7 @@ def test_events_survive_a_restart_and_arrive_once(tmp_path, receiver, deliverers
 def test_a_removed_clients_events_fail_and_are_sent_nowhere(tmp_path, receiver, deliverers):
     path = tmp_path / "sessions.sqlite"
     insert(path, started("gone", "sg"), started("a"))
-    d = deliverers(path, {"a": target(receiver.url("/a"))})
+    d = deliverers(path, {"a": target(receiver.url("/a"))}, retry_for_s=0.5)  # retried that long, then given up
     eventually(lambda: [r[3] for r in rows(path)] == ["failed", "delivered"])
     assert rows(path)[0][5] == "client has no webhook"
     assert d.stats("gone") == {"pending": 0, "delivered_total": 0, "failed_total": 1, "last_error": "client has no webhook"}
