@@ -424,7 +424,7 @@ class PoolActor(Supervised):
         since, count = self.idle_clock
         self.idle_owed += count * max(0.0, now - since)
         self.idle_clock = (now, idle)
-        if self.idle_owed >= flush_below_s or (flush_below_s == 0 and self.idle_owed > 0):
+        if self.idle_owed > 0 and self.idle_owed >= flush_below_s:  # never a 0: it would make a series
             self.metrics.idle_worker_seconds.labels(self.client.id).inc(self.idle_owed)
             if self.sessions is not None:
                 self.sessions.idle(self.client.id, self.idle_owed)

@@ -243,7 +243,7 @@ def test_events_survive_a_restart_and_arrive_once(tmp_path, receiver, deliverers
     assert len(receiver.of("/a")) == 1
 
 
-def test_a_removed_clients_events_fail_and_are_sent_nowhere(tmp_path, receiver, deliverers):
+def test_a_removed_clients_events_are_retried_then_fail_and_are_sent_nowhere(tmp_path, receiver, deliverers):
     path = tmp_path / "sessions.sqlite"
     insert(path, started("gone", "sg"), started("a"))
     d = deliverers(path, {"a": target(receiver.url("/a"))}, retry_for_s=0.5)  # retried that long, then given up
@@ -267,7 +267,7 @@ def test_the_secret_and_the_bodys_values_never_reach_the_logs(tmp_path, receiver
     path = tmp_path / "sessions.sqlite"
     receiver.answers["/a"] = lambda n: 500 if n == 1 else 200
     insert(path, started(caller="private-value-42"), started("gone", "sg"))
-    d = deliverers(path, {"a": target(receiver.url("/a"))})
+    d = deliverers(path, {"a": target(receiver.url("/a"))}, retry_for_s=0.5)  # "gone": retried, then given up
     eventually(lambda: d.stats("a")["delivered_total"] == 1 and d.stats("gone")["failed_total"] == 1)
     body = receiver.of("/a")[-1][2].decode()
     assert SECRET not in body and "private-value-42" in body
