@@ -280,6 +280,15 @@ def test_a_rolling_restart_on_one_address_refuses_no_trigger_and_cuts_no_call(ru
         assert all(not pid_alive(p) for p in first_workers.values()), "the first runtime left a worker behind"
         assert all(pid_alive(int(w["ref"])) for w in second.pool("alpha")["workers"]), "the first stopped the second's"
         assert second.get("/readyz").status == 200
+        # The records, kept in the file both runtimes share: the held call ended by its caller
+        # (closed by the first runtime as it drained, not as runtime_restart by the second),
+        # and every trigger of either runtime on the record once, with its answer.
+        records = wait_until(lambda: (r := second.get("/api/v1/sessions?limit=1000", token=second.admin).body[
+            "sessions"]) and all(s["ended_at"] for s in r) and r, 60, "every record closed")
+        by_room = {s["room"]: s for s in records}
+        assert by_room["room-held"]["end_cause"] == "user_left" and by_room["room-held"]["id"] == held["session_id"]
+        assert len(records) == len(by_room) == 1 + len(outcomes)
+        assert not [s for s in records if s["end_cause"] == "runtime_restart"]
     finally:
         notify.close()
         with suppress(Exception):
