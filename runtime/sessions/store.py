@@ -124,6 +124,7 @@ class SqliteStore:
         self._write_lock, self._read_lock = threading.Lock(), threading.Lock()
         self._db = connect(path)
         self._db.executescript(_SCHEMA + OUTBOX_SCHEMA)
+        _add_missing_columns(self._db)
         self._reader = connect(path)
 
     # -- writing (the session log's thread) ------------------------------------------------
@@ -221,6 +222,18 @@ class SqliteStore:
         with self._write_lock, self._read_lock:
             self._db.close()
             self._reader.close()
+
+
+# Columns added since the table was first shipped: a file an older runtime wrote gets them
+# at start (``create table if not exists`` leaves an existing table as it is).
+_ADDED_COLUMNS = (("owner", "text"),)
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    have = {row[1] for row in db.execute("pragma table_info(sessions)")}
+    for name, declaration in _ADDED_COLUMNS:
+        if name not in have:
+            db.execute(f"alter table sessions add column {name} {declaration}")
 
 
 def connect(path: Path) -> sqlite3.Connection:

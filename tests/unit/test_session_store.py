@@ -66,3 +66,22 @@ def test_a_sigkill_of_the_writer_loses_no_committed_record(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ}, cwd=os.getcwd())
     assert done.returncode == -9
     assert len(SqliteStore(path).page(limit=1000)) == 50
+
+
+def test_a_file_an_older_runtime_wrote_gets_the_columns_added_since(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "sessions.db"
+    old = sqlite3.connect(path)
+    old.executescript(  # the table as the first release wrote it: no owner column
+        "create table sessions (id text primary key, client text not null, agent text, room text, worker_id text, "
+        "backend text, livekit_url text, user_hash text, status integer, error text, end_cause text, "
+        "received_at real, answered_at real, joined_at real, user_joined_at real, ended_at real, "
+        "version integer not null default 1, shipped integer not null default 0);"
+        "insert into sessions (id, client, status, received_at) values ('s0', 'acme', 200, 1.0);")
+    old.commit()
+    old.close()
+    store = SqliteStore(path, owner="me")
+    assert [r.id for r in store.open_sessions()] == ["s0"]
+    store.put(SessionRecord("s0", "acme", end_cause="user_left", ended_at=2.0))
+    assert store.open_sessions() == []
