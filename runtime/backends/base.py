@@ -108,3 +108,8 @@ class WorkerBackend(Protocol):
 
     def close(self) -> None:
         """Release the backend's own resources (not the workers)."""
+
+    def warm(self) -> bool:
+        """True once a worker starts at this backend's normal speed; until then the runtime
+        is not ready (``/readyz``), even with every client at zero. Cheap: read on the
+        gateway's event loop."""

@@ -130,6 +130,9 @@ class DockerBackend:
         except NotFound:
             return self._logs.tail(handle.client_id, handle.worker_id, tail)
 
+    def warm(self) -> bool:
+        return True  # nothing to warm: a container starts from the image on the engine
+
     def close(self) -> None:
         """Give up the instance id, and forget it if none of its containers is left."""
         try:

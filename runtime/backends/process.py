@@ -241,6 +241,11 @@ class ProcessBackend:
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-tail:])
 
+    def warm(self) -> bool:
+        """Until the zygote's first boot is over, a worker waits for it: a trigger for a
+        client at zero would wait seconds, past ``max_wait_s``."""
+        return self.zygote is None or self.zygote.booted
+
     def close(self) -> None:
         with self._lock:
             lifelines, self._lifelines = list(self._lifelines.values()), {}

@@ -251,6 +251,9 @@ class SwarmBackend:
             except APIError as e:
                 logger.warning("removing %s %s: %s", what, ref[:40], short_error(e))
 
+    def warm(self) -> bool:
+        return True  # nothing to warm: a task starts from the image on its node
+
     def close(self) -> None:
         """Give up the instance id, and forget it if none of its workers is left."""
         try:

@@ -176,6 +176,12 @@ class Zygote:
         self.forks += 1
         return ForkedChild(reply["pid"])
 
+    @property
+    def booted(self) -> bool:
+        """The first boot is over: forks are served, or (if it failed) plain starts are.
+        A bool written once by the keeper thread, read by any thread."""
+        return self._booted_once
+
     def close(self) -> None:
         with self._changed:
             self._closed = True

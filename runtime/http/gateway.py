@@ -268,14 +268,18 @@ async def readyz(request: web.Request) -> web.Response:
     if request.app[LIFECYCLE].draining:
         return web.json_response({"status": "draining"}, status=503)
     waiting = await warming(request.app[RUNTIME])
-    if not waiting:
+    if waiting == []:
         return web.json_response({"status": "ready"})
-    return web.json_response({"status": "warming", **({"waiting_for": waiting} if admin else {})}, status=503)
+    return web.json_response({"status": "warming", **({"waiting_for": waiting or []} if admin else {})},
+                             status=503)
 
 
-async def warming(runtime: Service) -> list[str]:
-    """The clients whose pool is below ``min_idle`` idle workers; none: the runtime is ready.
-    A client at zero is never warming: it has nothing to warm."""
+async def warming(runtime: Service) -> list[str] | None:
+    """The clients whose pool is below ``min_idle`` idle workers; None while the backend
+    itself warms (the zygote boots); an empty list: the runtime is ready. A client at zero
+    is never warming: it has nothing to warm, but its first trigger needs a warm backend."""
+    if not runtime.backend.warm():
+        return None
     all_stats = await pool_stats(runtime)
     return sorted(
         c.id for c in runtime.settings.clients

@@ -245,7 +245,8 @@ def _operations() -> dict[str, dict[str, dict[str, Any]]]:
     }
     readyz = {
         "operationId": "readyz",
-        "summary": "Readiness: every pool has `min_idle` idle workers, and the runtime is not draining.",
+        "summary": "Readiness: every pool has `min_idle` idle workers, the backend is warm (the zygote booted), "
+                   "and the runtime is not draining.",
         "description": "Anyone may ask; with the admin token the answer also names the clients still warming. A token "
                        "that is presented and wrong counts as a failed authentication.",
         "security": [{}, {"adminToken": []}],
@@ -254,8 +255,8 @@ def _operations() -> dict[str, dict[str, dict[str, Any]]]:
             "429": _THROTTLED,
             "503": _json(_object({"status": {"type": "string", "enum": ["warming", "draining"]}},
                                  {"waiting_for": {"type": "array", "items": _STR, "description": "admin only"}}),
-                         "Some pool is below `min_idle`, or the runtime is draining (a status answer, not a "
-                         "refusal)."),
+                         "Some pool is below `min_idle`, the zygote is still booting, or the runtime is draining "
+                         "(a status answer, not a refusal)."),
         },
     }
     document = {"operationId": "openapi", "summary": "This document.", "security": [],

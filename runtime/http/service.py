@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from livekit import api
 
     from actors.supervisor import Directory
+    from runtime.backends import WorkerBackend
     from runtime.clients.source import SourceWatcher
     from runtime.metrics import Metrics
     from runtime.sessions.log import SessionLog
@@ -34,6 +35,7 @@ class Service(Protocol):
     source: SourceWatcher | None
     failed: threading.Event
     supervisor: pykka.ActorRef[Any]
+    backend: WorkerBackend
     sessions: SessionLog | None  # every trigger's record (runtime/sessions)
     shipper: Shipper | None  # with clients in Supabase: the records on their way there
 

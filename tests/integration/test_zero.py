@@ -9,6 +9,7 @@ next trigger starts it again. Real serve, real workers, real livekit-server.
 from __future__ import annotations
 
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import yaml
@@ -43,6 +44,18 @@ def test_a_client_at_zero_is_served_and_goes_back_to_zero_workers_and_no_pool(ru
     assert r.status == 200, r.body
     wait_until(lambda: lk_a.active_agents("room-zero-again"), 30, "the agent in the second room")
     lk_a.delete_room("room-zero-again")
+
+
+def test_a_runtime_with_every_client_at_zero_is_ready_only_once_its_zygote_is(run_serve, lk_a):
+    # Ready means a trigger is served at full speed. With no pool to warm, that is the
+    # zygote: before its first boot is over, the first worker waits for it (seconds).
+    zed = Client("zed", lk_a, min_idle=0, max_size=1)
+    serve = run_serve([zed])  # returns once /readyz says ready
+    assert re.search(r"autonomite.zygote: zygote \d+ ready", serve.log()), "ready before the zygote booted"
+    r = serve.trigger(zed, "room-first")
+    assert r.status == 200, r.body
+    wait_until(lambda: lk_a.active_agents("room-first"), 30, "the agent in the room")
+    lk_a.delete_room("room-first")
 
 
 def test_twenty_triggers_across_twenty_clients_at_zero_are_each_served_by_their_own_worker(run_serve, lk_a):
