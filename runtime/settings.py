@@ -455,15 +455,7 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None, al
     such a file); a runtime serves clients from one or the other."""
     path = Path(path)
     env = os.environ if environ is None else environ
-    try:
-        text = _PLACEHOLDER.sub(lambda m: f"⟪{m.group(1)}⟫", path.read_text(encoding="utf-8"))
-        raw = yaml.safe_load(text)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read file: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with 'runtime' and 'clients'")
+    raw = _read(path)
     if raw.get("clients_source") is not None and raw.get("clients") and not allow_both:
         raise ConfigError(f"{path}: clients: give clients here or in clients_source, not both")
     expanded = _expand(raw, env, path, ())
@@ -478,6 +470,34 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None, al
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         # The message never echoes the input value: it may be a secret.
         raise ConfigError(f"{path}: {where}: {msg}{more}") from None
+
+
+def state_dir_of(path: str | Path, environ: Mapping[str, str] | None = None) -> Path:
+    """Only ``runtime.state_dir`` of a config file: what ``autonomite usage`` reads, without
+    the secrets a whole load needs from the environment."""
+    path = Path(path)
+    runtime = _read(path).get("runtime") or {}
+    if not isinstance(runtime, dict):
+        raise ConfigError(f"{path}: runtime: must be a mapping")
+    value = _expand(runtime.get("state_dir", str(RuntimeSettings.model_fields["state_dir"].default)),
+                    os.environ if environ is None else environ, path, ("runtime", "state_dir"))
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}: runtime.state_dir: must be a path")
+    return Path(value)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """The file's YAML, with each ``${VAR}`` held as a marker until it is expanded."""
+    try:
+        text = _PLACEHOLDER.sub(lambda m: f"⟪{m.group(1)}⟫", path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(text)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read file: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with 'runtime' and 'clients'")
+    return raw
 
 
 def placeholders(path: str | Path) -> set[str]:

@@ -126,20 +126,18 @@ def usage_command(args: argparse.Namespace) -> int:
     ``GET /api/v1/usage``."""
     import time
 
-    import yaml
-
     from runtime.http.models import parse_usage_query
     from runtime.sessions import report
     from runtime.sessions.store import FILE_NAME, SqliteStore
+    from runtime.settings import ConfigError, state_dir_of
 
     state_dir = args.state_dir or Path("state")
     if args.config is not None:
         try:
-            raw = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            print(f"config error: {args.config}: {e}", file=sys.stderr)
+            state_dir = state_dir_of(args.config)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
             return 1
-        state_dir = Path((raw.get("runtime") or {}).get("state_dir", "state"))
     path = state_dir / FILE_NAME
     if not path.is_file():
         print(f"no session records at {path}", file=sys.stderr)

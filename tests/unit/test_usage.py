@@ -77,6 +77,20 @@ def test_autonomite_usage_for_one_client_as_a_table_and_its_errors(state, capsys
     assert "no session records" in capsys.readouterr().err
 
 
+def test_autonomite_usage_reads_the_state_dir_of_a_config_that_takes_secrets_from_the_environment(
+        state, capsys, tmp_path, monkeypatch):
+    # The shape of config/clients.example.yaml: ${VAR} inside a flow mapping, secrets unset.
+    config = tmp_path / "clients.yaml"
+    config.write_text("runtime:\n  admin_token: ${NOT_SET_HERE}\n  state_dir: ${RECORDS}\n"
+                      "clients:\n  - {id: acme, livekit: {url: ws://x, api_key: ${K}, api_secret: ${S}}}\n")
+    monkeypatch.setenv("RECORDS", str(state))
+    assert main(["usage", "--config", str(config), "--from", "2026-11-01", "--to", "2026-12-01", "--csv"]) == 0
+    assert {r["client"] for r in csv.DictReader(io.StringIO(capsys.readouterr().out))} == {"acme", "globex"}
+    monkeypatch.delenv("RECORDS")
+    assert main(["usage", "--config", str(config)]) == 1
+    assert "runtime.state_dir: environment variable RECORDS is not set" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value", ["99999999999999", "9" * 400, "0001-01-01T00:00:00+14:00", "nan", "-5"])
 def test_a_time_outside_1970_to_9999_is_refused_not_a_crash(value):
     with pytest.raises(ValueError, match="from 1970 to 9999"):
