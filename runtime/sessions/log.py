@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.contract import EndCause, Milestones
+from runtime.errors import describe
 from runtime.metrics import Metrics
 from runtime.sessions.outbox import Event as WebhookEvent
 from runtime.sessions.store import SessionRecord, SqliteStore
@@ -45,6 +47,8 @@ logger = logging.getLogger("autonomite.sessions")
 MAX_QUEUED = 100_000  # events waiting for the writer; past it they are dropped and counted
 BATCH = 1_000
 BATCH_WAIT_S = 0.05  # the writer gathers events this long after the first of a batch
+RETRY_S = 1.0  # a write the store failed (a full disk, a lock held too long) is tried again
+MAX_UNWRITTEN = 100_000  # record parts kept for that; past it the oldest are dropped and counted
 
 
 @dataclass(frozen=True)
@@ -148,14 +152,18 @@ class SessionLog:
         self._open: dict[str, _Open] = {}
         self._by_worker: dict[tuple[str, str], str] = {}
         self._answered: set[str] = set()  # answered 200, not ended yet: their end is an event
-        self._announce: list[tuple[str, WebhookEvent]] = []  # this batch's webhook events, in order
+        # What the next write carries: this batch's, and what a failed write left.
+        self._parts: list[SessionRecord] = []
+        self._idle: dict[tuple[str, int], float] = {}
+        self._announce: list[tuple[str, WebhookEvent]] = []  # webhook events, in order
         for r in store.open_sessions(alive):  # left open by a runtime that died
             self._open[r.id] = _Open(r.client, r.worker_id, r.joined_at, r.user_joined_at is not None)
             if r.status == 200:
                 self._answered.add(r.id)
             if r.worker_id is not None:
                 self._by_worker[(r.client, r.worker_id)] = r.id
-        self.dropped = 0
+        self.dropped = 0  # events or record parts lost (a queue past MAX_QUEUED, a store down too long)
+        self.unwritten = 0  # record parts a failed write left, waiting for the store
 
     def start(self) -> SessionLog:
         self._thread.start()
@@ -211,6 +219,9 @@ class SessionLog:
             self._stopping = True
             self._put(_Flush(threading.Event()))
             self._thread.join(timeout)
+        if self.unwritten:
+            logger.error("session log: stopping with %d records the store would not take; they are lost",
+                         self.unwritten)
 
     def _put(self, event: Event) -> None:
         if self._queue.qsize() < MAX_QUEUED:
@@ -224,36 +235,60 @@ class SessionLog:
 
     def _run(self) -> None:
         while not self._stopping:
-            batch = [self._queue.get()]
+            try:  # with a failed write pending, wake up to try it again even if nothing comes
+                batch = [self._queue.get(timeout=RETRY_S if self._parts or self._idle else None)]
+            except queue.Empty:
+                batch = []
             # Gather for a moment: a storm of triggers then costs a transaction every
             # BATCH_WAIT_S, not one per event (and a thread switch per event). A record
             # lands that much later, which nobody waits on; a flush does not wait.
             deadline = time.monotonic() + BATCH_WAIT_S
-            while len(batch) < BATCH and not isinstance(batch[-1], _Flush):
+            while batch and len(batch) < BATCH and not isinstance(batch[-1], _Flush):
                 try:
                     batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            try:
-                self._write(batch)
-            except Exception:  # the store failed (a full disk): logged; the log goes on
-                logger.exception("session log: a batch of %d events could not be written", len(batch))
+            self._write(batch)
             for event in batch:
                 if isinstance(event, _Flush):
                     event.done.set()
 
     def _write(self, batch: list[Event]) -> None:
-        parts: list[SessionRecord] = []
-        idle: dict[tuple[str, int], float] = {}
         for event in batch:
             try:
-                parts += self._apply(event, idle)
+                self._parts += self._apply(event, self._idle)
             except Exception:  # a bad event (a bug) is logged and skipped: never the batch around it
                 logger.exception("session log: skipping an event it cannot apply: %s", type(event).__name__)
-        announce, self._announce = self._announce, []
-        if parts or idle:
-            self.store.write(merged(parts), idle, announce)
+        if self._parts or self._idle:
+            self._store()
+
+    def _store(self) -> None:
+        """Write what is pending in one transaction. When the store fails (a full disk, a lock
+        held too long) it is kept and tried again, every RETRY_S; when the batch itself does
+        (a bug), it is dropped, logged: trying again would fail the same way."""
+        retry = self.unwritten > 0
+        self._parts = merged(self._parts)
+        try:
+            self.store.write(self._parts, self._idle, self._announce)
+        except (sqlite3.Error, OSError) as e:
+            if not retry:
+                logger.error("session log: cannot write %d records (%s); keeping them and trying again every %g s",
+                             len(self._parts), describe(e), RETRY_S)
+            if len(self._parts) > MAX_UNWRITTEN:
+                lost = len(self._parts) - MAX_UNWRITTEN
+                self._parts, self.dropped = self._parts[lost:], self.dropped + lost
+                self._announce = self._announce[-MAX_UNWRITTEN:]
+                logger.error("session log: %d records dropped, the store has failed too long", lost)
+            self.unwritten = len(self._parts)
+            return
+        except Exception:
+            logger.exception("session log: a batch of %d records could not be written", len(self._parts))
+            self.dropped += len(self._parts)
+        else:
+            if retry:
+                logger.info("session log: the store writes again; %d kept records are written", len(self._parts))
             self.on_written()
+        self._parts, self._idle, self._announce, self.unwritten = [], {}, [], 0
 
     def _tell(self, sid: str, client: str, event: WebhookEvent) -> None:
         """A webhook event, if the client has a webhook now (a refusal makes none)."""

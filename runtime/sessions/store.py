@@ -117,12 +117,17 @@ _UPSERT = (
 )
 
 
+LOCK_WAIT_S = 10.0  # a write waits this long on another process's lock before it fails
+
+
 class SqliteStore:
-    def __init__(self, path: Path, owner: str = "") -> None:
+    def __init__(self, path: Path, owner: str = "", lock_wait_s: float = LOCK_WAIT_S) -> None:
+        """``lock_wait_s``: how long a write waits on a lock another process holds, before
+        it fails (and the session log tries it again later)."""
         self.path, self.owner = path, owner  # owner: this serve's, written on every row it writes
         path.parent.mkdir(parents=True, exist_ok=True)
         self._write_lock, self._read_lock = threading.Lock(), threading.Lock()
-        self._db = connect(path)
+        self._db = connect(path, lock_wait_s)
         self._db.executescript(_SCHEMA + OUTBOX_SCHEMA)
         _add_missing_columns(self._db)
         self._reader = connect(path)
@@ -236,10 +241,10 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
             db.execute(f"alter table sessions add column {name} {declaration}")
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path, lock_wait_s: float = LOCK_WAIT_S) -> sqlite3.Connection:
     """A connection as every user of the file needs it: WAL, and waiting (not failing) on a
     lock another process holds for a moment (the shipper, ``autonomite usage``)."""
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=lock_wait_s)
     db.execute("pragma journal_mode=wal")
     db.execute("pragma synchronous=normal")  # WAL: a crash of serve loses nothing committed
     return db

@@ -3,10 +3,14 @@ tell it becomes one record per trigger, with the right end, on a real SQLite sto
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+
 from agent.contract import Milestones
 from runtime.metrics import Metrics
 from runtime.sessions.log import SessionLog, _Progress, user_hash
 from runtime.sessions.store import SqliteStore
+from tests.support import wait_until
 
 
 def _log(tmp_path, metrics=None) -> SessionLog:
@@ -182,3 +186,24 @@ def test_a_start_takes_over_only_the_open_sessions_of_a_runtime_that_is_gone(tmp
     assert log.flush()
     causes = {r.id: r.end_cause for r in log.store.page()}
     assert causes == {"draining": None, "crashed": "runtime_restart"}
+
+
+def test_records_the_store_cannot_take_are_kept_and_written_once_it_can(tmp_path, caplog):
+    # A real lock: another process holding the file's write lock longer than a write waits.
+    store = SqliteStore(tmp_path / "sessions.sqlite", lock_wait_s=0.05)
+    log = SessionLog(store, "process", None).start()
+    holder = sqlite3.connect(tmp_path / "sessions.sqlite", isolation_level=None)
+    holder.execute("begin exclusive")
+    with caplog.at_level(logging.ERROR, "autonomite.sessions"):
+        log.received("s1", "acme", "support", "room-1", None, at=1.0)
+        log.answered("s1", "acme", 503, "no_idle_worker")
+        assert log.flush()
+    assert log.unwritten == 1 and store.get("s1") is None
+    assert "cannot write 1 records (OperationalError: database is locked)" in caplog.text
+    log.received("s2", "acme", "support", "room-2", None, at=2.0)  # while the store is still locked
+    assert log.flush() and log.unwritten == 2
+    holder.execute("rollback")
+    wait_until(lambda: log.unwritten == 0, 30, "the kept records written")  # even with nothing new told
+    assert [(r.id, r.status) for r in store.page()] == [("s1", 503), ("s2", None)] and log.dropped == 0
+    holder.close()
+    log.stop()
