@@ -268,23 +268,22 @@ async def readyz(request: web.Request) -> web.Response:
     if request.app[LIFECYCLE].draining:
         return web.json_response({"status": "draining"}, status=503)
     waiting = await warming(request.app[RUNTIME])
-    if waiting == []:
+    if waiting is None:
         return web.json_response({"status": "ready"})
-    return web.json_response({"status": "warming", **({"waiting_for": waiting or []} if admin else {})},
-                             status=503)
+    return web.json_response({"status": "warming", **({"waiting_for": waiting} if admin else {})}, status=503)
 
 
 async def warming(runtime: Service) -> list[str] | None:
-    """The clients whose pool is below ``min_idle`` idle workers; None while the backend
-    itself warms (the zygote boots); an empty list: the runtime is ready. A client at zero
-    is never warming: it has nothing to warm, but its first trigger needs a warm backend."""
-    if not runtime.backend.warm():
-        return None
+    """The clients whose pool is below ``min_idle`` idle workers, or None if there are none
+    and the runtime is ready. A client at zero is never warming: it has nothing to warm, but
+    its first trigger needs a warm backend (the zygote booted), so the runtime waits for that
+    too, with an empty list."""
     all_stats = await pool_stats(runtime)
-    return sorted(
+    cold = sorted(
         c.id for c in runtime.settings.clients
         if c.pool.min_idle > 0 and (c.id not in all_stats or all_stats[c.id].idle < c.pool.min_idle)
     )
+    return cold if cold or not runtime.backend.warm() else None
 
 
 # -- LiveKit webhooks ---------------------------------------------------------------------

@@ -235,7 +235,7 @@ async def _when_ready(runtime: Runtime, all_listeners: list[Listener], lifecycle
 
     loop = asyncio.get_running_loop()
     logged_at = loop.time()
-    while (waiting := await warming(runtime)) != []:
+    while (waiting := await warming(runtime)) is not None:
         if beside and not await loop.run_in_executor(None, listeners.others_listening, all_listeners[0].socks):
             logger.info("the other runtime stopped listening: listening now, still warming")
             for listener in all_listeners:  # better a warming runtime than none on the address
@@ -243,7 +243,7 @@ async def _when_ready(runtime: Runtime, all_listeners: list[Listener], lifecycle
             beside = False
         if beside and loop.time() - logged_at > STILL_WARMING_LOG_S:
             logger.info("still warming (%s); not listening beside the other runtime yet",
-                        "the zygote boots" if waiting is None else f"{len(waiting)} clients below min_idle")
+                        f"{len(waiting)} clients below min_idle" if waiting else "the zygote boots")
             logged_at = loop.time()
         await asyncio.sleep(READY_CHECK_S)
     if lifecycle.draining:
