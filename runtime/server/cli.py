@@ -217,7 +217,7 @@ def serve(config_path: Path, with_livekit: bool, replace: bool = False) -> int:
         return 1
     from runtime.http import listeners
     from runtime.preflight import unwritable
-    from runtime.server.serve import CannotListen, bind_all, serve_http
+    from runtime.server.serve import CannotListen, already_stopping, bind_all, hold_signals, serve_http
 
     # Before any worker, zygote or container exists: what cannot work stops serve here.
     problem = unwritable(settings)
@@ -251,12 +251,13 @@ def serve(config_path: Path, with_livekit: bool, replace: bool = False) -> int:
     finally:
         for listener in bound:
             listener.close()
-        # A signal now must not cut the shutdown short and strand workers.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: logger.warning("already shutting down; please wait"))
+        hold_signals(None, already_stopping)  # as serve_http's way down does, if it never ran
         runtime.stop()
         for s in servers:
             s.stop()
+        # Nothing is left to stop: a signal now could only turn an exit 0 into a death by
+        # signal (Python restores the default action for its handlers as it exits).
+        hold_signals(None, signal.SIG_IGN)
     if runtime.failure:
         logger.critical("exiting: %s", runtime.failure)
         return 1

@@ -132,6 +132,8 @@ async def serve_http(runtime: Runtime, all_listeners: list[Listener], beside: bo
         tasks.append(asyncio.create_task(_when_ready(runtime, all_listeners, lifecycle, beside, replace)))
         await _until_stopped(runtime, events, all_listeners, lifecycle, tasks)
     finally:
+        # The way down has begun: from here a signal must not cut it short and strand workers.
+        hold_signals(loop, already_stopping)
         for task in tasks:
             task.cancel()
         lifecycle.draining = True  # the last answers close their connections
@@ -141,6 +143,27 @@ async def serve_http(runtime: Runtime, all_listeners: list[Listener], beside: bo
             if listener.runner is not None:
                 await listener.runner.cleanup()
             listener.close()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def hold_signals(loop: asyncio.AbstractEventLoop | None, handler: Any) -> None:
+    """Give SIGTERM and SIGINT a new handler (a callable, or ``signal.SIG_IGN``), taking them
+    from the loop if it has them. They are blocked while it changes: a signal in between would
+    meet the default action, which kills serve (asyncio's removal restores that default)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        for sig in STOP_SIGNALS:
+            if loop is not None:
+                loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def already_stopping(*_: Any) -> None:
+    logger.warning("already shutting down; please wait")
 
 
 async def _until_stopped(runtime: Runtime, events: asyncio.Queue[str], all_listeners: list[Listener],

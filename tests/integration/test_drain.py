@@ -160,6 +160,23 @@ def test_insisting_during_the_drain_ends_the_call_and_stops_at_once(run_serve, l
     assert f"shutdown: {said}: ending every session and stopping now" in serve.log()
 
 
+def test_signals_that_keep_coming_on_the_way_down_never_turn_exit_0_into_a_death_by_signal(run_serve, lk_a):
+    # An impatient operator (or a supervisor's repeated stop): SIGTERM every few ms until
+    # serve exits. The first drains, the second stops; the rest, at any moment of the way
+    # down (the listeners handed over, the runtime stopping, Python exiting), change nothing.
+    alpha = Client("alpha", lk_a, min_idle=1, max_size=1)
+    serve = run_serve([alpha])
+    worker = serve.pool("alpha")["workers"][0]["ref"]
+    deadline = time.monotonic() + 60
+    while serve.proc.poll() is None and time.monotonic() < deadline:
+        with suppress(ProcessLookupError):
+            serve.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.002)  # the cadence of the signals, not a wait for anything
+    assert serve.proc.wait(5) == 0, serve.log()[-2000:]
+    assert "already shutting down; please wait" in serve.log()
+    assert not worker_alive(serve, worker)
+
+
 def test_the_admin_shutdown_needs_the_admin_token_and_a_valid_now(run_serve, lk_a):
     alpha = Client("alpha", lk_a, min_idle=1, max_size=1)
     serve = run_serve([alpha])
