@@ -20,8 +20,9 @@ Each batch also makes the webhook events of the clients that have a webhook
 in the same transaction as the records (``runtime/sessions/outbox.py``), and sent by the
 deliverer (``runtime/sessions/webhooks.py``) on its own threads.
 
-State owned by the writer thread: ``_by_worker``, ``_open``, ``_answered``. The queue is the
-only shared part.
+State owned by the writer thread: ``_by_worker``, ``_open``, ``_answered``, and what is
+yet to be written (``_pending``, ``runtime/sessions/pending.py``: kept across a write the
+store refused, and tried again). The queue is the only shared part.
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from agent.contract import EndCause, Milestones
 from runtime.errors import describe
 from runtime.metrics import Metrics
 from runtime.sessions.outbox import Event as WebhookEvent
+from runtime.sessions.pending import Pending
 from runtime.sessions.store import SessionRecord, SqliteStore
 
 logger = logging.getLogger("autonomite.sessions")
@@ -48,7 +49,6 @@ MAX_QUEUED = 100_000  # events waiting for the writer; past it they are dropped 
 BATCH = 1_000
 BATCH_WAIT_S = 0.05  # the writer gathers events this long after the first of a batch
 RETRY_S = 1.0  # a write the store failed (a full disk, a lock held too long) is tried again
-MAX_UNWRITTEN = 100_000  # record parts kept for that; past it the oldest are dropped and counted
 
 
 @dataclass(frozen=True)
@@ -152,18 +152,16 @@ class SessionLog:
         self._open: dict[str, _Open] = {}
         self._by_worker: dict[tuple[str, str], str] = {}
         self._answered: set[str] = set()  # answered 200, not ended yet: their end is an event
-        # What the next write carries: this batch's, and what a failed write left.
-        self._parts: list[SessionRecord] = []
-        self._idle: dict[tuple[str, int], float] = {}
-        self._announce: list[tuple[str, WebhookEvent]] = []  # webhook events, in order
+        self._pending = Pending()  # what the next write carries: this batch's, and what a failed write left
+        self._next_try = 0.0  # after a failed write: no write before this (monotonic)
         for r in store.open_sessions(alive):  # left open by a runtime that died
             self._open[r.id] = _Open(r.client, r.worker_id, r.joined_at, r.user_joined_at is not None)
             if r.status == 200:
                 self._answered.add(r.id)
             if r.worker_id is not None:
                 self._by_worker[(r.client, r.worker_id)] = r.id
-        self.dropped = 0  # events or record parts lost (a queue past MAX_QUEUED, a store down too long)
-        self.unwritten = 0  # record parts a failed write left, waiting for the store
+        self.dropped = 0  # events dropped by the callers (a queue past MAX_QUEUED)
+        self.lost = 0  # records the writer lost (a store down too long, a bug)
 
     def start(self) -> SessionLog:
         self._thread.start()
@@ -219,9 +217,14 @@ class SessionLog:
             self._stopping = True
             self._put(_Flush(threading.Event()))
             self._thread.join(timeout)
-        if self.unwritten:
+        if self._pending:
             logger.error("session log: stopping with %d records the store would not take; they are lost",
-                         self.unwritten)
+                         self._pending.count)
+
+    @property
+    def unwritten(self) -> int:
+        """Records waiting for the store after a failed write (any thread may ask)."""
+        return self._pending.count if self._next_try else 0
 
     def _put(self, event: Event) -> None:
         if self._queue.qsize() < MAX_QUEUED:
@@ -235,8 +238,10 @@ class SessionLog:
 
     def _run(self) -> None:
         while not self._stopping:
-            try:  # with a failed write pending, wake up to try it again even if nothing comes
-                batch = [self._queue.get(timeout=RETRY_S if self._parts or self._idle else None)]
+            # With a failed write pending, wake up to try it again even if nothing comes.
+            wait = max(0.0, self._next_try - time.monotonic()) if self._pending else None
+            try:
+                batch = [self._queue.get(timeout=wait)]
             except queue.Empty:
                 batch = []
             # Gather for a moment: a storm of triggers then costs a transaction every
@@ -248,7 +253,10 @@ class SessionLog:
                     batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            self._write(batch)
+            try:
+                self._write(batch)
+            except Exception:  # a bug: logged, and the writer goes on (it never dies of a record)
+                logger.exception("session log: writing a batch failed")
             for event in batch:
                 if isinstance(event, _Flush):
                     event.done.set()
@@ -256,46 +264,45 @@ class SessionLog:
     def _write(self, batch: list[Event]) -> None:
         for event in batch:
             try:
-                self._parts += self._apply(event, self._idle)
+                self._pending.add(self._apply(event))
             except Exception:  # a bad event (a bug) is logged and skipped: never the batch around it
                 logger.exception("session log: skipping an event it cannot apply: %s", type(event).__name__)
-        if self._parts or self._idle:
+        if self._pending and time.monotonic() >= self._next_try:
             self._store()
 
     def _store(self) -> None:
         """Write what is pending in one transaction. When the store fails (a full disk, a lock
-        held too long) it is kept and tried again, every RETRY_S; when the batch itself does
-        (a bug), it is dropped, logged: trying again would fail the same way."""
-        retry = self.unwritten > 0
-        self._parts = merged(self._parts)
+        held too long: SQLite's OperationalError) it is kept and tried again after RETRY_S,
+        with what came meanwhile; when the batch itself does (a bug), it is dropped, logged:
+        trying again would fail the same way, and hold up every record after it."""
+        failing, pending = self._next_try > 0, self._pending
         try:
-            self.store.write(self._parts, self._idle, self._announce)
-        except (sqlite3.Error, OSError) as e:
-            if not retry:
+            self.store.write(pending.parts(), pending.idle, pending.announce)
+        except sqlite3.OperationalError as e:
+            if not failing:
                 logger.error("session log: cannot write %d records (%s); keeping them and trying again every %g s",
-                             len(self._parts), describe(e), RETRY_S)
-            if len(self._parts) > MAX_UNWRITTEN:
-                lost = len(self._parts) - MAX_UNWRITTEN
-                self._parts, self.dropped = self._parts[lost:], self.dropped + lost
-                self._announce = self._announce[-MAX_UNWRITTEN:]
+                             pending.count, describe(e), RETRY_S)
+            if lost := pending.bound():
+                self.lost += lost
                 logger.error("session log: %d records dropped, the store has failed too long", lost)
-            self.unwritten = len(self._parts)
+            self._next_try = time.monotonic() + RETRY_S
             return
         except Exception:
-            logger.exception("session log: a batch of %d records could not be written", len(self._parts))
-            self.dropped += len(self._parts)
-        else:
-            if retry:
-                logger.info("session log: the store writes again; %d kept records are written", len(self._parts))
-            self.on_written()
-        self._parts, self._idle, self._announce, self.unwritten = [], {}, [], 0
+            logger.exception("session log: a batch of %d records could not be written", pending.count)
+            self.lost += pending.count
+            self._pending, self._next_try = Pending(), 0.0
+            return
+        if failing:
+            logger.info("session log: the store writes again; %d kept records are written", pending.count)
+        self._pending, self._next_try = Pending(), 0.0
+        self.on_written()
 
     def _tell(self, sid: str, client: str, event: WebhookEvent) -> None:
         """A webhook event, if the client has a webhook now (a refusal makes none)."""
         if self.has_webhook(client):
-            self._announce.append((sid, event))
+            self._pending.announce.append((sid, event))
 
-    def _apply(self, event: Event, idle: dict[tuple[str, int], float]) -> list[SessionRecord]:
+    def _apply(self, event: Event) -> list[SessionRecord]:
         match event:
             case _Received(sid, client, agent, room, user, at):
                 self._open[sid] = _Open(client)
@@ -330,8 +337,7 @@ class SessionLog:
                 served = self._by_worker.get((client, worker_id))
                 return [self._ended(served, "worker_failed" if failed else None, at)] if served else []
             case _Idle(client, seconds, at):
-                key = (client, int(at // 60))
-                idle[key] = idle.get(key, 0.0) + seconds
+                self._pending.add_idle(client, int(at // 60), seconds)
                 return []
             case _Orphans(live, at):
                 gone = [sid for sid, s in self._open.items()
@@ -386,16 +392,6 @@ class SessionLog:
         """Sessions not over (read from any thread: a dict's len is atomic)."""
         return len(self._open)
 
-
-
-def merged(parts: list[SessionRecord]) -> list[SessionRecord]:
-    """One part per record: what a batch knows of each, later parts filling in (a refused
-    trigger's two parts, or a short session's six, become one row write)."""
-    by_id: dict[str, dict[str, Any]] = {}
-    for part in parts:
-        known = {k: v for k, v in vars(part).items() if v is not None}
-        by_id.setdefault(part.id, {}).update(known)
-    return [SessionRecord(**fields) for fields in by_id.values()]
 
 
 def user_hash(email: str | None) -> str | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -144,6 +145,8 @@ class SqliteStore:
         per part, and an event exists exactly when the record it tells of does. An event's
         body is the record as merged in this very transaction."""
         with self._write_lock:
+            if self._db.in_transaction:  # a commit that failed (a full disk) can leave one open
+                self._db.execute("rollback")
             self._db.execute("begin")
             try:
                 self._db.executemany(_UPSERT, [(*(getattr(r, c) for c in COLUMNS), self.owner) for r in records])
@@ -159,10 +162,12 @@ class SqliteStore:
                         r = record(row)
                         events.append(OutboxEvent(r.client, r.id, event, r.as_json()))
                 self._db.executemany(OUTBOX_INSERT, outbox_rows(events))
+                self._db.execute("commit")
             except BaseException:
-                self._db.execute("rollback")
+                if self._db.in_transaction:
+                    with suppress(sqlite3.Error):  # the next write rolls back what this could not
+                        self._db.execute("rollback")
                 raise
-            self._db.execute("commit")
 
     # -- reading (any thread) ----------------------------------------------------------------
 

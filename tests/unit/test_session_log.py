@@ -9,7 +9,8 @@ import sqlite3
 from agent.contract import Milestones
 from runtime.metrics import Metrics
 from runtime.sessions.log import SessionLog, _Progress, user_hash
-from runtime.sessions.store import SqliteStore
+from runtime.sessions.pending import Pending
+from runtime.sessions.store import SessionRecord, SqliteStore
 from tests.support import wait_until
 
 
@@ -207,3 +208,46 @@ def test_records_the_store_cannot_take_are_kept_and_written_once_it_can(tmp_path
     assert [(r.id, r.status) for r in store.page()] == [("s1", 503), ("s2", None)] and log.dropped == 0
     holder.close()
     log.stop()
+
+
+def test_a_record_the_store_refuses_as_bad_data_is_dropped_and_holds_up_no_other(tmp_path, caplog):
+    # A bug's record (a value SQLite cannot bind) is not an outage: retrying it would stop
+    # every record after it for good.
+    log = _log(tmp_path)
+    with caplog.at_level(logging.ERROR, "autonomite.sessions"):
+        log.received("bad", "acme", "support", "room-1", {"not": "a hash"}, at=1.0)  # type: ignore[arg-type]
+        assert log.flush()
+    log.received("good", "acme", "support", "room-2", None, at=2.0)
+    assert log.flush()
+    assert [r.id for r in log.store.page()] == ["good"] and (log.unwritten, log.lost) == (0, 1)
+    assert "a batch of 1 records could not be written" in caplog.text
+
+
+def test_idle_seconds_alone_wait_out_a_lock_with_one_error_logged(tmp_path, caplog):
+    store = SqliteStore(tmp_path / "sessions.sqlite", lock_wait_s=0.05)
+    log = SessionLog(store, "process", None).start()
+    holder = sqlite3.connect(tmp_path / "sessions.sqlite", isolation_level=None)
+    holder.execute("begin exclusive")
+    with caplog.at_level(logging.INFO, "autonomite.sessions"):
+        for _ in range(3):  # three batches while the file is locked: one error, not three
+            log.idle("acme", 10.0)
+            assert log.flush()
+        holder.execute("rollback")
+        wait_until(lambda: store.usage("acme", 0, 2e9).get("acme", {}).get("idle_worker_seconds") == 30.0, 30,
+                   "the idle seconds written")
+    assert caplog.text.count("cannot write") == 1 and "the store writes again" in caplog.text
+    holder.close()
+    log.stop()
+
+
+def test_what_is_kept_for_a_retry_is_bounded_oldest_first_with_its_webhook_events():
+    pending = Pending()
+    for i in range(5):
+        pending.add([SessionRecord(f"s{i}", "acme", status=200), SessionRecord(f"s{i}", "acme", room=f"r{i}")])
+        pending.announce.append((f"s{i}", "session.started"))
+        pending.add_idle("acme", i, 1.0)
+    assert pending.count == 5 and [p.room for p in pending.parts()] == ["r0", "r1", "r2", "r3", "r4"]
+    assert pending.bound(limit=2) == 3
+    assert [(p.id, p.status) for p in pending.parts()] == [("s3", 200), ("s4", 200)]
+    assert pending.announce == [("s3", "session.started"), ("s4", "session.started")]
+    assert list(pending.idle) == [("acme", 3), ("acme", 4)]
