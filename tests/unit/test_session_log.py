@@ -189,12 +189,17 @@ def test_a_start_takes_over_only_the_open_sessions_of_a_runtime_that_is_gone(tmp
     assert causes == {"draining": None, "crashed": "runtime_restart"}
 
 
-def test_records_the_store_cannot_take_are_kept_and_written_once_it_can(tmp_path, caplog):
-    # A real lock: another process holding the file's write lock longer than a write waits.
+def _locked(tmp_path) -> tuple[SessionLog, SqliteStore, sqlite3.Connection]:
+    """A log on a store whose file another connection holds locked (a real SQLite lock,
+    held longer than a write waits): roll ``holder`` back to let writes through."""
     store = SqliteStore(tmp_path / "sessions.sqlite", lock_wait_s=0.05)
-    log = SessionLog(store, "process", None).start()
     holder = sqlite3.connect(tmp_path / "sessions.sqlite", isolation_level=None)
     holder.execute("begin exclusive")
+    return SessionLog(store, "process", None).start(), store, holder
+
+
+def test_records_the_store_cannot_take_are_kept_and_written_once_it_can(tmp_path, caplog):
+    log, store, holder = _locked(tmp_path)
     with caplog.at_level(logging.ERROR, "autonomite.sessions"):
         log.received("s1", "acme", "support", "room-1", None, at=1.0)
         log.answered("s1", "acme", 503, "no_idle_worker")
@@ -224,10 +229,7 @@ def test_a_record_the_store_refuses_as_bad_data_is_dropped_and_holds_up_no_other
 
 
 def test_idle_seconds_alone_wait_out_a_lock_with_one_error_logged(tmp_path, caplog):
-    store = SqliteStore(tmp_path / "sessions.sqlite", lock_wait_s=0.05)
-    log = SessionLog(store, "process", None).start()
-    holder = sqlite3.connect(tmp_path / "sessions.sqlite", isolation_level=None)
-    holder.execute("begin exclusive")
+    log, store, holder = _locked(tmp_path)
     with caplog.at_level(logging.INFO, "autonomite.sessions"):
         for _ in range(3):  # three batches while the file is locked: one error, not three
             log.idle("acme", 10.0)
