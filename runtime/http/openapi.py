@@ -254,7 +254,9 @@ def _operations() -> dict[str, dict[str, dict[str, Any]]]:
             "200": _json(_object({"status": {"const": "ready"}}), "Every pool is warm."),
             "429": _THROTTLED,
             "503": _json(_object({"status": {"type": "string", "enum": ["warming", "draining"]}},
-                                 {"waiting_for": {"type": "array", "items": _STR, "description": "admin only"}}),
+                                 {"waiting_for": {"type": "array", "items": _STR,
+                                                  "description": "admin only: the clients below `min_idle`; empty while "
+                                                                 "only the zygote boots"}}),
                          "Some pool is below `min_idle`, the zygote is still booting, or the runtime is draining "
                          "(a status answer, not a refusal)."),
         },

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -217,7 +216,7 @@ def serve(config_path: Path, with_livekit: bool, replace: bool = False) -> int:
         return 1
     from runtime.http import listeners
     from runtime.preflight import unwritable
-    from runtime.server.serve import CannotListen, already_stopping, bind_all, hold_signals, serve_http
+    from runtime.server.serve import CannotListen, bind_all, serve_http
 
     # Before any worker, zygote or container exists: what cannot work stops serve here.
     problem = unwritable(settings)
@@ -237,6 +236,7 @@ def serve(config_path: Path, with_livekit: bool, replace: bool = False) -> int:
     from runtime.clients.source import SourceUnavailable
     from runtime.isolation import IsolationUnavailable
     from runtime.server.app import Runtime
+    from runtime.server.signals import Signals
 
     environ = _harden(settings, config_path) if settings.runtime.isolation.enabled else None
     try:
@@ -245,19 +245,18 @@ def serve(config_path: Path, with_livekit: bool, replace: bool = False) -> int:
         logger.error("cannot start: %s", e)
         return 1
     servers = start_local_livekit(settings) if with_livekit else []
+    signals = Signals()  # from here no signal kills serve (runtime/server/signals.py)
     try:
         runtime.start()
-        asyncio.run(serve_http(runtime, bound, beside, replace))
+        asyncio.run(serve_http(runtime, bound, signals, beside, replace))
     finally:
+        signals.way_down()  # as serve_http's way down does, if it never ran
         for listener in bound:
             listener.close()
-        hold_signals(None, already_stopping)  # as serve_http's way down does, if it never ran
         runtime.stop()
         for s in servers:
             s.stop()
-        # Nothing is left to stop: a signal now could only turn an exit 0 into a death by
-        # signal (Python restores the default action for its handlers as it exits).
-        hold_signals(None, signal.SIG_IGN)
+        signals.close()
     if runtime.failure:
         logger.critical("exiting: %s", runtime.failure)
         return 1

@@ -33,6 +33,7 @@ from runtime.http import listeners
 if TYPE_CHECKING:
     from runtime.http.gateway import Lifecycle
     from runtime.server.app import Runtime
+    from runtime.server.signals import Signals
     from runtime.settings import Settings
 
 logger = logging.getLogger("autonomite")
@@ -99,7 +100,8 @@ def bind_all(settings: Settings) -> list[Listener]:
     return bound
 
 
-async def serve_http(runtime: Runtime, all_listeners: list[Listener], beside: bool, replace: bool = False) -> None:
+async def serve_http(runtime: Runtime, all_listeners: list[Listener], signals: Signals, beside: bool,
+                     replace: bool = False) -> None:
     """Serve until a shutdown completes. ``beside``: another runtime listens on the gateway's
     address, so listen only once ready (a rolling restart)."""
     from runtime.http.gateway import LIFECYCLE, create_runner
@@ -113,9 +115,14 @@ async def serve_http(runtime: Runtime, all_listeners: list[Listener], beside: bo
         listener.runner = create_metrics_runner(runtime)
     lifecycle = gateway.runner.app[LIFECYCLE]
     lifecycle.request = events.put_nowait
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, events.put_nowait, sig.name)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(loop, runtime, lifecycle.draining))
+
+    def on_signal(sig: signal.Signals) -> None:
+        if sig == signal.SIGHUP:
+            _reload(loop, runtime, lifecycle.draining)
+        else:
+            events.put_nowait(sig.name)
+
+    signals.attach(loop, on_signal)
     # The supervisor gives up in its own thread; wake the loop from there.
     runtime.on_failure(lambda reason: _wake(loop, events, "failed"))
     tasks: list[asyncio.Task[Any]] = []
@@ -132,8 +139,7 @@ async def serve_http(runtime: Runtime, all_listeners: list[Listener], beside: bo
         tasks.append(asyncio.create_task(_when_ready(runtime, all_listeners, lifecycle, beside, replace)))
         await _until_stopped(runtime, events, all_listeners, lifecycle, tasks)
     finally:
-        # The way down has begun: from here a signal must not cut it short and strand workers.
-        hold_signals(loop, already_stopping)
+        signals.way_down()  # from here a signal must not cut it short and strand workers
         for task in tasks:
             task.cancel()
         lifecycle.draining = True  # the last answers close their connections
@@ -143,27 +149,6 @@ async def serve_http(runtime: Runtime, all_listeners: list[Listener], beside: bo
             if listener.runner is not None:
                 await listener.runner.cleanup()
             listener.close()
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def hold_signals(loop: asyncio.AbstractEventLoop | None, handler: Any) -> None:
-    """Give SIGTERM and SIGINT a new handler (a callable, or ``signal.SIG_IGN``), taking them
-    from the loop if it has them. They are blocked while it changes: a signal in between would
-    meet the default action, which kills serve (asyncio's removal restores that default)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        for sig in STOP_SIGNALS:
-            if loop is not None:
-                loop.remove_signal_handler(sig)
-            signal.signal(sig, handler)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-def already_stopping(*_: Any) -> None:
-    logger.warning("already shutting down; please wait")
 
 
 async def _until_stopped(runtime: Runtime, events: asyncio.Queue[str], all_listeners: list[Listener],

@@ -161,19 +161,22 @@ def test_insisting_during_the_drain_ends_the_call_and_stops_at_once(run_serve, l
 
 
 def test_signals_that_keep_coming_on_the_way_down_never_turn_exit_0_into_a_death_by_signal(run_serve, lk_a):
-    # An impatient operator (or a supervisor's repeated stop): SIGTERM every few ms until
-    # serve exits. The first drains, the second stops; the rest, at any moment of the way
-    # down (the listeners handed over, the runtime stopping, Python exiting), change nothing.
+    # An impatient operator (or a supervisor repeating its stop, and a reload on top): SIGTERM
+    # and SIGHUP every few ms until serve exits. The first SIGTERM drains, the second stops;
+    # the rest, at any moment of the way down (listeners handed over, the loop closed, the
+    # runtime stopping its workers, Python exiting), change nothing.
     alpha = Client("alpha", lk_a, min_idle=1, max_size=1)
     serve = run_serve([alpha])
     worker = serve.pool("alpha")["workers"][0]["ref"]
     deadline = time.monotonic() + 60
+    sent = 0
     while serve.proc.poll() is None and time.monotonic() < deadline:
         with suppress(ProcessLookupError):
-            serve.proc.send_signal(signal.SIGTERM)
+            serve.proc.send_signal(signal.SIGHUP if sent % 3 == 2 else signal.SIGTERM)
+            sent += 1
         time.sleep(0.002)  # the cadence of the signals, not a wait for anything
     assert serve.proc.wait(5) == 0, serve.log()[-2000:]
-    assert "already shutting down; please wait" in serve.log()
+    assert "on the way down: ignored" in serve.log()
     assert not worker_alive(serve, worker)
 
 
