@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import logging
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     chat_p.add_argument("--token", required=True, help="the client's api_token")
     chat_p.add_argument("--client", required=True)
     chat_p.add_argument("--agent", required=True)
-    chat_p.add_argument("--room", default="chat-room")
+    # A room of its own by default: a chat started while the last one's agent is still in
+    # its room (the rejoin grace) would otherwise get both agents answering.
+    chat_p.add_argument("--room", default=None, help="the room to start (default: a new chat-<random>)")
     chat_p.add_argument("--context", type=json.loads, default=None, help='JSON, e.g. {"name": "Dana"}')
     chat_p.add_argument("--voice", action="store_true",
                         help="speak each line into the room (espeak-ng) and print the agent's audio, transcribed")
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.words is not None and not args.voice:
             parser.error("--words is for --voice")
 
-        return chat(args.gateway, args.token, args.client, args.agent, args.room, args.context,
+        room = args.room or f"chat-{secrets.token_hex(4)}"
+        return chat(args.gateway, args.token, args.client, args.agent, room, args.context,
                     voice_words=args.words if args.voice else None, voice=args.voice)
     return serve(args.config, args.with_livekit, args.replace)
 

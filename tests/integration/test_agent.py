@@ -77,3 +77,23 @@ def test_autonomite_chat_lets_a_person_talk_to_the_agent(run_serve, lk_a):
     finally:
         chat.close()
     assert chat.printed("session: worker ")
+
+
+def test_two_chats_in_a_row_each_get_a_room_and_an_agent_of_their_own(run_serve, lk_a):
+    # The first chat's agent stays in its room for the rejoin grace after the person left:
+    # a second chat in that same room would hear both agents answer.
+    from tests.support import ChatProcess, wait_until
+
+    alpha = Client("alpha", lk_a, min_idle=2, max_size=3, agents=[SUPPORT])
+    serve = run_serve([alpha])
+    rooms = []
+    for _ in range(2):
+        chat = ChatProcess(serve, alpha, "--agent", "support")
+        try:
+            wait_until(lambda: chat.printed("agent> Hello"), 60, "the agent's greeting")
+            rooms.append(next(line for line in chat.lines if line.startswith("session: ")).split(" in room ")[1].strip())
+            assert chat.leave() == 0
+        finally:
+            chat.close()
+    assert len(set(rooms)) == 2 and all(room.startswith("chat-") for room in rooms), rooms
+    assert len(lk_a.active_agents(rooms[1])) == 1
