@@ -255,12 +255,14 @@ def serve(config_path: Path, with_livekit: bool, replace: bool = False) -> int:
         asyncio.run(serve_http(runtime, bound, signals, beside, replace))
     finally:
         signals.way_down()  # as serve_http's way down does, if it never ran
-        for listener in bound:
-            listener.close()
-        runtime.stop()
-        for s in servers:
-            s.stop()
-        signals.close()
+        try:
+            for listener in bound:
+                listener.close()
+            runtime.stop()
+            for s in servers:
+                s.stop()
+        finally:
+            signals.close()
     if runtime.failure:
         logger.critical("exiting: %s", runtime.failure)
         return 1

@@ -116,10 +116,14 @@ async def serve_http(runtime: Runtime, all_listeners: list[Listener], signals: S
     lifecycle = gateway.runner.app[LIFECYCLE]
     lifecycle.request = events.put_nowait
 
+    stop_asked = False  # a SIGHUP right after a SIGTERM (one read) must not start a reload
+
     def on_signal(sig: signal.Signals) -> None:
+        nonlocal stop_asked
         if sig == signal.SIGHUP:
-            _reload(loop, runtime, lifecycle.draining)
+            _reload(loop, runtime, lifecycle.draining or stop_asked)
         else:
+            stop_asked = True
             events.put_nowait(sig.name)
 
     signals.attach(loop, on_signal)

@@ -28,6 +28,7 @@ from types import FrameType
 logger = logging.getLogger("autonomite")
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_HANDLED_NUMBERS = frozenset(int(sig) for sig in HANDLED)
 
 
 class Signals:
@@ -50,8 +51,13 @@ class Signals:
                 data = self._reader.recv(4096)
             except (BlockingIOError, InterruptedError):
                 return
-            for number in data:
-                on_signal(signal.Signals(number))
+            for number in data:  # any signal with a Python handler writes here: only ours count
+                if number not in _HANDLED_NUMBERS:
+                    continue
+                try:
+                    on_signal(signal.Signals(number))
+                except Exception:  # a bug: logged; the signals after it still count
+                    logger.exception("handling %s", signal.Signals(number).name)
 
         self._loop = loop
         loop.add_reader(self._reader.fileno(), read)
@@ -80,4 +86,9 @@ def _held(signum: int, frame: FrameType | None) -> None:
 
 
 def _on_the_way_down(signum: int, frame: FrameType | None) -> None:
-    logger.warning("%s on the way down: ignored; serve stops as soon as it can", signal.Signals(signum).name)
+    # Runs on the main thread wherever it was (a join in the runtime's stop): nothing may
+    # escape into that, not even a log write the signal interrupted.
+    try:
+        logger.warning("%s on the way down: ignored; serve stops as soon as it can", signal.Signals(signum).name)
+    except Exception:  # noqa: BLE001
+        pass
