@@ -21,7 +21,7 @@ in the same transaction as the records (``runtime/sessions/outbox.py``), and sen
 deliverer (``runtime/sessions/webhooks.py``) on its own threads.
 
 State owned by the writer thread: ``_by_worker``, ``_open``, ``_answered``, and what is
-yet to be written (``_pending``, ``runtime/sessions/pending.py``: kept across a write the
+yet to be written (``_writes``, ``runtime/sessions/writes.py``: kept across a write the
 store refused, and tried again). The queue is the only shared part.
 """
 
@@ -30,25 +30,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.contract import EndCause, Milestones
-from runtime.errors import describe
 from runtime.metrics import Metrics
 from runtime.sessions.outbox import Event as WebhookEvent
-from runtime.sessions.pending import Pending
 from runtime.sessions.store import SessionRecord, SqliteStore
+from runtime.sessions.writes import Writes
 
 logger = logging.getLogger("autonomite.sessions")
 
 MAX_QUEUED = 100_000  # events waiting for the writer; past it they are dropped and counted
 BATCH = 1_000
 BATCH_WAIT_S = 0.05  # the writer gathers events this long after the first of a batch
-RETRY_S = 1.0  # a write the store failed (a full disk, a lock held too long) is tried again
 
 
 @dataclass(frozen=True)
@@ -140,7 +137,6 @@ class SessionLog:
         """``alive(owner)``: whether the runtime that last wrote a session still runs (a
         rolling restart's old one): only a gone runtime's open sessions are taken over."""
         self.store, self.backend, self.metrics = store, backend, metrics
-        self.on_written = on_written  # after each batch (the shipper and the webhook deliverer look)
         # Whether a client wants session events now (read at the event: a client that
         # configures a webhook mid-session gets that session's end, not its start).
         self.has_webhook = has_webhook
@@ -152,8 +148,7 @@ class SessionLog:
         self._open: dict[str, _Open] = {}
         self._by_worker: dict[tuple[str, str], str] = {}
         self._answered: set[str] = set()  # answered 200, not ended yet: their end is an event
-        self._pending = Pending()  # what the next write carries: this batch's, and what a failed write left
-        self._next_try = 0.0  # after a failed write: no write before this (monotonic)
+        self._writes = Writes(store, on_written)  # what the next write carries, and when it is tried
         for r in store.open_sessions(alive):  # left open by a runtime that died
             self._open[r.id] = _Open(r.client, r.worker_id, r.joined_at, r.user_joined_at is not None)
             if r.status == 200:
@@ -161,7 +156,6 @@ class SessionLog:
             if r.worker_id is not None:
                 self._by_worker[(r.client, r.worker_id)] = r.id
         self.dropped = 0  # events dropped by the callers (a queue past MAX_QUEUED)
-        self.lost = 0  # records the writer lost (a store down too long, a bug)
 
     def start(self) -> SessionLog:
         self._thread.start()
@@ -206,7 +200,8 @@ class SessionLog:
         self._put(_Orphans(frozenset(live), time.time()))
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until what was told before is written (tests, and a stop)."""
+        """Wait until what was told before has been applied and a write tried (tests, and a
+        stop): while the store fails, what it refused is still pending (:attr:`unwritten`)."""
         done = threading.Event()
         self._put(_Flush(done))
         return done.wait(timeout)
@@ -217,14 +212,17 @@ class SessionLog:
             self._stopping = True
             self._put(_Flush(threading.Event()))
             self._thread.join(timeout)
-        if self._pending:
-            logger.error("session log: stopping with %d records the store would not take; they are lost",
-                         self._pending.count)
+        self._writes.give_up()
 
     @property
     def unwritten(self) -> int:
         """Records waiting for the store after a failed write (any thread may ask)."""
-        return self._pending.count if self._next_try else 0
+        return self._writes.unwritten
+
+    @property
+    def lost(self) -> int:
+        """Records the writer lost: a store down too long, a bug's batch, a stop."""
+        return self._writes.lost
 
     def _put(self, event: Event) -> None:
         if self._queue.qsize() < MAX_QUEUED:
@@ -239,7 +237,7 @@ class SessionLog:
     def _run(self) -> None:
         while not self._stopping:
             # With a failed write pending, wake up to try it again even if nothing comes.
-            wait = max(0.0, self._next_try - time.monotonic()) if self._pending else None
+            wait = self._writes.wait()
             try:
                 batch = [self._queue.get(timeout=wait)]
             except queue.Empty:
@@ -257,6 +255,7 @@ class SessionLog:
                 self._write(batch)
             except Exception:  # a bug: logged, and the writer goes on (it never dies of a record)
                 logger.exception("session log: writing a batch failed")
+                self._writes.later()  # not at once, in a loop
             for event in batch:
                 if isinstance(event, _Flush):
                     event.done.set()
@@ -264,43 +263,16 @@ class SessionLog:
     def _write(self, batch: list[Event]) -> None:
         for event in batch:
             try:
-                self._pending.add(self._apply(event))
+                self._writes.pending.add(self._apply(event))
             except Exception:  # a bad event (a bug) is logged and skipped: never the batch around it
                 logger.exception("session log: skipping an event it cannot apply: %s", type(event).__name__)
-        if self._pending and time.monotonic() >= self._next_try:
-            self._store()
-
-    def _store(self) -> None:
-        """Write what is pending in one transaction. When the store fails (a full disk, a lock
-        held too long: SQLite's OperationalError) it is kept and tried again after RETRY_S,
-        with what came meanwhile; when the batch itself does (a bug), it is dropped, logged:
-        trying again would fail the same way, and hold up every record after it."""
-        failing, pending = self._next_try > 0, self._pending
-        try:
-            self.store.write(pending.parts(), pending.idle, pending.announce)
-        except sqlite3.OperationalError as e:
-            if not failing:
-                logger.error("session log: cannot write %d records (%s); keeping them and trying again every %g s",
-                             pending.count, describe(e), RETRY_S)
-            if lost := pending.bound():
-                self.lost += lost
-                logger.error("session log: %d records dropped, the store has failed too long", lost)
-            self._next_try = time.monotonic() + RETRY_S
-            return
-        except Exception:
-            logger.exception("session log: a batch of %d records could not be written", pending.count)
-            self.lost += pending.count
-            self._pending, self._next_try = Pending(), 0.0
-            return
-        if failing:
-            logger.info("session log: the store writes again; %d kept records are written", pending.count)
-        self._pending, self._next_try = Pending(), 0.0
-        self.on_written()
+        # A flush tries at once, even while the store is failing: a stop's is the last chance.
+        self._writes.write(now=bool(batch) and isinstance(batch[-1], _Flush))
 
     def _tell(self, sid: str, client: str, event: WebhookEvent) -> None:
         """A webhook event, if the client has a webhook now (a refusal makes none)."""
         if self.has_webhook(client):
-            self._pending.announce.append((sid, event))
+            self._writes.pending.announce.append((sid, event))
 
     def _apply(self, event: Event) -> list[SessionRecord]:
         match event:
@@ -337,7 +309,7 @@ class SessionLog:
                 served = self._by_worker.get((client, worker_id))
                 return [self._ended(served, "worker_failed" if failed else None, at)] if served else []
             case _Idle(client, seconds, at):
-                self._pending.add_idle(client, int(at // 60), seconds)
+                self._writes.pending.add_idle(client, int(at // 60), seconds)
                 return []
             case _Orphans(live, at):
                 gone = [sid for sid, s in self._open.items()

@@ -92,8 +92,8 @@ def test_two_chats_in_a_row_each_get_a_room_and_an_agent_of_their_own(run_serve,
         try:
             wait_until(lambda: chat.printed("agent> Hello"), 60, "the agent's greeting")
             rooms.append(next(line for line in chat.lines if line.startswith("session: ")).split(" in room ")[1].strip())
+            assert len(lk_a.active_agents(rooms[-1])) == 1  # its own agent, and no other
             assert chat.leave() == 0
         finally:
             chat.close()
     assert len(set(rooms)) == 2 and all(room.startswith("chat-") for room in rooms), rooms
-    assert len(lk_a.active_agents(rooms[1])) == 1

@@ -9,8 +9,8 @@ import sqlite3
 from agent.contract import Milestones
 from runtime.metrics import Metrics
 from runtime.sessions.log import SessionLog, _Progress, user_hash
-from runtime.sessions.pending import Pending
 from runtime.sessions.store import SessionRecord, SqliteStore
+from runtime.sessions.writes import Pending
 from tests.support import wait_until
 
 
@@ -217,15 +217,17 @@ def test_records_the_store_cannot_take_are_kept_and_written_once_it_can(tmp_path
 
 def test_a_record_the_store_refuses_as_bad_data_is_dropped_and_holds_up_no_other(tmp_path, caplog):
     # A bug's record (a value SQLite cannot bind) is not an outage: retrying it would stop
-    # every record after it for good.
+    # every record after it for good, and dropping its batch would lose the good ones in it.
     log = _log(tmp_path)
     with caplog.at_level(logging.ERROR, "autonomite.sessions"):
+        log.received("before", "acme", "support", "room-0", None, at=0.5)
         log.received("bad", "acme", "support", "room-1", {"not": "a hash"}, at=1.0)  # type: ignore[arg-type]
-        assert log.flush()
-    log.received("good", "acme", "support", "room-2", None, at=2.0)
+        log.received("beside", "acme", "support", "room-2", None, at=1.5)
+        assert log.flush()  # the three in one batch
+    log.received("after", "acme", "support", "room-3", None, at=2.0)
     assert log.flush()
-    assert [r.id for r in log.store.page()] == ["good"] and (log.unwritten, log.lost) == (0, 1)
-    assert "a batch of 1 records could not be written" in caplog.text
+    assert [r.id for r in log.store.page()] == ["before", "beside", "after"] and (log.unwritten, log.lost) == (0, 1)
+    assert "1 of 3 records could not be written and are lost" in caplog.text
 
 
 def test_idle_seconds_alone_wait_out_a_lock_with_one_error_logged(tmp_path, caplog):
@@ -253,3 +255,13 @@ def test_what_is_kept_for_a_retry_is_bounded_oldest_first_with_its_webhook_event
     assert [(p.id, p.status) for p in pending.parts()] == [("s3", 200), ("s4", 200)]
     assert pending.announce == [("s3", "session.started"), ("s4", "session.started")]
     assert list(pending.idle) == [("acme", 3), ("acme", 4)]
+
+
+def test_a_stop_right_after_a_failed_write_tries_once_more_before_giving_up(tmp_path):
+    log, store, holder = _locked(tmp_path)
+    log.received("s1", "acme", "support", "room-1", None, at=1.0)
+    assert log.flush() and log.unwritten == 1  # failed: the next timed try is a second away
+    holder.execute("rollback")
+    log.stop()  # its flush tries at once: the session's record is not lost to the retry timer
+    assert store.get("s1") is not None and log.lost == 0
+    holder.close()
