@@ -243,26 +243,29 @@ def serve(config_path: Path, with_livekit: bool, replace: bool = False) -> int:
     from runtime.server.signals import Signals
 
     environ = _harden(settings, config_path) if settings.runtime.isolation.enabled else None
+    # From here no signal kills serve (runtime/server/signals.py): one while it starts its
+    # children (the zygote, a local livekit-server) is acted on once the loop runs, so no
+    # child is left behind.
+    signals = Signals()
     try:
-        runtime = Runtime(settings, config_path, environ=environ)
-    except (BackendError, SourceUnavailable, IsolationUnavailable) as e:
-        logger.error("cannot start: %s", e)
-        return 1
-    servers = start_local_livekit(settings) if with_livekit else []
-    signals = Signals()  # from here no signal kills serve (runtime/server/signals.py)
-    try:
-        runtime.start()
-        asyncio.run(serve_http(runtime, bound, signals, beside, replace))
-    finally:
-        signals.way_down()  # as serve_http's way down does, if it never ran
         try:
+            runtime = Runtime(settings, config_path, environ=environ)
+        except (BackendError, SourceUnavailable, IsolationUnavailable) as e:
+            logger.error("cannot start: %s", e)
+            return 1
+        servers = start_local_livekit(settings) if with_livekit else []
+        try:
+            runtime.start()
+            asyncio.run(serve_http(runtime, bound, signals, beside, replace))
+        finally:
+            signals.way_down()  # as serve_http's way down does, if it never ran
             for listener in bound:
                 listener.close()
             runtime.stop()
             for s in servers:
                 s.stop()
-        finally:
-            signals.close()
+    finally:
+        signals.close()
     if runtime.failure:
         logger.critical("exiting: %s", runtime.failure)
         return 1

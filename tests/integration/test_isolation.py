@@ -365,6 +365,7 @@ def test_serve_keeps_the_secrets_it_read_from_its_environment_from_its_children(
     proc = subprocess.Popen([sys.executable, "-m", "runtime.server.cli", "serve", "--config", str(config), "--with-livekit"],
                             cwd=PROJECT, env={**os.environ, **secrets, "PYTHONPATH": str(PROJECT), "PLAIN_MARKER": "1"},
                             stdout=open(tmp_path / "serve.log", "ab"), stderr=subprocess.STDOUT)
+    livekit = None
     try:
         livekit = wait_until(lambda: next((p for p in children_of(proc.pid) if comm(p) == "server"), None), 60,
                              "the livekit-server child")
@@ -373,5 +374,6 @@ def test_serve_keeps_the_secrets_it_read_from_its_environment_from_its_children(
         for name, value in secrets.items():
             assert not any(value.encode() in entry for entry in environ), f"{name} reached a child"
     finally:
-        proc.terminate()
+        proc.terminate()  # while serve may still be starting: it must still stop its child
         proc.wait(60)
+    wait_until(lambda: not pid_alive(livekit), 30, "the livekit-server child stopped with serve")
